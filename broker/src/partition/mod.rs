@@ -1,0 +1,12 @@
+//! Partitions: one openraft group per partition, driven by a
+//! [`PartitionActor`](actor::PartitionActor).
+//!
+//! - [`types`]: the openraft type configuration and the log payload.
+//! - [`runtime`]: the async runtime seam with a seedable RNG.
+//! - [`apply`]: the pure state-machine logic (offsets, hashes, dedup).
+
+pub mod apply;
+pub mod runtime;
+pub mod types;
+
+pub use types::{Command, CommandResponse, NodeId, Raft, TypeConfig};

@@ -1,0 +1,65 @@
+//! openraft type configuration and the Raft log payload.
+
+use std::io::Cursor;
+
+use auditflow_protocol::wire::AppendResult;
+use auditflow_protocol::{Event, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use super::runtime::SeededRuntime;
+
+/// A node id: 1-based, fixed in the cluster configuration.
+pub type NodeId = u64;
+
+/// What one Raft log entry asks the partition state machine to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Append a group-committed batch of already validated events. The
+    /// leader stamps `received_at` once, before proposing, so that every
+    /// replica assigns the same value when it applies the entry.
+    Append {
+        /// Leader clock at proposal time.
+        received_at: Timestamp,
+        /// The events, in the order their offsets will be assigned.
+        events: Vec<Event>,
+    },
+}
+
+/// What applying a [`Command`] produced, returned to the proposer.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub enum CommandResponse {
+    /// Blank and membership entries produce nothing.
+    #[default]
+    Empty,
+    /// One result per event of an [`Command::Append`], in order.
+    Appended(Vec<AppendResult>),
+}
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration shared by every partition group.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = SeededRuntime,
+);
+
+/// A Raft group handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A Raft log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id.
+pub type LogId = openraft::LogId<NodeId>;
+/// A vote.
+pub type Vote = openraft::Vote<NodeId>;
+/// Membership as stored with its log id.
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+/// A snapshot.
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
+/// Storage error as openraft wants it.
+pub type StorageError = openraft::StorageError<NodeId>;
