@@ -14,6 +14,7 @@
 
 pub mod canonical;
 pub mod chain;
+pub mod delivery;
 pub mod event;
 pub mod frame;
 pub mod partition;

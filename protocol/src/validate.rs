@@ -73,8 +73,9 @@ pub const MAX_TEXT_BYTES: usize = 256;
 pub const MAX_CONTEXT_ENTRIES: usize = 64;
 /// Longest `context` value.
 pub const MAX_CONTEXT_VALUE_BYTES: usize = 4096;
-/// Latest acceptable `time`: 9999-12-31, the end of RFC 3339.
-pub const MAX_TIME_UNIX_NANOS: i64 = 253_402_300_799_999_999_999i128 as i64;
+/// Latest acceptable `time`: year 2200. Nanosecond `i64` timestamps end
+/// in 2262, and an audit event dated centuries ahead is a producer bug.
+pub const MAX_TIME_UNIX_NANOS: i64 = 7_258_118_400_000_000_000;
 
 /// Checks every field of `event` and its encoded size.
 pub fn validate_event(event: &Event, limits: &Limits) -> Result<(), ValidationError> {
@@ -89,7 +90,10 @@ pub fn validate_event(event: &Event, limits: &Limits) -> Result<(), ValidationEr
         ));
     }
     if event.time.0 > MAX_TIME_UNIX_NANOS {
-        return Err(ValidationError::new("time", "must be before year 10000"));
+        return Err(ValidationError::new(
+            "time",
+            "must be before 2200-01-01T00:00:00Z",
+        ));
     }
     check_text("actor.id", &event.actor.id, MAX_IDENT_BYTES)?;
     check_kind("actor.type", &event.actor.kind)?;

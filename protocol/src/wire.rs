@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, Hash32, StoredEvent};
+use crate::delivery::{DestinationStatus, DlqEntry, RedriveSelection};
+use crate::event::{Event, Hash32, StoredEvent, Timestamp};
 use crate::validate::{Limits, ValidationError};
 
 /// Version of the messages in this module.
@@ -41,6 +42,48 @@ pub enum Request {
     Metadata,
     /// This node's view of every partition.
     Status,
+    /// Delivery status of the (destination, partition) pairs this node
+    /// leads.
+    DestStatus,
+    /// Parked events of a destination in one partition (any replica).
+    DlqList {
+        /// Destination.
+        dest: String,
+        /// Partition.
+        partition: u32,
+        /// First offset wanted.
+        from_offset: u64,
+        /// Most entries wanted.
+        limit: u32,
+    },
+    /// Deliver parked events again (to the partition's leader).
+    Redrive {
+        /// Destination.
+        dest: String,
+        /// Partition.
+        partition: u32,
+        /// Which entries.
+        selection: RedriveSelection,
+    },
+    /// Re-deliver stored events to one destination from a point on (to
+    /// the partition's leader). Other destinations are not touched.
+    Replay {
+        /// Destination.
+        dest: String,
+        /// Partition.
+        partition: u32,
+        /// Where to start.
+        from: ReplayFrom,
+    },
+}
+
+/// Where a replay starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplayFrom {
+    /// This offset.
+    Offset(u64),
+    /// The first event stored at or after this time.
+    Time(Timestamp),
 }
 
 /// A response to one [`Request`].
@@ -54,6 +97,16 @@ pub enum Response {
     Metadata(ClusterMetadata),
     /// This node's status.
     Status(NodeStatus),
+    /// Delivery status of the pairs this node leads.
+    DestStatus(Vec<DestinationStatus>),
+    /// Parked events, in offset order.
+    Dlq(Vec<(u64, DlqEntry)>),
+    /// A redrive or replay was applied; `count` entries were marked, or the
+    /// cursor is now `count`.
+    Done {
+        /// Entries marked (redrive) or the new cursor (replay).
+        count: u64,
+    },
     /// The request as a whole failed.
     Error(RequestError),
 }

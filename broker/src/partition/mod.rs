@@ -5,6 +5,7 @@
 //! - [`runtime`]: the async runtime seam with a seedable RNG.
 //! - [`apply`]: the pure state-machine logic (offsets, hashes, dedup).
 
+pub mod actor;
 pub mod apply;
 pub mod runtime;
 pub mod types;

@@ -7,6 +7,7 @@ use auditflow_protocol::{Event, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use super::runtime::SeededRuntime;
+use crate::delivery::dlq::DeliveryCommand;
 
 /// A node id: 1-based, fixed in the cluster configuration.
 pub type NodeId = u64;
@@ -23,6 +24,8 @@ pub enum Command {
         /// The events, in the order their offsets will be assigned.
         events: Vec<Event>,
     },
+    /// Change delivery state: cursors and the dead-letter queue.
+    Delivery(DeliveryCommand),
 }
 
 /// What applying a [`Command`] produced, returned to the proposer.
@@ -33,6 +36,14 @@ pub enum CommandResponse {
     Empty,
     /// One result per event of an [`Command::Append`], in order.
     Appended(Vec<AppendResult>),
+    /// A delivery command was applied: the destination's cursor after it
+    /// and how many DLQ entries it touched.
+    Delivery {
+        /// The cursor after the command.
+        cursor: u64,
+        /// DLQ entries added, updated, marked or removed.
+        touched: u64,
+    },
 }
 
 openraft::declare_raft_types!(

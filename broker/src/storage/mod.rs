@@ -1,1 +1,248 @@
-//! Storage (in progress).
+//! Storage: one redb database per node holding every partition's Raft log
+//! and state machine.
+//!
+//! - [`tables`]: the table layout and value codec.
+//! - [`writer`]: the single writer thread that group-commits every write.
+//! - [`log_store`]: openraft's log storage for one partition.
+//! - [`state_machine`]: openraft's state machine for one partition, over
+//!   the pure apply logic.
+//! - [`PartitionReader`]: what the client API reads (stored events, the
+//!   head, a watch for long polls).
+//!
+//! The disk is a seam (DESIGN.md §4): [`Store::open`] uses a file,
+//! [`Store::with_backend`] any redb `StorageBackend`, such as the
+//! simulator's in-memory disk that loses unsynced writes on a crash.
+
+mod error;
+pub mod log_store;
+pub mod state_machine;
+pub mod tables;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use auditflow_protocol::StoredEvent;
+use redb::{Database, ReadableDatabase, ReadableTable};
+use tokio::sync::watch;
+
+pub use error::StoreError;
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+pub use writer::{StorageWriter, WriterMode};
+
+use crate::partition::apply::PartitionHead;
+use tables::{
+    CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, RAFT_LOG, RAFT_META, SM_META,
+};
+
+/// A node's database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: StorageWriter,
+    heads: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<u64>>>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the database file at `path`. A file that is not
+    /// a valid redb database of this layout is refused with an error
+    /// naming it; nothing is written to it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::init(db, path.to_path_buf(), WriterMode::Thread)
+    }
+
+    /// Opens a database over any redb backend (the simulator's disk).
+    pub fn with_backend(
+        backend: impl redb::StorageBackend,
+        name: &str,
+        mode: WriterMode,
+    ) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|source| StoreError::Open {
+                path: PathBuf::from(name),
+                source,
+            })?;
+        Self::init(db, PathBuf::from(name), mode)
+    }
+
+    fn init(db: Database, path: PathBuf, mode: WriterMode) -> Result<Store, StoreError> {
+        check_format(&db, &path)?;
+        let db = Arc::new(db);
+        let writer = match mode {
+            WriterMode::Thread => {
+                StorageWriter::start(Arc::clone(&db)).map_err(|e| StoreError::Incompatible {
+                    path: path.clone(),
+                    reason: format!("cannot start the writer thread: {e}"),
+                })?
+            }
+            WriterMode::Inline => StorageWriter::inline(Arc::clone(&db)),
+        };
+        Ok(Store {
+            db,
+            writer,
+            heads: Arc::default(),
+        })
+    }
+
+    fn head_sender(&self, partition: u32) -> Arc<watch::Sender<u64>> {
+        let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(heads.entry(partition).or_insert_with(|| {
+            let next = read_head(&self.db, partition)
+                .map(|h| h.next_offset)
+                .unwrap_or(0);
+            Arc::new(watch::Sender::new(next))
+        }))
+    }
+
+    /// The Raft log of `partition`.
+    pub fn log_store(&self, partition: u32) -> LogStore {
+        LogStore::new(partition, Arc::clone(&self.db), self.writer.clone())
+    }
+
+    /// The state machine of `partition`, remembering ids of the last
+    /// `dedup_window` offsets.
+    pub fn state_machine(&self, partition: u32, dedup_window: u64) -> StateMachine {
+        StateMachine::new(
+            partition,
+            Arc::clone(&self.db),
+            self.writer.clone(),
+            dedup_window,
+            self.head_sender(partition),
+        )
+    }
+
+    /// Read access to the applied state of `partition`.
+    pub fn reader(&self, partition: u32) -> PartitionReader {
+        PartitionReader {
+            partition,
+            db: Arc::clone(&self.db),
+            head: self.head_sender(partition).subscribe(),
+        }
+    }
+}
+
+/// Creates the tables of a new database, or checks the format marker of an
+/// existing one.
+fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let mut format = txn.open_table(FORMAT)?;
+        let found = format.get("version")?.map(|v| v.value());
+        match found {
+            Some(v) if v == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(StoreError::Incompatible {
+                    path: path.to_path_buf(),
+                    reason: format!("layout version {v}, this build reads {FORMAT_VERSION}"),
+                })
+            }
+            None => {
+                format.insert("version", FORMAT_VERSION)?;
+            }
+        }
+        txn.open_table(RAFT_LOG)?;
+        txn.open_table(RAFT_META)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(DEDUP)?;
+        txn.open_table(SM_META)?;
+        txn.open_table(CURSORS)?;
+        txn.open_table(DLQ)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn read_head(db: &Database, partition: u32) -> Result<PartitionHead, StoreError> {
+    let txn = db.begin_read()?;
+    Ok(state_machine::read_sm_meta(&txn, partition, KEY_HEAD)?.unwrap_or_default())
+}
+
+/// Reads one partition's applied state.
+#[derive(Clone)]
+pub struct PartitionReader {
+    partition: u32,
+    db: Arc<Database>,
+    head: watch::Receiver<u64>,
+}
+
+impl PartitionReader {
+    /// The partition's head as applied on this node.
+    pub fn head(&self) -> Result<PartitionHead, StoreError> {
+        read_head(&self.db, self.partition)
+    }
+
+    /// Up to `limit` stored events from `from` on, in offset order.
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in table.range((self.partition, from)..=(self.partition, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            out.push(tables::decode(v.value(), "stored event")?);
+        }
+        Ok(out)
+    }
+
+    /// The next offset destination `dest` delivers (0 if it never did).
+    pub fn cursor(&self, dest: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CURSORS)?;
+        Ok(table
+            .get((self.partition, dest))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Up to `limit` DLQ entries of `dest` from `from` on, in offset order.
+    pub fn dlq(
+        &self,
+        dest: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, crate::delivery::dlq::DlqEntry)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DLQ)?;
+        let mut out = Vec::new();
+        for row in table.range((self.partition, dest, from)..=(self.partition, dest, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row?;
+            out.push((k.value().2, tables::decode(v.value(), "dlq entry")?));
+        }
+        Ok(out)
+    }
+
+    /// Number of DLQ entries of `dest`.
+    pub fn dlq_len(&self, dest: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DLQ)?;
+        let mut n = 0;
+        for row in table.range((self.partition, dest, 0)..=(self.partition, dest, u64::MAX))? {
+            row?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A receiver of the next offset, changed after every apply: long
+    /// polls wait on it instead of polling the database.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,228 @@
+//! Node configuration (`node.toml`).
+//!
+//! Relative paths are resolved against the directory of the file, so a
+//! cluster directory can be moved as a whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use auditflow_protocol::Limits;
+use serde::{Deserialize, Serialize};
+
+use crate::partition::NodeId;
+
+/// Default partition count: enough to spread leaders over three nodes and
+/// to pipeline, few enough that per-partition overhead stays small.
+pub const DEFAULT_PARTITIONS: u32 = 8;
+/// Default dedup window per partition (G5): ids of the last million events
+/// of a partition are remembered; the index lives on disk, not in memory.
+pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: toml::de::Error,
+    },
+    /// The values are inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// One member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConfig {
+    /// Node id, unique, ≥ 1.
+    pub id: NodeId,
+    /// `host:port` (UDP) of the node's QUIC endpoint.
+    pub addr: String,
+}
+
+/// TLS material. Every node certificate is signed by the cluster CA and is
+/// used both as server certificate and, towards peers, as client identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsConfig {
+    /// PEM of the cluster CA.
+    pub ca_cert: PathBuf,
+    /// PEM of this node's certificate.
+    pub cert: PathBuf,
+    /// PEM of this node's private key.
+    pub key: PathBuf,
+    /// Name peers are verified against (a SAN of every node certificate).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// Raft timing and log compaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RaftTuning {
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomised election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log after a snapshot, so that briefly lagging
+    /// followers catch up from the log rather than a full snapshot.
+    pub max_in_snapshot_log_to_keep: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_logs_since_last: 20_000,
+            max_in_snapshot_log_to_keep: 1_000,
+        }
+    }
+}
+
+/// The configuration of one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// This node's id; must appear in `peers`.
+    pub id: NodeId,
+    /// Local UDP address to bind.
+    pub listen: SocketAddr,
+    /// Local TCP address of the admin HTTP server (`/metrics`, `/healthz`,
+    /// `/readyz`, `/status`, `/destinations` and a status page at `/`);
+    /// none when absent. Plain HTTP: bind it to loopback or a management
+    /// network, it has no authentication.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Directory holding `auditflow.redb`.
+    pub data_dir: PathBuf,
+    /// Partition count, fixed at cluster init.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// Dedup window per partition, in events.
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window: u64,
+    /// Every member of the cluster, this node included.
+    pub peers: Vec<PeerConfig>,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Raft tuning.
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// Event and batch limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Where events are delivered (the same list on every node).
+    #[serde(default)]
+    pub destinations: Vec<crate::delivery::DestinationConfig>,
+}
+
+fn default_partitions() -> u32 {
+    DEFAULT_PARTITIONS
+}
+
+fn default_dedup_window() -> u64 {
+    DEFAULT_DEDUP_WINDOW
+}
+
+impl NodeConfig {
+    /// Reads, resolves relative paths and checks a config file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.data_dir,
+            &mut self.tls.ca_cert,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks consistency.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.partitions == 0 || self.partitions > 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "partitions must be 1..=4096, got {}",
+                self.partitions
+            )));
+        }
+        if !self.peers.iter().any(|p| p.id == self.id) {
+            return Err(ConfigError::Invalid(format!(
+                "node id {} is not among the peers",
+                self.id
+            )));
+        }
+        let mut ids: Vec<NodeId> = self.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.peers.len() || ids.first() == Some(&0) {
+            return Err(ConfigError::Invalid(
+                "peer ids must be unique and ≥ 1".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for d in &self.destinations {
+            d.check().map_err(ConfigError::Invalid)?;
+            if !names.insert(d.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "destination name {:?} is used twice",
+                    d.name
+                )));
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0
+            || r.election_timeout_min_ms <= r.heartbeat_ms
+            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+        {
+            return Err(ConfigError::Invalid(
+                "need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The address of peer `id`.
+    pub fn peer_addr(&self, id: NodeId) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.addr.as_str())
+    }
+}

@@ -1,0 +1,612 @@
+//! `DeliveryActor`: delivers one partition's events to one destination,
+//! on that partition's leader.
+//!
+//! Each step reads the next batch after the replicated cursor from redb
+//! (the backlog stays on disk, G8), filters and masks it, sends it through
+//! the sink, and proposes the outcome through Raft: a cursor advance, or
+//! parked events with their attempt history. Order is kept (G4): the
+//! head-of-line event blocks the ones after it until it is delivered or
+//! parked. Retryable failures back off with full jitter; a circuit breaker
+//! stops hammering a dead endpoint. Redriven DLQ entries are sent before
+//! the stream continues.
+//!
+//! The actor owns its state in a [`Pipeline`] that each step takes, runs as
+//! a future and puts back, so a step never overlaps another. A panic inside
+//! a sink is caught and treated as a retryable failure: it must not take
+//! the node down.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use auditflow_protocol::StoredEvent;
+use futures::FutureExt;
+use openraft::error::{ClientWriteError, RaftError};
+use rand::Rng;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::breaker::Breaker;
+use super::config::DestinationConfig;
+use super::dlq::{push_attempt, AttemptRecord, DeliveryCommand, DlqEntry};
+use super::mask;
+use super::status::StatusBoard;
+use crate::clock::Clock;
+use crate::partition::runtime::ThreadRng;
+use crate::partition::{Command, Raft};
+use crate::sinks::{Delivery, SendOutcome, Sink, SinkFailure};
+use crate::storage::PartitionReader;
+
+/// Longest a single send may take before it counts as a retryable failure.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle actor waits for new events before looking again.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// Redriven entries handled per step.
+const REDRIVE_BATCH: usize = 100;
+/// DLQ entries scanned per step looking for redrive marks.
+const REDRIVE_SCAN: usize = 10_000;
+
+/// What to do after a step.
+enum Next {
+    Now,
+    After(Duration),
+    Stop,
+}
+
+/// Everything one (destination, partition) delivery needs.
+pub struct Pipeline {
+    dest: Arc<DestinationConfig>,
+    partition: u32,
+    raft: Raft,
+    reader: PartitionReader,
+    sink: Box<dyn Sink>,
+    clock: Arc<dyn Clock>,
+    board: StatusBoard,
+    attempts: u32,
+    history: Vec<AttemptRecord>,
+    failing_since: Option<Instant>,
+    breaker: Breaker,
+    /// Shrinks to 1 to isolate the bad event when a sink refuses a whole
+    /// batch permanently.
+    batch_limit: usize,
+    lingered: bool,
+}
+
+impl Pipeline {
+    /// A pipeline starting at the replicated cursor.
+    pub fn new(
+        dest: Arc<DestinationConfig>,
+        partition: u32,
+        raft: Raft,
+        reader: PartitionReader,
+        sink: Box<dyn Sink>,
+        clock: Arc<dyn Clock>,
+        board: StatusBoard,
+    ) -> Pipeline {
+        let breaker = Breaker::new(dest.breaker.clone());
+        let batch_limit = dest.batch_size;
+        Pipeline {
+            dest,
+            partition,
+            raft,
+            reader,
+            sink,
+            clock,
+            board,
+            attempts: 0,
+            history: Vec::new(),
+            failing_since: None,
+            breaker,
+            batch_limit,
+            lingered: false,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.dest.name
+    }
+
+    fn to_delivery(&self, e: &StoredEvent) -> Result<Delivery, String> {
+        let mut body = serde_json::to_value(e).map_err(|err| format!("encode event: {err}"))?;
+        if !self.dest.masking.is_empty() {
+            let key = self.dest.mask_key.as_deref().unwrap_or("").as_bytes();
+            if let Some(event) = body.get_mut("event") {
+                mask::apply(&self.dest.masking, key, event);
+            }
+        }
+        Ok(Delivery {
+            partition: e.partition,
+            offset: e.offset,
+            event_id: e.event.id.clone(),
+            tenant: e.event.tenant.clone(),
+            received_at: e.received_at,
+            hash: e.hash,
+            body,
+        })
+    }
+
+    async fn propose(&self, cmd: DeliveryCommand) -> Result<(), Next> {
+        match self.raft.client_write(Command::Delivery(cmd)).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                debug!(
+                    dest = self.name(),
+                    partition = self.partition,
+                    "no longer leader"
+                );
+                Err(Next::Stop)
+            }
+            Err(e) => {
+                warn!(
+                    dest = self.name(),
+                    partition = self.partition,
+                    "cannot record delivery progress: {e}"
+                );
+                Err(Next::After(Duration::from_secs(1)))
+            }
+        }
+    }
+
+    async fn send(&mut self, batch: &[Delivery]) -> (SendOutcome, u64) {
+        let started = Instant::now();
+        let send = AssertUnwindSafe(self.sink.send(batch)).catch_unwind();
+        let outcome = match tokio::time::timeout(SEND_TIMEOUT, send).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => SendOutcome::Failed(SinkFailure::retryable("sink panicked")),
+            Err(_) => SendOutcome::Failed(SinkFailure::retryable(format!(
+                "no answer within {SEND_TIMEOUT:?}"
+            ))),
+        };
+        (outcome, started.elapsed().as_millis() as u64)
+    }
+
+    fn record(&self, f: &SinkFailure, latency_ms: u64) -> AttemptRecord {
+        AttemptRecord {
+            at: self.clock.now(),
+            error: f.message.clone(),
+            status: f.status,
+            response_excerpt: f.response_excerpt.clone(),
+            latency_ms,
+            permanent: !f.is_retryable(),
+        }
+    }
+
+    fn parked(&self, d: &Delivery, history: Vec<AttemptRecord>, reason: String) -> (u64, DlqEntry) {
+        (
+            d.offset,
+            DlqEntry {
+                event_id: d.event_id.clone(),
+                parked_at: self.clock.now(),
+                reason,
+                attempts: history,
+                redrive: false,
+            },
+        )
+    }
+
+    fn succeeded(&mut self, delivered: u64) {
+        self.attempts = 0;
+        self.history.clear();
+        self.failing_since = None;
+        self.breaker.success();
+        self.batch_limit = self.dest.batch_size;
+        let now = self.clock.now();
+        self.board.update(&self.dest.name, self.partition, |s| {
+            s.last_success = Some(now);
+            s.attempts = 0;
+            s.delivered += delivered;
+            s.breaker = super::breaker::BreakerState::Closed;
+        });
+    }
+
+    /// A retryable failure of the head-of-line item `head`: back off, or
+    /// park it once the policy gives up. Returns what to do next.
+    async fn retry_or_park(&mut self, head: &Delivery, f: &SinkFailure, latency_ms: u64) -> Next {
+        let now = Instant::now();
+        self.attempts += 1;
+        let since = *self.failing_since.get_or_insert(now);
+        let record = self.record(f, latency_ms);
+        push_attempt(&mut self.history, record);
+        self.breaker.failure(now);
+        let attempts = self.attempts;
+        let breaker = self.breaker.state(now);
+        self.board.update(&self.dest.name, self.partition, |s| {
+            s.last_error = Some(f.message.clone());
+            s.attempts = attempts;
+            s.breaker = breaker;
+        });
+        if self.dest.retry.exhausted(self.attempts, now - since) {
+            let history = std::mem::take(&mut self.history);
+            let reason = format!("gave up after {} attempts: {}", self.attempts, f.message);
+            let entry = self.parked(head, history, reason);
+            let cmd = DeliveryCommand::Park {
+                dest: self.dest.name.clone(),
+                entries: vec![entry],
+                next_offset: Some(head.offset + 1),
+            };
+            if let Err(next) = self.propose(cmd).await {
+                return next;
+            }
+            self.attempts = 0;
+            self.failing_since = None;
+            return Next::Now;
+        }
+        let retry_after = match &f.kind {
+            crate::sinks::FailureKind::Retryable { retry_after } => *retry_after,
+            crate::sinks::FailureKind::Permanent => None,
+        };
+        let unit: f64 = ThreadRng.gen();
+        let delay = self.dest.retry.delay(self.attempts, unit, retry_after);
+        Next::After(delay.max(self.breaker.wait(now)))
+    }
+
+    /// One step; see the module documentation.
+    async fn step(&mut self) -> Next {
+        match self.redrive_step().await {
+            Ok(true) => return Next::Now,
+            Ok(false) => {}
+            Err(next) => return next,
+        }
+        let cursor = match self.reader.cursor(&self.dest.name) {
+            Ok(c) => c,
+            Err(e) => return self.storage_trouble(e),
+        };
+        let mut watch = self.reader.watch();
+        let head = *watch.borrow_and_update();
+        if cursor >= head {
+            self.lingered = false;
+            let _ = tokio::time::timeout(IDLE_WAIT, watch.changed()).await;
+            return Next::Now;
+        }
+        // A partial batch: give it a moment to fill, once.
+        if head - cursor < self.batch_limit as u64 && !self.lingered && self.dest.linger_ms > 0 {
+            self.lingered = true;
+            return Next::After(Duration::from_millis(self.dest.linger_ms));
+        }
+        self.lingered = false;
+        let events = match self.reader.read(cursor, self.batch_limit) {
+            Ok(e) => e,
+            Err(e) => return self.storage_trouble(e),
+        };
+        let Some(last) = events.last().map(|e| e.offset) else {
+            return Next::After(IDLE_WAIT);
+        };
+        let mut batch = Vec::with_capacity(events.len());
+        for e in events.iter().filter(|e| self.dest.filter.matches(&e.event)) {
+            match self.to_delivery(e) {
+                Ok(d) => batch.push(d),
+                Err(reason) => return self.storage_trouble(reason),
+            }
+        }
+        if batch.is_empty() {
+            return self.advance(last + 1, 0).await;
+        }
+        let wait = self.breaker.wait(Instant::now());
+        if !wait.is_zero() {
+            return Next::After(wait);
+        }
+        let (outcome, latency_ms) = self.send(&batch).await;
+        match outcome {
+            SendOutcome::Delivered => self.advance(last + 1, batch.len() as u64).await,
+            SendOutcome::Failed(f) if f.is_retryable() => {
+                let head = batch[0].clone();
+                self.retry_or_park(&head, &f, latency_ms).await
+            }
+            SendOutcome::Failed(f) => {
+                if batch.len() > 1 {
+                    // Which event is refused? Send one at a time until the
+                    // bad one is found; the good ones go through.
+                    self.batch_limit = 1;
+                    return Next::Now;
+                }
+                let mut history = std::mem::take(&mut self.history);
+                push_attempt(&mut history, self.record(&f, latency_ms));
+                let entry = self.parked(&batch[0], history, f.message.clone());
+                self.park_and_advance(vec![entry], batch[0].offset + 1, &f)
+                    .await
+            }
+            SendOutcome::PerItem(results) => self.per_item(&batch, results, last, latency_ms).await,
+        }
+    }
+
+    async fn per_item(
+        &mut self,
+        batch: &[Delivery],
+        results: Vec<Result<(), SinkFailure>>,
+        last: u64,
+        latency_ms: u64,
+    ) -> Next {
+        let mut parked = Vec::new();
+        let mut delivered = 0u64;
+        let mut blocked: Option<(usize, SinkFailure)> = None;
+        for (i, d) in batch.iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => delivered += 1,
+                Some(Err(f)) if !f.is_retryable() => {
+                    let mut history = if i == 0 {
+                        std::mem::take(&mut self.history)
+                    } else {
+                        Vec::new()
+                    };
+                    push_attempt(&mut history, self.record(f, latency_ms));
+                    parked.push(self.parked(d, history, f.message.clone()));
+                }
+                Some(Err(f)) => {
+                    blocked = Some((i, f.clone()));
+                    break;
+                }
+                None => {
+                    blocked = Some((i, SinkFailure::retryable("sink returned too few results")));
+                    break;
+                }
+            }
+        }
+        let next_offset = match &blocked {
+            Some((i, _)) => batch[*i].offset,
+            None => last + 1,
+        };
+        let first_failure = parked
+            .first()
+            .map(|(_, e)| e.reason.clone())
+            .unwrap_or_default();
+        if !parked.is_empty() {
+            let cmd = DeliveryCommand::Park {
+                dest: self.dest.name.clone(),
+                entries: parked,
+                next_offset: Some(next_offset),
+            };
+            if let Err(next) = self.propose(cmd).await {
+                return next;
+            }
+            let msg = first_failure.clone();
+            self.board.update(&self.dest.name, self.partition, |s| {
+                s.last_error = Some(msg)
+            });
+        } else if next_offset > batch[0].offset {
+            let cmd = DeliveryCommand::Advance {
+                dest: self.dest.name.clone(),
+                next_offset,
+            };
+            if let Err(next) = self.propose(cmd).await {
+                return next;
+            }
+        }
+        match blocked {
+            None => {
+                self.succeeded(delivered);
+                Next::Now
+            }
+            Some((i, f)) => {
+                if i > 0 || delivered > 0 {
+                    // Progress was made: the head of line is a new event.
+                    self.attempts = 0;
+                    self.history.clear();
+                    self.failing_since = None;
+                }
+                let head = batch[i].clone();
+                self.retry_or_park(&head, &f, latency_ms).await
+            }
+        }
+    }
+
+    async fn park_and_advance(
+        &mut self,
+        entries: Vec<(u64, DlqEntry)>,
+        next: u64,
+        f: &SinkFailure,
+    ) -> Next {
+        let cmd = DeliveryCommand::Park {
+            dest: self.dest.name.clone(),
+            entries,
+            next_offset: Some(next),
+        };
+        if let Err(n) = self.propose(cmd).await {
+            return n;
+        }
+        self.attempts = 0;
+        self.failing_since = None;
+        self.batch_limit = self.dest.batch_size;
+        let msg = f.message.clone();
+        self.board.update(&self.dest.name, self.partition, |s| {
+            s.last_error = Some(msg);
+            s.attempts = 0;
+        });
+        Next::Now
+    }
+
+    async fn advance(&mut self, next_offset: u64, delivered: u64) -> Next {
+        let cmd = DeliveryCommand::Advance {
+            dest: self.dest.name.clone(),
+            next_offset,
+        };
+        if let Err(next) = self.propose(cmd).await {
+            return next;
+        }
+        self.succeeded(delivered);
+        Next::Now
+    }
+
+    /// Sends entries an operator asked to redrive. Returns whether there
+    /// were any.
+    async fn redrive_step(&mut self) -> Result<bool, Next> {
+        let entries = match self.reader.dlq(&self.dest.name, 0, REDRIVE_SCAN) {
+            Ok(e) => e,
+            Err(e) => return Err(self.storage_trouble(e)),
+        };
+        let marked: Vec<(u64, DlqEntry)> = entries
+            .into_iter()
+            .filter(|(_, e)| e.redrive)
+            .take(REDRIVE_BATCH)
+            .collect();
+        if marked.is_empty() {
+            return Ok(false);
+        }
+        let mut batch = Vec::new();
+        let mut kept = Vec::new();
+        for (offset, entry) in marked {
+            match self.reader.read(offset, 1) {
+                Ok(mut found) if found.first().map(|e| e.offset) == Some(offset) => {
+                    if let Some(e) = found.pop() {
+                        match self.to_delivery(&e) {
+                            Ok(d) => {
+                                batch.push(d);
+                                kept.push(entry);
+                            }
+                            Err(reason) => return Err(self.storage_trouble(reason)),
+                        }
+                    }
+                }
+                Ok(_) => {
+                    // The event is gone (retention): resolve the entry, the
+                    // DLQ keeps no record of an event it cannot deliver.
+                    let cmd = DeliveryCommand::Resolve {
+                        dest: self.dest.name.clone(),
+                        offsets: vec![offset],
+                    };
+                    self.propose(cmd).await?;
+                }
+                Err(e) => return Err(self.storage_trouble(e)),
+            }
+        }
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        let (outcome, latency_ms) = self.send(&batch).await;
+        let results: Vec<Result<(), SinkFailure>> = match outcome {
+            SendOutcome::Delivered => vec![Ok(()); batch.len()],
+            SendOutcome::Failed(f) => vec![Err(f); batch.len()],
+            SendOutcome::PerItem(r) => r,
+        };
+        let mut resolved = Vec::new();
+        let mut reparked = Vec::new();
+        for (i, (d, mut entry)) in batch.iter().zip(kept).enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => resolved.push(d.offset),
+                Some(Err(f)) => {
+                    push_attempt(&mut entry.attempts, self.record(f, latency_ms));
+                    entry.redrive = false;
+                    entry.reason = format!("redrive failed: {}", f.message);
+                    reparked.push((d.offset, entry));
+                }
+                None => {
+                    entry.redrive = false;
+                    entry.reason = "redrive failed: sink returned too few results".into();
+                    reparked.push((d.offset, entry));
+                }
+            }
+        }
+        if !resolved.is_empty() {
+            let n = resolved.len() as u64;
+            self.propose(DeliveryCommand::Resolve {
+                dest: self.dest.name.clone(),
+                offsets: resolved,
+            })
+            .await?;
+            let now = self.clock.now();
+            self.board.update(&self.dest.name, self.partition, |s| {
+                s.delivered += n;
+                s.last_success = Some(now);
+            });
+        }
+        if !reparked.is_empty() {
+            self.propose(DeliveryCommand::Park {
+                dest: self.dest.name.clone(),
+                entries: reparked,
+                next_offset: None,
+            })
+            .await?;
+        }
+        Ok(true)
+    }
+
+    fn storage_trouble(&self, e: impl std::fmt::Display) -> Next {
+        warn!(
+            dest = self.name(),
+            partition = self.partition,
+            "delivery paused: {e}"
+        );
+        let msg = format!("node storage: {e}");
+        self.board.update(&self.dest.name, self.partition, |s| {
+            s.last_error = Some(msg)
+        });
+        Next::After(Duration::from_secs(1))
+    }
+}
+
+/// Runs one step.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Step;
+
+/// The actor of one (destination, partition).
+pub struct DeliveryActor {
+    pipeline: Option<Pipeline>,
+    dest: String,
+    partition: u32,
+    board: StatusBoard,
+}
+
+impl DeliveryActor {
+    /// An actor over `pipeline`.
+    pub fn new(pipeline: Pipeline) -> DeliveryActor {
+        DeliveryActor {
+            dest: pipeline.dest.name.clone(),
+            partition: pipeline.partition,
+            board: pipeline.board.clone(),
+            pipeline: Some(pipeline),
+        }
+    }
+}
+
+impl Actor for DeliveryActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Bounded mailbox: only Step (self-sent, one at a time) and Stop.
+        ctx.set_mailbox_capacity(16);
+        self.board.update(&self.dest, self.partition, |_| {});
+        ctx.notify(Step);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.board.remove(&self.dest, self.partition);
+    }
+}
+
+impl Handler<Step> for DeliveryActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Step, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(mut pipeline) = self.pipeline.take() else {
+            return Box::pin(fut::ready(()));
+        };
+        let step = async move {
+            let next = pipeline.step().await;
+            (pipeline, next)
+        };
+        Box::pin(step.into_actor(self).map(|(pipeline, next), act, ctx| {
+            act.pipeline = Some(pipeline);
+            match next {
+                Next::Now => ctx.notify(Step),
+                Next::After(d) => {
+                    ctx.notify_later(Step, d);
+                }
+                Next::Stop => ctx.stop(),
+            }
+        }))
+    }
+}
+
+/// Stops the actor (leadership moved, node shutting down).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopDelivery;
+
+impl Handler<StopDelivery> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopDelivery, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,65 @@
+//! What the dead-letter queue and delivery commands record (replicated
+//! through Raft with the partition, so a new leader sees the same).
+
+use serde::{Deserialize, Serialize};
+
+pub use auditflow_protocol::delivery::{
+    push_attempt, AttemptRecord, DlqEntry, RedriveSelection, MAX_ATTEMPTS_KEPT,
+};
+
+/// Delivery state changes, proposed by delivery actors and operators and
+/// applied by every replica.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DeliveryCommand {
+    /// Events below `next_offset` were delivered (or filtered out): move
+    /// the cursor forward (never back: a stale actor cannot undo progress).
+    Advance {
+        /// Destination.
+        dest: String,
+        /// New cursor.
+        next_offset: u64,
+    },
+    /// Park (or update) entries; optionally advance the cursor past them.
+    Park {
+        /// Destination.
+        dest: String,
+        /// Entries by offset.
+        entries: Vec<(u64, DlqEntry)>,
+        /// New cursor, if the stream moves on.
+        next_offset: Option<u64>,
+    },
+    /// Mark parked entries for another delivery attempt.
+    Redrive {
+        /// Destination.
+        dest: String,
+        /// Which entries.
+        selection: RedriveSelection,
+    },
+    /// Redriven entries were delivered: remove them from the DLQ.
+    Resolve {
+        /// Destination.
+        dest: String,
+        /// Their offsets.
+        offsets: Vec<u64>,
+    },
+    /// Replay: set the cursor (back) to `next_offset`.
+    SetCursor {
+        /// Destination.
+        dest: String,
+        /// New cursor.
+        next_offset: u64,
+    },
+}
+
+impl DeliveryCommand {
+    /// The destination it concerns.
+    pub fn dest(&self) -> &str {
+        match self {
+            DeliveryCommand::Advance { dest, .. }
+            | DeliveryCommand::Park { dest, .. }
+            | DeliveryCommand::Redrive { dest, .. }
+            | DeliveryCommand::Resolve { dest, .. }
+            | DeliveryCommand::SetCursor { dest, .. } => dest,
+        }
+    }
+}

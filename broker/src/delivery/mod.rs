@@ -1,0 +1,24 @@
+//! Delivery: every stored event to every destination that wants it, in
+//! order per partition, or visibly parked in that destination's DLQ.
+//!
+//! - [`config`]: destinations (sink, filter, masking, batching, retry).
+//! - [`filter`], [`mask`], [`backoff`], [`breaker`]: the pure rules, shared
+//!   with the simulator.
+//! - [`dlq`]: parked events, attempt history, and the delivery commands
+//!   replicated through Raft (cursors and DLQ live in the partition state
+//!   machine, so a new leader resumes where the old one stopped).
+//! - [`actor`]: the `DeliveryActor` of one (destination, partition).
+//! - [`supervisor`]: starts and stops actors as partition leadership moves.
+//! - [`status`]: what each actor reports for `dest status` and metrics.
+
+pub mod actor;
+pub mod backoff;
+pub mod breaker;
+pub mod config;
+pub mod dlq;
+pub mod filter;
+pub mod mask;
+pub mod status;
+pub mod supervisor;
+
+pub use config::{DestinationConfig, Filter};

@@ -1,0 +1,120 @@
+//! Starts delivery actors where they belong: on each partition's leader,
+//! one per destination, once the leader's state machine has caught up
+//! (so it starts from the latest replicated cursor). Stops them when
+//! leadership moves, and restarts any that died.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use openraft::ServerState;
+use tracing::{info, warn};
+
+use super::actor::{DeliveryActor, Pipeline, StopDelivery};
+use super::config::DestinationConfig;
+use super::status::StatusBoard;
+use crate::clock::Clock;
+use crate::partition::{NodeId, Raft};
+use crate::sinks::{Sink, SinkConfigError};
+use crate::storage::PartitionReader;
+
+/// How often the supervisor re-checks even without a metrics change
+/// (to restart dead actors and retry sinks that failed to build).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Builds the sink of a destination for one partition: the sink seam
+/// (production builds real sinks from their settings; the simulator its
+/// own).
+pub type SinkFactory =
+    Arc<dyn Fn(&DestinationConfig, u32) -> Result<Box<dyn Sink>, SinkConfigError> + Send + Sync>;
+
+/// The production sinks, built from each destination's settings.
+pub fn real_sinks() -> SinkFactory {
+    Arc::new(|dest: &DestinationConfig, _partition: u32| dest.sink.build())
+}
+
+/// What every supervisor of a node shares.
+#[derive(Clone)]
+pub struct DeliveryContext {
+    /// This node.
+    pub node: NodeId,
+    /// The destinations.
+    pub destinations: Arc<Vec<Arc<DestinationConfig>>>,
+    /// Live status.
+    pub board: StatusBoard,
+    /// Wall clock for records.
+    pub clock: Arc<dyn Clock>,
+    /// Where sinks come from.
+    pub sinks: SinkFactory,
+}
+
+/// Supervises delivery for one partition until its Raft group shuts down.
+/// Must run on the actix system (it starts actors): spawn it with
+/// `actix_rt::spawn`.
+pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader: PartitionReader) {
+    if ctx.destinations.is_empty() {
+        return;
+    }
+    let mut metrics = raft.metrics();
+    let mut running: Vec<(Arc<DestinationConfig>, Addr<DeliveryActor>)> = Vec::new();
+    loop {
+        let (leader, shutdown) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.state == ServerState::Leader && m.current_leader == Some(ctx.node),
+                m.state == ServerState::Shutdown,
+            )
+        };
+        if shutdown {
+            break;
+        }
+        if leader {
+            // Supervision: forget actors that died (a panic outside the
+            // sink), so they are started again below.
+            running.retain(|(_, addr)| addr.connected());
+            let missing: Vec<Arc<DestinationConfig>> = ctx
+                .destinations
+                .iter()
+                .filter(|d| !running.iter().any(|(r, _)| r.name == d.name))
+                .cloned()
+                .collect();
+            if !missing.is_empty() && raft.ensure_linearizable().await.is_ok() {
+                for dest in missing {
+                    match (ctx.sinks)(&dest, partition) {
+                        Ok(sink) => {
+                            info!(dest = %dest.name, partition, "starting delivery");
+                            let pipeline = Pipeline::new(
+                                Arc::clone(&dest),
+                                partition,
+                                raft.clone(),
+                                reader.clone(),
+                                sink,
+                                Arc::clone(&ctx.clock),
+                                ctx.board.clone(),
+                            );
+                            running.push((dest, DeliveryActor::new(pipeline).start()));
+                        }
+                        Err(e) => {
+                            warn!(dest = %dest.name, partition, "sink not usable: {e}");
+                            let msg = e.to_string();
+                            ctx.board
+                                .update(&dest.name, partition, |s| s.last_error = Some(msg));
+                        }
+                    }
+                }
+            }
+        } else if !running.is_empty() {
+            info!(partition, "leadership moved: stopping delivery");
+            for (_, addr) in running.drain(..) {
+                addr.do_send(StopDelivery);
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+    for (_, addr) in running {
+        addr.do_send(StopDelivery);
+    }
+}

@@ -1,0 +1,186 @@
+//! Client requests about delivery: status, DLQ listing, redrive, replay.
+
+use auditflow_protocol::delivery::DestinationStatus;
+use auditflow_protocol::wire::{ReplayFrom, Request, RequestError, Response};
+use openraft::error::{ClientWriteError, RaftError};
+
+use crate::delivery::breaker::BreakerState;
+use crate::delivery::dlq::DeliveryCommand;
+use crate::node::NodeShared;
+use crate::partition::{Command, CommandResponse};
+
+/// Most DLQ entries one listing returns.
+pub const MAX_DLQ_PAGE: u32 = 1_000;
+
+/// Answers a delivery request.
+pub async fn handle(node: &NodeShared, request: Request) -> Response {
+    let result = match request {
+        Request::DestStatus => dest_status(node).map(Response::DestStatus),
+        Request::DlqList {
+            dest,
+            partition,
+            from_offset,
+            limit,
+        } => dlq_list(node, &dest, partition, from_offset, limit).map(Response::Dlq),
+        Request::Redrive {
+            dest,
+            partition,
+            selection,
+        } => {
+            let cmd = DeliveryCommand::Redrive { dest, selection };
+            propose(node, partition, cmd)
+                .await
+                .map(|(_, touched)| Response::Done { count: touched })
+        }
+        Request::Replay {
+            dest,
+            partition,
+            from,
+        } => match replay_offset(node, partition, &from) {
+            Ok(next_offset) => {
+                let cmd = DeliveryCommand::SetCursor { dest, next_offset };
+                propose(node, partition, cmd)
+                    .await
+                    .map(|(cursor, _)| Response::Done { count: cursor })
+            }
+            Err(e) => Err(e),
+        },
+        _ => Err(RequestError::BadRequest {
+            reason: "not a delivery request".into(),
+        }),
+    };
+    result.unwrap_or_else(Response::Error)
+}
+
+fn known_dest(node: &NodeShared, dest: &str) -> Result<(), RequestError> {
+    if node.config.destinations.iter().any(|d| d.name == dest) {
+        Ok(())
+    } else {
+        let names: Vec<&str> = node
+            .config
+            .destinations
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        Err(RequestError::BadRequest {
+            reason: format!("unknown destination {dest:?}; configured: {names:?}"),
+        })
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> RequestError {
+    RequestError::Internal {
+        reason: e.to_string(),
+    }
+}
+
+/// Status of every (destination, partition) this node leads.
+pub fn dest_status(node: &NodeShared) -> Result<Vec<DestinationStatus>, RequestError> {
+    let live = node.board.snapshot();
+    let now = node.clock.now();
+    let mut out = Vec::new();
+    for ((dest, partition), s) in live {
+        let handle = node.partition(partition)?;
+        let cursor = handle.reader.cursor(&dest).map_err(internal)?;
+        let head = handle.reader.head().map_err(internal)?.next_offset;
+        let oldest = if cursor < head {
+            handle
+                .reader
+                .read(cursor, 1)
+                .map_err(internal)?
+                .first()
+                .map(|e| (now.0.saturating_sub(e.received_at.0) / 1_000_000).max(0) as u64)
+        } else {
+            None
+        };
+        out.push(DestinationStatus {
+            dlq_size: handle.reader.dlq_len(&dest).map_err(internal)?,
+            dest,
+            partition,
+            node: node.id,
+            cursor,
+            head,
+            lag_events: head.saturating_sub(cursor),
+            oldest_undelivered_age_ms: oldest,
+            last_success: s.last_success,
+            last_error: s.last_error,
+            attempts: s.attempts,
+            breaker: match s.breaker {
+                BreakerState::Closed => "closed",
+                BreakerState::Open => "open",
+                BreakerState::HalfOpen => "half_open",
+            }
+            .into(),
+            delivered: s.delivered,
+        });
+    }
+    Ok(out)
+}
+
+fn dlq_list(
+    node: &NodeShared,
+    dest: &str,
+    partition: u32,
+    from: u64,
+    limit: u32,
+) -> Result<Vec<(u64, auditflow_protocol::delivery::DlqEntry)>, RequestError> {
+    known_dest(node, dest)?;
+    let handle = node.partition(partition)?;
+    handle
+        .reader
+        .dlq(dest, from, limit.min(MAX_DLQ_PAGE) as usize)
+        .map_err(internal)
+}
+
+/// The offset a replay starts at: the given one, or the first event
+/// stored at or after the given time (binary search: `received_at` only
+/// grows within a partition, up to clock differences between leaders).
+fn replay_offset(
+    node: &NodeShared,
+    partition: u32,
+    from: &ReplayFrom,
+) -> Result<u64, RequestError> {
+    let handle = node.partition(partition)?;
+    match from {
+        ReplayFrom::Offset(o) => Ok(*o),
+        ReplayFrom::Time(t) => {
+            let head = handle.reader.head().map_err(internal)?.next_offset;
+            let (mut lo, mut hi) = (0u64, head);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let at = handle.reader.read(mid, 1).map_err(internal)?;
+                match at.first() {
+                    Some(e) if e.received_at < *t => lo = e.offset + 1,
+                    _ => hi = mid,
+                }
+            }
+            Ok(lo)
+        }
+    }
+}
+
+async fn propose(
+    node: &NodeShared,
+    partition: u32,
+    cmd: DeliveryCommand,
+) -> Result<(u64, u64), RequestError> {
+    known_dest(node, cmd.dest())?;
+    node.require_leader(partition)?;
+    let handle = node.partition(partition)?;
+    match handle.raft.client_write(Command::Delivery(cmd)).await {
+        Ok(resp) => match resp.data {
+            CommandResponse::Delivery { cursor, touched } => Ok((cursor, touched)),
+            _ => Err(internal("unexpected apply result")),
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(RequestError::NotLeader {
+                partition,
+                leader: f.leader_id.and_then(|id| node.node_addr(id)),
+            })
+        }
+        Err(e) => Err(RequestError::Unavailable {
+            partition,
+            reason: e.to_string(),
+        }),
+    }
+}

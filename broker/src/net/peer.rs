@@ -1,0 +1,254 @@
+//! Node-to-node Raft RPC: messages, the transport seam, and its QUIC
+//! implementation.
+//!
+//! Every Raft group of a node shares one QUIC connection per peer; each RPC
+//! is one bidirectional stream carrying one request frame and one response
+//! frame (see `auditflow_protocol::frame`), tagged with its partition.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use auditflow_client::transport::{read_frame, write_frame};
+use auditflow_protocol::frame;
+use futures::future::BoxFuture;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::partition::{NodeId, TypeConfig};
+
+/// Version of the peer messages.
+pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// Largest peer frame. Raft batches are split by openraft when a request
+/// would exceed it (`PayloadTooLarge`), so this bounds memory per RPC.
+pub const MAX_PEER_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// After a failed connect, further RPCs to that peer fail at once for this
+/// long instead of each group queueing its own connect attempt to a node
+/// that is down.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(300);
+/// Longest wait for a QUIC handshake with a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A Raft RPC for one partition's group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// RequestVote.
+    Vote {
+        /// Target group.
+        partition: u32,
+        /// The RPC.
+        rpc: VoteRequest<NodeId>,
+    },
+    /// AppendEntries (also heartbeats).
+    AppendEntries {
+        /// Target group.
+        partition: u32,
+        /// The RPC.
+        rpc: AppendEntriesRequest<TypeConfig>,
+    },
+    /// One chunk of a snapshot.
+    InstallSnapshot {
+        /// Target group.
+        partition: u32,
+        /// The RPC.
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    },
+}
+
+impl PeerRequest {
+    /// The partition the request is for.
+    pub fn partition(&self) -> u32 {
+        match self {
+            PeerRequest::Vote { partition, .. }
+            | PeerRequest::AppendEntries { partition, .. }
+            | PeerRequest::InstallSnapshot { partition, .. } => *partition,
+        }
+    }
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// Answer to `Vote`.
+    Vote(VoteResponse<NodeId>),
+    /// Answer to `AppendEntries`.
+    AppendEntries(AppendEntriesResponse<NodeId>),
+    /// Answer to `InstallSnapshot`.
+    InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    /// The receiver could not handle the request (unknown partition, group
+    /// shut down, snapshot mismatch); the sender retries later.
+    Failed(String),
+}
+
+/// Why an RPC did not get an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportFailure {
+    /// The peer cannot be reached now; back off.
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(NodeId, String),
+    /// The request was sent but failed in flight; may retry at once.
+    #[error("RPC to peer {0} failed: {1}")]
+    Network(NodeId, String),
+    /// The request is larger than a frame may be.
+    #[error("RPC to peer {0} too large: {1} bytes")]
+    TooLarge(NodeId, usize),
+    /// No answer within the deadline.
+    #[error("RPC to peer {0} timed out")]
+    Timeout(NodeId),
+}
+
+/// The network seam for Raft: production sends over QUIC, the simulator
+/// delivers (or drops, delays, duplicates) messages itself.
+pub trait RaftTransport: Send + Sync + 'static {
+    /// Sends `request` to `target` and waits for its answer.
+    fn call(
+        &self,
+        target: NodeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>>;
+}
+
+/// State of the connection to one peer.
+#[derive(Default)]
+struct PeerSlot {
+    conn: Option<quinn::Connection>,
+    last_failure: Option<Instant>,
+}
+
+/// [`RaftTransport`] over QUIC: one lazily (re)established connection per
+/// peer, shared by all groups.
+pub struct QuicPeers {
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    server_name: String,
+    addrs: BTreeMap<NodeId, String>,
+    /// One async mutex per peer serialises (re)connects, so concurrent
+    /// groups never open several connections to the same peer.
+    slots: BTreeMap<NodeId, tokio::sync::Mutex<PeerSlot>>,
+}
+
+impl QuicPeers {
+    /// Peers reachable through `endpoint`, authenticating with
+    /// `client_config` (which carries the node's certificate).
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        client_config: quinn::ClientConfig,
+        server_name: String,
+        addrs: BTreeMap<NodeId, String>,
+    ) -> Arc<Self> {
+        let slots = addrs
+            .keys()
+            .map(|id| (*id, tokio::sync::Mutex::new(PeerSlot::default())))
+            .collect();
+        Arc::new(QuicPeers {
+            endpoint,
+            client_config,
+            server_name,
+            addrs,
+            slots,
+        })
+    }
+
+    async fn connection(&self, target: NodeId) -> Result<quinn::Connection, TransportFailure> {
+        let slot = self
+            .slots
+            .get(&target)
+            .ok_or_else(|| TransportFailure::Unreachable(target, "unknown node id".into()))?;
+        let mut slot = slot.lock().await;
+        if let Some(conn) = &slot.conn {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+            slot.conn = None;
+        }
+        if let Some(t) = slot.last_failure {
+            if t.elapsed() < RECONNECT_BACKOFF {
+                return Err(TransportFailure::Unreachable(
+                    target,
+                    "recent connect failed".into(),
+                ));
+            }
+        }
+        match self.connect(target).await {
+            Ok(conn) => {
+                slot.conn = Some(conn.clone());
+                slot.last_failure = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                slot.last_failure = Some(Instant::now());
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self, target: NodeId) -> Result<quinn::Connection, TransportFailure> {
+        let unreachable = |e: String| TransportFailure::Unreachable(target, e);
+        let addr = self
+            .addrs
+            .get(&target)
+            .ok_or_else(|| unreachable("unknown node id".into()))?;
+        let sock = tokio::net::lookup_host(addr.as_str())
+            .await
+            .map_err(|e| unreachable(format!("resolve {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| unreachable(format!("{addr} resolves to nothing")))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), sock, &self.server_name)
+            .map_err(|e| unreachable(e.to_string()))?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Err(_) => Err(unreachable("handshake timed out".into())),
+        }
+    }
+
+    async fn call_once(
+        self: Arc<Self>,
+        target: NodeId,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, TransportFailure> {
+        let bytes =
+            frame::encode(PEER_PROTOCOL_VERSION, &request, MAX_PEER_FRAME_BYTES).map_err(|e| {
+                match e {
+                    frame::FrameError::TooLarge { len, .. } => {
+                        TransportFailure::TooLarge(target, len)
+                    }
+                    other => TransportFailure::Network(target, other.to_string()),
+                }
+            })?;
+        let conn = self.connection(target).await?;
+        let net = |e: String| TransportFailure::Network(target, e);
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| net(e.to_string()))?;
+        write_frame(&mut send, &bytes)
+            .await
+            .map_err(|e| net(e.to_string()))?;
+        let payload = read_frame(&mut recv, MAX_PEER_FRAME_BYTES)
+            .await
+            .map_err(|e| net(e.to_string()))?;
+        frame::decode::<PeerResponse>(PEER_PROTOCOL_VERSION, &payload)
+            .map_err(|e| net(e.to_string()))
+    }
+}
+
+impl RaftTransport for Arc<QuicPeers> {
+    fn call(
+        &self,
+        target: NodeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>> {
+        let this = Arc::clone(self);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, this.call_once(target, request)).await {
+                Ok(r) => r,
+                Err(_) => Err(TransportFailure::Timeout(target)),
+            }
+        })
+    }
+}

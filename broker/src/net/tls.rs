@@ -1,0 +1,276 @@
+//! TLS for the node: dev certificate generation (rcgen) and the rustls
+//! configurations of the QUIC endpoint.
+//!
+//! One endpoint serves two ALPNs. Clients authenticate the node against the
+//! cluster CA; nodes additionally present their certificate to each other,
+//! and the peer ALPN is refused to a connection without a CA-signed client
+//! certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use auditflow_protocol::wire::{ALPN_CLIENT, ALPN_PEER};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsConfig;
+
+/// Validity of generated dev certificates: long enough never to expire
+/// under a developer, short enough to be obviously not production material.
+const DEV_CERT_VALIDITY_DAYS: i64 = 365;
+
+/// Why TLS material could not be loaded or generated.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM item of the expected kind.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A certificate is outside its validity period.
+    #[error("{path}: certificate is not valid now (valid {not_before} .. {not_after})")]
+    Expired {
+        /// The file.
+        path: PathBuf,
+        /// Start of validity.
+        not_before: String,
+        /// End of validity.
+        not_after: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// The client-certificate verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    /// quinn refused the crypto configuration.
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads every certificate of a PEM file, refusing one outside its validity
+/// period with a clear error rather than a failed handshake later.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            reason: format!("unreadable PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            reason: "no certificate found".into(),
+        });
+    }
+    for cert in &certs {
+        check_validity(path, cert)?;
+    }
+    Ok(certs)
+}
+
+fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })?;
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        return Err(TlsError::Expired {
+            path: path.to_owned(),
+            not_before: validity.not_before.to_string(),
+            not_after: validity.not_after.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads the first private key of a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            reason: format!("unreadable PEM: {e}"),
+        })?
+        .ok_or_else(|| TlsError::Pem {
+            path: path.to_owned(),
+            reason: "no private key found".into(),
+        })
+}
+
+fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// QUIC transport settings shared by server and peer client: keep-alives
+/// well inside the idle timeout, so a silent (killed, paused, cut off) peer
+/// is detected within seconds and a live idle one is never dropped.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(1000)));
+    // 5 s: several missed keep-alives, yet fast failover for clients.
+    t.max_idle_timeout(Some(quinn::VarInt::from_u32(5_000).into()));
+    // Bounds concurrent requests per connection (one stream each): this is
+    // the per-connection backpressure of the request path.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t
+}
+
+/// The endpoint's server configuration: both ALPNs, optional client certs.
+pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
+    let certs = load_certs(&tls.cert)?;
+    let key = load_key(&tls.key)?;
+    let roots = Arc::new(root_store(&tls.ca_cert)?);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![ALPN_CLIENT.to_vec(), ALPN_PEER.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config()));
+    Ok(server)
+}
+
+/// The client configuration a node uses towards its peers: peer ALPN, the
+/// node certificate as client identity.
+pub fn peer_client_config(tls: &TlsConfig) -> Result<quinn::ClientConfig, TlsError> {
+    let certs = load_certs(&tls.cert)?;
+    let key = load_key(&tls.key)?;
+    let roots = root_store(&tls.ca_cert)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)?;
+    cfg.alpn_protocols = vec![ALPN_PEER.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config()));
+    Ok(client)
+}
+
+/// File names of generated dev certificates, relative to their directory.
+#[derive(Debug, Clone)]
+pub struct DevCertPaths {
+    /// CA certificate.
+    pub ca_cert: PathBuf,
+    /// Per node: (certificate, key).
+    pub nodes: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Generates a dev CA and one certificate per node id into `dir`, unless
+/// they already exist (so `up` on the same directory keeps its identity).
+/// Certificates name `localhost`, `127.0.0.1`, `::1` and
+/// `auditflow-node-<id>`.
+pub fn ensure_dev_certs(dir: &Path, node_ids: &[u64]) -> Result<DevCertPaths, TlsError> {
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    let nodes: Vec<(PathBuf, PathBuf)> = node_ids
+        .iter()
+        .map(|id| {
+            (
+                dir.join(format!("node{id}.pem")),
+                dir.join(format!("node{id}.key")),
+            )
+        })
+        .collect();
+    let paths = DevCertPaths {
+        ca_cert: ca_cert.clone(),
+        nodes: nodes.clone(),
+    };
+    let all_exist =
+        ca_cert.exists() && ca_key.exists() && nodes.iter().all(|(c, k)| c.exists() && k.exists());
+    if all_exist {
+        return Ok(paths);
+    }
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "auditflow dev CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_before = now - time::Duration::days(1);
+    ca_params.not_after = now + time::Duration::days(DEV_CERT_VALIDITY_DAYS);
+    let ca_keypair = rcgen::KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_keypair)?;
+    write(&ca_cert, ca.pem().as_bytes())?;
+    write(&ca_key, ca_keypair.serialize_pem().as_bytes())?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_keypair);
+    for (id, (cert_path, key_path)) in node_ids.iter().zip(&nodes) {
+        let mut params = rcgen::CertificateParams::new(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+            format!("auditflow-node-{id}"),
+        ])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("auditflow-node-{id}"));
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(DEV_CERT_VALIDITY_DAYS);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        write(cert_path, cert.pem().as_bytes())?;
+        write(key_path, key.serialize_pem().as_bytes())?;
+    }
+    Ok(paths)
+}
+
+fn write(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    std::fs::write(path, data).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}

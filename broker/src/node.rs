@@ -1,0 +1,386 @@
+//! A node: its partitions' Raft groups and actors, the shared state the
+//! network handlers read, start-up and shutdown.
+//!
+//! [`start`] wires a node from its seams (store, Raft transport, clock) and
+//! is what the simulator calls; [`run_quic_node`] adds the real ones: a redb
+//! file, a QUIC endpoint and the system clock.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use auditflow_protocol::wire::{
+    ClusterMetadata, NodeAddr, NodeStatus, PartitionStatus, RequestError, Role,
+};
+use auditflow_protocol::Hash32;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use tracing::{info, warn};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::NodeConfig;
+use crate::net::peer::{QuicPeers, RaftTransport};
+use crate::net::raft_network::PartitionNetwork;
+use crate::net::{server, tls};
+use crate::partition::actor::{PartitionActor, Shutdown};
+use crate::partition::{NodeId, Raft};
+use crate::storage::{PartitionReader, Store, StoreError};
+
+/// File name of the node's database inside its data directory.
+pub const DB_FILE: &str = "auditflow.redb";
+/// How long a node waits for the preferred node of a partition to
+/// initialise it before doing so itself (if still leaderless).
+const INIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The database could not be opened.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// TLS material is missing, invalid or expired.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The Raft configuration is invalid.
+    #[error("raft config: {0}")]
+    RaftConfig(String),
+    /// A Raft group failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The endpoint could not be bound or the data directory created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// One partition on this node.
+pub struct PartitionHandle {
+    /// Its Raft group.
+    pub raft: Raft,
+    /// Its write path.
+    pub actor: Addr<PartitionActor>,
+    /// Read access to its applied state.
+    pub reader: PartitionReader,
+}
+
+/// What the network handlers share: configuration and partitions.
+pub struct NodeShared {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its configuration.
+    pub config: NodeConfig,
+    /// Every node's id and address.
+    pub nodes: Arc<Vec<NodeAddr>>,
+    /// Partitions by index.
+    pub partitions: Vec<PartitionHandle>,
+    /// Live delivery status of the actors on this node.
+    pub board: crate::delivery::status::StatusBoard,
+    /// Wall clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl NodeShared {
+    /// The partition, or a `BadRequest` naming the valid range.
+    pub fn partition(&self, partition: u32) -> Result<&PartitionHandle, RequestError> {
+        self.partitions
+            .get(partition as usize)
+            .ok_or_else(|| RequestError::BadRequest {
+                reason: format!(
+                    "no partition {partition}; the cluster has {}",
+                    self.partitions.len()
+                ),
+            })
+    }
+
+    /// The leader of `partition` as this node knows it.
+    pub fn leader_of(&self, partition: u32) -> Option<NodeId> {
+        self.partitions
+            .get(partition as usize)
+            .and_then(|p| p.raft.metrics().borrow().current_leader)
+    }
+
+    /// `Ok` if this node leads `partition`; otherwise the redirect (or
+    /// "unavailable" while no leader is known) the client should follow.
+    pub fn require_leader(&self, partition: u32) -> Result<(), RequestError> {
+        match self.leader_of(partition) {
+            Some(id) if id == self.id => Ok(()),
+            Some(id) => Err(RequestError::NotLeader {
+                partition,
+                leader: self.node_addr(id),
+            }),
+            None => Err(RequestError::Unavailable {
+                partition,
+                reason: "no leader elected".into(),
+            }),
+        }
+    }
+
+    /// Id and address of node `id`.
+    pub fn node_addr(&self, id: NodeId) -> Option<NodeAddr> {
+        self.nodes.iter().find(|n| n.id == id).cloned()
+    }
+
+    /// Cluster layout for clients.
+    pub fn metadata(&self) -> ClusterMetadata {
+        ClusterMetadata {
+            partition_count: self.config.partitions,
+            nodes: self.nodes.as_ref().clone(),
+            leaders: (0..self.config.partitions)
+                .map(|p| self.leader_of(p))
+                .collect(),
+            limits: self.config.limits,
+        }
+    }
+
+    /// This node's view of every partition.
+    pub fn status(&self) -> NodeStatus {
+        let partitions = self
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let m = p.raft.metrics().borrow().clone();
+                let head = p.reader.head().ok();
+                PartitionStatus {
+                    partition: i as u32,
+                    role: match m.state {
+                        ServerState::Leader => Role::Leader,
+                        ServerState::Follower => Role::Follower,
+                        ServerState::Candidate => Role::Candidate,
+                        ServerState::Learner => Role::Learner,
+                        ServerState::Shutdown => Role::Shutdown,
+                    },
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    last_log_index: m.last_log_index,
+                    applied_index: m.last_applied.map(|l| l.index),
+                    snapshot_index: m.snapshot.map(|l| l.index),
+                    purged_index: m.purged.map(|l| l.index),
+                    next_offset: head.map(|h| h.next_offset).unwrap_or(0),
+                    last_hash: head.map(|h| h.last_hash).unwrap_or(Hash32::ZERO),
+                }
+            })
+            .collect();
+        NodeStatus {
+            node: self.node_addr(self.id).unwrap_or(NodeAddr {
+                id: self.id,
+                addr: self.config.listen.to_string(),
+            }),
+            partitions,
+        }
+    }
+}
+
+fn raft_config(config: &NodeConfig, partition: u32) -> Result<Arc<openraft::Config>, NodeError> {
+    let r = &config.raft;
+    let cfg = openraft::Config {
+        cluster_name: format!("auditflow-p{partition}"),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        // Chunks well under the peer frame limit.
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        cfg.validate()
+            .map_err(|e| NodeError::RaftConfig(e.to_string()))?,
+    ))
+}
+
+/// Starts every partition of a node over the given seams. Must run inside
+/// an actix system (the partition actors live on its arbiter).
+pub async fn start(
+    config: NodeConfig,
+    store: &Store,
+    transport: Arc<dyn RaftTransport>,
+    clock: Arc<dyn Clock>,
+    sinks: crate::delivery::supervisor::SinkFactory,
+) -> Result<Arc<NodeShared>, NodeError> {
+    let nodes: Arc<Vec<NodeAddr>> = Arc::new(
+        config
+            .peers
+            .iter()
+            .map(|p| NodeAddr {
+                id: p.id,
+                addr: p.addr.clone(),
+            })
+            .collect(),
+    );
+    let mut partitions = Vec::with_capacity(config.partitions as usize);
+    for p in 0..config.partitions {
+        let raft = Raft::new(
+            config.id,
+            raft_config(&config, p)?,
+            PartitionNetwork::new(p, Arc::clone(&transport)),
+            store.log_store(p),
+            store.state_machine(p, config.dedup_window),
+        )
+        .await
+        .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;
+        let actor = PartitionActor::new(
+            p,
+            raft.clone(),
+            Arc::clone(&clock),
+            config.limits,
+            Arc::clone(&nodes),
+        )
+        .start();
+        partitions.push(PartitionHandle {
+            raft,
+            actor,
+            reader: store.reader(p),
+        });
+    }
+    let board = crate::delivery::status::StatusBoard::default();
+    let delivery = crate::delivery::supervisor::DeliveryContext {
+        node: config.id,
+        destinations: Arc::new(config.destinations.iter().cloned().map(Arc::new).collect()),
+        board: board.clone(),
+        clock: Arc::clone(&clock),
+        sinks,
+    };
+    for (p, handle) in partitions.iter().enumerate() {
+        actix_rt::spawn(crate::delivery::supervisor::supervise(
+            delivery.clone(),
+            p as u32,
+            handle.raft.clone(),
+            handle.reader.clone(),
+        ));
+    }
+    Ok(Arc::new(NodeShared {
+        id: config.id,
+        config,
+        nodes,
+        partitions,
+        board,
+        clock,
+    }))
+}
+
+/// Initialises the Raft groups of a fresh cluster, spreading leaders: the
+/// preferred node of partition `p` is the `p mod n`-th node by id, and it
+/// initialises `p` (which also makes it campaign first). A node that finds
+/// a partition still leaderless after [`INIT_GRACE`] (its preferred node is
+/// down at first start) initialises it itself; openraft allows several
+/// nodes to initialise with the same membership. Initialising an
+/// already-initialised group is refused by openraft and ignored here.
+pub async fn initialize_partitions(node: Arc<NodeShared>) {
+    let members: BTreeMap<NodeId, BasicNode> = node
+        .config
+        .peers
+        .iter()
+        .map(|p| (p.id, BasicNode::new(p.addr.clone())))
+        .collect();
+    let ids: Vec<NodeId> = members.keys().copied().collect();
+    let preferred = |p: u32| ids[p as usize % ids.len()];
+    for (p, handle) in node.partitions.iter().enumerate() {
+        if preferred(p as u32) == node.id {
+            let _ = handle.raft.initialize(members.clone()).await;
+        }
+    }
+    tokio::time::sleep(INIT_GRACE).await;
+    for (p, handle) in node.partitions.iter().enumerate() {
+        let uninitialised = {
+            let m = handle.raft.metrics().borrow().clone();
+            m.current_leader.is_none()
+                && m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .next()
+                    .is_none()
+        };
+        if uninitialised {
+            info!(partition = p, "initialising leaderless partition");
+            let _ = handle.raft.initialize(members.clone()).await;
+        }
+    }
+}
+
+/// A node serving on QUIC.
+pub struct RunningNode {
+    /// The shared state.
+    pub shared: Arc<NodeShared>,
+    endpoint: quinn::Endpoint,
+    store: Store,
+}
+
+impl RunningNode {
+    /// Stops serving, shuts every Raft group down and closes the database.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        for p in &self.shared.partitions {
+            if let Err(e) = p.actor.send(Shutdown).await {
+                warn!("partition actor already gone: {e}");
+            }
+        }
+        self.endpoint.wait_idle().await;
+        drop(self.store);
+    }
+}
+
+/// Starts a node with the production seams: redb file, QUIC, system clock.
+pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io {
+        what: format!("create data directory {}", config.data_dir.display()),
+        source,
+    })?;
+    let db_path: PathBuf = config.data_dir.join(DB_FILE);
+    let store = Store::open(&db_path)?;
+    let server_config = tls::server_config(&config.tls)?;
+    let peer_config = tls::peer_client_config(&config.tls)?;
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.listen).map_err(|source| NodeError::Io {
+            what: format!("bind {}", config.listen),
+            source,
+        })?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Io {
+                    what: format!("bind admin HTTP listener {addr} (admin_listen)"),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let addrs = config
+        .peers
+        .iter()
+        .map(|p| (p.id, p.addr.clone()))
+        .collect();
+    let transport = QuicPeers::new(
+        endpoint.clone(),
+        peer_config,
+        config.tls.server_name.clone(),
+        addrs,
+    );
+    let shared = start(
+        config,
+        &store,
+        Arc::new(transport),
+        Arc::new(SystemClock),
+        crate::delivery::supervisor::real_sinks(),
+    )
+    .await?;
+    tokio::spawn(server::serve(endpoint.clone(), Arc::clone(&shared)));
+    tokio::spawn(initialize_partitions(Arc::clone(&shared)));
+    if let Some(listener) = admin {
+        tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)));
+    }
+    info!(node = shared.id, listen = %shared.config.listen, "node started");
+    Ok(RunningNode {
+        shared,
+        endpoint,
+        store,
+    })
+}

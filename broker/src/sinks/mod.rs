@@ -1,0 +1,197 @@
+//! Sinks: where destinations deliver. One module per kind, all behind the
+//! [`Sink`] trait; the delivery actor knows nothing else about them.
+//!
+//! A sink receives batches of [`Delivery`] items that are already filtered
+//! and masked, in offset order for one partition, and says what happened
+//! with a [`SendOutcome`]: all delivered, the whole batch failed, or (bulk
+//! APIs) one result per item. Failures are classified as retryable or
+//! permanent by the sink, which knows its protocol (an HTTP 400 is
+//! permanent, a 503 retryable); the delivery actor decides about backoff,
+//! attempts and the dead-letter queue.
+//!
+//! Sinks are a seam (DESIGN.md §4): the simulator plugs in its own.
+
+use std::time::Duration;
+
+use auditflow_protocol::{Hash32, Timestamp};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub mod elasticsearch;
+pub mod file;
+pub mod http;
+pub mod postgres;
+pub mod s3;
+pub mod splunk_hec;
+pub mod syslog;
+pub mod webhook;
+
+/// One event on its way out of the node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    /// Partition it is stored in.
+    pub partition: u32,
+    /// Its offset there.
+    pub offset: u64,
+    /// The event id: the idempotency key receivers deduplicate on (G3).
+    pub event_id: String,
+    /// The tenant, for sinks that route or index by it.
+    pub tenant: String,
+    /// When the cluster stored it.
+    pub received_at: Timestamp,
+    /// Its chain hash.
+    pub hash: Hash32,
+    /// The stored event as JSON after masking: `{"partition", "offset",
+    /// "received_at", "hash", "event": {...}}` — what sinks write.
+    pub body: serde_json::Value,
+}
+
+/// Whether trying again can help.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// Transient: the endpoint is down, slow, overloaded. `retry_after` is
+    /// the endpoint's own hint (HTTP `Retry-After`), if it gave one.
+    Retryable {
+        /// The endpoint's hint.
+        retry_after: Option<Duration>,
+    },
+    /// The endpoint refuses this content; retrying the same bytes cannot
+    /// succeed (HTTP 4xx other than 408/429, a rejected bulk item, a
+    /// constraint violation).
+    Permanent,
+}
+
+/// A failed send, as recorded in the attempt history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkFailure {
+    /// Retryable or permanent.
+    pub kind: FailureKind,
+    /// Protocol status code, if any (HTTP status, ...).
+    pub status: Option<u16>,
+    /// What went wrong, for humans.
+    pub message: String,
+    /// The start of the endpoint's answer, bounded (at most
+    /// [`MAX_EXCERPT_BYTES`]).
+    pub response_excerpt: Option<String>,
+}
+
+/// Longest response excerpt kept in an attempt record.
+pub const MAX_EXCERPT_BYTES: usize = 512;
+
+impl SinkFailure {
+    /// A retryable failure without status.
+    pub fn retryable(message: impl Into<String>) -> SinkFailure {
+        SinkFailure {
+            kind: FailureKind::Retryable { retry_after: None },
+            status: None,
+            message: message.into(),
+            response_excerpt: None,
+        }
+    }
+
+    /// A permanent failure without status.
+    pub fn permanent(message: impl Into<String>) -> SinkFailure {
+        SinkFailure {
+            kind: FailureKind::Permanent,
+            status: None,
+            message: message.into(),
+            response_excerpt: None,
+        }
+    }
+
+    /// Whether trying again can help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind, FailureKind::Retryable { .. })
+    }
+}
+
+/// Cuts `text` to at most [`MAX_EXCERPT_BYTES`] on a character boundary.
+pub fn excerpt(text: &str) -> String {
+    if text.len() <= MAX_EXCERPT_BYTES {
+        return text.to_string();
+    }
+    let mut end = MAX_EXCERPT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// What happened to a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SendOutcome {
+    /// Every item was accepted (durably, as far as the endpoint promises).
+    Delivered,
+    /// Nothing was accepted (or the sink cannot tell which items were).
+    Failed(SinkFailure),
+    /// One result per item, in batch order (bulk APIs with per-item
+    /// status).
+    PerItem(Vec<Result<(), SinkFailure>>),
+}
+
+/// A delivery endpoint.
+pub trait Sink: Send + 'static {
+    /// Sends one batch (non-empty, one partition, offset order).
+    fn send<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, SendOutcome>;
+}
+
+/// Why a sink could not be built from its settings.
+#[derive(Debug, thiserror::Error)]
+#[error("sink {kind}: {reason}")]
+pub struct SinkConfigError {
+    /// The sink kind.
+    pub kind: &'static str,
+    /// What is wrong with the settings.
+    pub reason: String,
+}
+
+/// A sink's settings, tagged by `kind` in the destination configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// JSON lines files.
+    File(file::Config),
+    /// HTTP webhook.
+    Webhook(webhook::Config),
+    /// Syslog RFC 5424 over TCP (optionally TLS).
+    Syslog(syslog::Config),
+    /// PostgreSQL table.
+    Postgres(postgres::Config),
+    /// S3-compatible object storage.
+    S3(s3::Config),
+    /// Splunk HTTP Event Collector.
+    SplunkHec(splunk_hec::Config),
+    /// Elasticsearch / OpenSearch bulk API.
+    Elasticsearch(elasticsearch::Config),
+}
+
+impl SinkConfig {
+    /// The kind's name as written in configuration.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File(_) => "file",
+            SinkConfig::Webhook(_) => "webhook",
+            SinkConfig::Syslog(_) => "syslog",
+            SinkConfig::Postgres(_) => "postgres",
+            SinkConfig::S3(_) => "s3",
+            SinkConfig::SplunkHec(_) => "splunk_hec",
+            SinkConfig::Elasticsearch(_) => "elasticsearch",
+        }
+    }
+
+    /// Builds the sink. Connections are made lazily on first send, so a
+    /// destination that is down at start-up does not stop the node.
+    pub fn build(&self) -> Result<Box<dyn Sink>, SinkConfigError> {
+        Ok(match self {
+            SinkConfig::File(c) => Box::new(file::FileSink::new(c.clone())?),
+            SinkConfig::Webhook(c) => Box::new(webhook::WebhookSink::new(c.clone())?),
+            SinkConfig::Syslog(c) => Box::new(syslog::SyslogSink::new(c.clone())?),
+            SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone())?),
+            SinkConfig::S3(c) => Box::new(s3::S3Sink::new(c.clone())?),
+            SinkConfig::SplunkHec(c) => Box::new(splunk_hec::SplunkHecSink::new(c.clone())?),
+            SinkConfig::Elasticsearch(c) => {
+                Box::new(elasticsearch::ElasticsearchSink::new(c.clone())?)
+            }
+        })
+    }
+}

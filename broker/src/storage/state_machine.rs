@@ -1,0 +1,476 @@
+//! The state machine of one partition (openraft `RaftStateMachine`): the
+//! stored events, the dedup index and the partition head, all in redb.
+//!
+//! `apply` runs the pure [`apply_append`] inside a writer job and commits
+//! without fsync: the Raft log is already durable on a quorum, and a crash
+//! can only lose a suffix of applied entries, which openraft re-applies
+//! from the log. Snapshots are a consistent read of the partition's rows.
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use auditflow_protocol::StoredEvent;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::log_store::raft_err;
+use super::tables::{
+    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_HEAD, KEY_MEMBERSHIP, SM_META,
+};
+use super::writer::StorageWriter;
+use super::StoreError;
+use crate::delivery::dlq::{DeliveryCommand, DlqEntry};
+use crate::partition::apply::{apply_append, DedupEntry, PartitionHead};
+use crate::partition::types::{
+    Command, CommandResponse, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
+};
+
+/// What a snapshot carries besides openraft's metadata.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    head: PartitionHead,
+    /// Stored events as their stored bytes, in offset order.
+    events: Vec<(u64, Vec<u8>)>,
+    /// Dedup index rows as stored.
+    dedup: Vec<(String, Vec<u8>)>,
+    /// Delivery cursors by destination.
+    cursors: Vec<(String, u64)>,
+    /// DLQ rows: destination, offset, stored entry.
+    dlq: Vec<(String, u64, Vec<u8>)>,
+}
+
+type CurrentSnapshot = Arc<Mutex<Option<(SnapshotMeta, Arc<Vec<u8>>)>>>;
+
+/// The state machine of one partition.
+pub struct StateMachine {
+    partition: u32,
+    db: Arc<Database>,
+    writer: StorageWriter,
+    dedup_window: u64,
+    head: Arc<watch::Sender<u64>>,
+    current: CurrentSnapshot,
+}
+
+/// Builds snapshots of one partition.
+pub struct SnapshotBuilder {
+    partition: u32,
+    db: Arc<Database>,
+    current: CurrentSnapshot,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads a `sm_meta` value in a read transaction.
+pub(crate) fn read_sm_meta<T: serde::de::DeserializeOwned>(
+    txn: &ReadTransaction,
+    partition: u32,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let table = txn.open_table(SM_META)?;
+    match table.get((partition, key))? {
+        Some(v) => Ok(Some(tables::decode(v.value(), key)?)),
+        None => Ok(None),
+    }
+}
+
+fn put_sm_meta<T: Serialize>(
+    txn: &WriteTransaction,
+    partition: u32,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let bytes = tables::encode(value, key)?;
+    let mut table = txn.open_table(SM_META)?;
+    table.insert((partition, key), bytes.as_slice())?;
+    Ok(())
+}
+
+fn get_sm_meta<T: serde::de::DeserializeOwned>(
+    txn: &WriteTransaction,
+    partition: u32,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let table = txn.open_table(SM_META)?;
+    let value = table.get((partition, key))?;
+    match value {
+        Some(v) => Ok(Some(tables::decode(v.value(), key)?)),
+        None => Ok(None),
+    }
+}
+
+/// Applies a run of committed entries in one write transaction; returns
+/// the responses and the new next offset.
+fn apply_entries(
+    txn: &WriteTransaction,
+    partition: u32,
+    dedup_window: u64,
+    entries: &[Entry],
+) -> Result<(Vec<CommandResponse>, u64), StoreError> {
+    let mut head: PartitionHead = get_sm_meta(txn, partition, KEY_HEAD)?.unwrap_or_default();
+    let mut responses = Vec::with_capacity(entries.len());
+    let mut last_applied = None;
+    let mut membership = None;
+    for entry in entries {
+        last_applied = Some(*entry.get_log_id());
+        match &entry.payload {
+            EntryPayload::Blank => responses.push(CommandResponse::Empty),
+            EntryPayload::Membership(m) => {
+                membership = Some(StoredMembership::new(Some(*entry.get_log_id()), m.clone()));
+                responses.push(CommandResponse::Empty);
+            }
+            EntryPayload::Normal(Command::Append {
+                received_at,
+                events,
+            }) => {
+                let effects = {
+                    let dedup = txn.open_table(DEDUP)?;
+                    apply_append(
+                        &mut head,
+                        partition,
+                        *received_at,
+                        events.clone(),
+                        dedup_window,
+                        |id| match dedup.get((partition, id))? {
+                            Some(v) => Ok(Some(tables::decode::<DedupEntry>(
+                                v.value(),
+                                "dedup entry",
+                            )?)),
+                            None => Ok::<_, StoreError>(None),
+                        },
+                    )?
+                };
+                let mut events_t = txn.open_table(EVENTS)?;
+                let mut dedup = txn.open_table(DEDUP)?;
+                for (stored, entry) in &effects.stored {
+                    let bytes = tables::encode(stored, "stored event")?;
+                    events_t.insert((partition, stored.offset), bytes.as_slice())?;
+                    let d = tables::encode(entry, "dedup entry")?;
+                    dedup.insert((partition, stored.event.id.as_str()), d.as_slice())?;
+                }
+                // Forget ids that leave the window, unless the id now
+                // belongs to a newer offset.
+                for offset in effects.evict.clone() {
+                    let stored = match events_t.get((partition, offset))? {
+                        Some(v) => tables::decode::<StoredEvent>(v.value(), "stored event")?,
+                        None => continue,
+                    };
+                    let owner = match dedup.get((partition, stored.event.id.as_str()))? {
+                        Some(v) => Some(tables::decode::<DedupEntry>(v.value(), "dedup entry")?),
+                        None => None,
+                    };
+                    if owner.map(|o| o.offset) == Some(offset) {
+                        dedup.remove((partition, stored.event.id.as_str()))?;
+                    }
+                }
+                responses.push(CommandResponse::Appended(effects.results));
+            }
+            EntryPayload::Normal(Command::Delivery(cmd)) => {
+                responses.push(apply_delivery(txn, partition, cmd)?);
+            }
+        }
+    }
+    if let Some(applied) = last_applied {
+        put_sm_meta(txn, partition, KEY_APPLIED, &Some(applied))?;
+        put_sm_meta(txn, partition, KEY_HEAD, &head)?;
+    }
+    if let Some(m) = membership {
+        put_sm_meta(txn, partition, KEY_MEMBERSHIP, &m)?;
+    }
+    Ok((responses, head.next_offset))
+}
+
+/// Applies a delivery command: cursor and DLQ rows of one destination.
+fn apply_delivery(
+    txn: &WriteTransaction,
+    partition: u32,
+    cmd: &DeliveryCommand,
+) -> Result<CommandResponse, StoreError> {
+    let dest = cmd.dest();
+    let mut cursors = txn.open_table(CURSORS)?;
+    let mut dlq = txn.open_table(DLQ)?;
+    let current = cursors
+        .get((partition, dest))?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let mut cursor = current;
+    let mut touched = 0u64;
+    match cmd {
+        DeliveryCommand::Advance { next_offset, .. } => cursor = cursor.max(*next_offset),
+        DeliveryCommand::SetCursor { next_offset, .. } => cursor = *next_offset,
+        DeliveryCommand::Park {
+            entries,
+            next_offset,
+            ..
+        } => {
+            for (offset, entry) in entries {
+                let bytes = tables::encode(entry, "dlq entry")?;
+                dlq.insert((partition, dest, *offset), bytes.as_slice())?;
+                touched += 1;
+            }
+            if let Some(n) = next_offset {
+                cursor = cursor.max(*n);
+            }
+        }
+        DeliveryCommand::Redrive { selection, .. } => {
+            let mut updates = Vec::new();
+            for row in dlq.range((partition, dest, 0)..=(partition, dest, u64::MAX))? {
+                let (k, v) = row?;
+                let offset = k.value().2;
+                let mut entry: DlqEntry = tables::decode(v.value(), "dlq entry")?;
+                if !entry.redrive && selection.selects(offset, &entry) {
+                    entry.redrive = true;
+                    updates.push((offset, tables::encode(&entry, "dlq entry")?));
+                }
+            }
+            for (offset, bytes) in updates {
+                dlq.insert((partition, dest, offset), bytes.as_slice())?;
+                touched += 1;
+            }
+        }
+        DeliveryCommand::Resolve { offsets, .. } => {
+            for offset in offsets {
+                if dlq.remove((partition, dest, *offset))?.is_some() {
+                    touched += 1;
+                }
+            }
+        }
+    }
+    if cursor != current {
+        cursors.insert((partition, dest), cursor)?;
+    }
+    Ok(CommandResponse::Delivery { cursor, touched })
+}
+
+impl StateMachine {
+    pub(crate) fn new(
+        partition: u32,
+        db: Arc<Database>,
+        writer: StorageWriter,
+        dedup_window: u64,
+        head: Arc<watch::Sender<u64>>,
+    ) -> StateMachine {
+        StateMachine {
+            partition,
+            db,
+            writer,
+            dedup_window,
+            head,
+            current: Arc::default(),
+        }
+    }
+
+    fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+        let txn = self.db.begin_read()?;
+        let applied: Option<LogId> =
+            read_sm_meta::<Option<LogId>>(&txn, self.partition, KEY_APPLIED)?.flatten();
+        let membership = read_sm_meta(&txn, self.partition, KEY_MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (meta, bytes) = build(&self.db, self.partition)
+            .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let bytes = Arc::new(bytes);
+        *lock(&self.current) = Some((meta.clone(), Arc::clone(&bytes)));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes.as_ref().clone())),
+        })
+    }
+}
+
+/// Reads a consistent snapshot of the partition from one read transaction.
+fn build(db: &Database, partition: u32) -> Result<(SnapshotMeta, Vec<u8>), StoreError> {
+    let txn = db.begin_read()?;
+    let applied: Option<LogId> =
+        read_sm_meta::<Option<LogId>>(&txn, partition, KEY_APPLIED)?.flatten();
+    let membership: StoredMembership =
+        read_sm_meta(&txn, partition, KEY_MEMBERSHIP)?.unwrap_or_default();
+    let head: PartitionHead = read_sm_meta(&txn, partition, KEY_HEAD)?.unwrap_or_default();
+    let mut body = SnapshotBody {
+        head,
+        events: Vec::new(),
+        dedup: Vec::new(),
+        cursors: Vec::new(),
+        dlq: Vec::new(),
+    };
+    let cursors = txn.open_table(CURSORS)?;
+    for row in cursors.range((partition, "")..(partition + 1, ""))? {
+        let (k, v) = row?;
+        body.cursors.push((k.value().1.to_string(), v.value()));
+    }
+    let dlq = txn.open_table(DLQ)?;
+    for row in dlq.range((partition, "", 0)..(partition + 1, "", 0))? {
+        let (k, v) = row?;
+        let (_, dest, offset) = k.value();
+        body.dlq
+            .push((dest.to_string(), offset, v.value().to_vec()));
+    }
+    for row in txn
+        .open_table(EVENTS)?
+        .range((partition, 0)..=(partition, u64::MAX))?
+    {
+        let (k, v) = row?;
+        body.events.push((k.value().1, v.value().to_vec()));
+    }
+    // Every id of this partition: keys (partition, id) sort after
+    // (partition, "") and before (partition + 1, "").
+    let dedup = txn.open_table(DEDUP)?;
+    let rows = if partition < u32::MAX {
+        dedup.range((partition, "")..(partition + 1, ""))?
+    } else {
+        dedup.range((partition, "")..)?
+    };
+    for row in rows {
+        let (k, v) = row?;
+        body.dedup
+            .push((k.value().1.to_string(), v.value().to_vec()));
+    }
+    let snapshot_id = match applied {
+        Some(l) => format!(
+            "p{partition}-{}-{}-{}",
+            l.leader_id.term, l.index, head.next_offset
+        ),
+        None => format!("p{partition}-empty"),
+    };
+    let meta = SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        snapshot_id,
+    };
+    Ok((meta, tables::encode(&body, "snapshot")?))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        self.read_applied()
+            .map_err(|e| raft_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| *e.get_log_id()) else {
+            return Ok(Vec::new());
+        };
+        let p = self.partition;
+        let window = self.dedup_window;
+        let (responses, next_offset) = self
+            .writer
+            .write(false, move |txn| apply_entries(txn, p, window, &entries))
+            .await
+            .map_err(|e| raft_err(ErrorSubject::Apply(last), ErrorVerb::Write, e))?;
+        self.head.send_replace(next_offset);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            partition: self.partition,
+            db: Arc::clone(&self.db),
+            current: Arc::clone(&self.current),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let err = |e| {
+            raft_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        };
+        let bytes = snapshot.into_inner();
+        let body: SnapshotBody = tables::decode(&bytes, "snapshot").map_err(err)?;
+        let next_offset = body.head.next_offset;
+        let p = self.partition;
+        let applied = meta.last_log_id;
+        let membership = meta.last_membership.clone();
+        self.writer
+            .write(true, move |txn| {
+                {
+                    let mut events = txn.open_table(EVENTS)?;
+                    events.retain_in((p, 0)..=(p, u64::MAX), |_, _| false)?;
+                    for (offset, v) in &body.events {
+                        events.insert((p, *offset), v.as_slice())?;
+                    }
+                }
+                {
+                    let mut dedup = txn.open_table(DEDUP)?;
+                    if p < u32::MAX {
+                        dedup.retain_in((p, "")..(p + 1, ""), |_, _| false)?;
+                    } else {
+                        dedup.retain_in((p, "")..(p, "\u{10FFFF}\u{10FFFF}"), |_, _| false)?;
+                    }
+                    for (id, v) in &body.dedup {
+                        dedup.insert((p, id.as_str()), v.as_slice())?;
+                    }
+                }
+                {
+                    let mut cursors = txn.open_table(CURSORS)?;
+                    cursors.retain_in((p, "")..(p + 1, ""), |_, _| false)?;
+                    for (dest, c) in &body.cursors {
+                        cursors.insert((p, dest.as_str()), *c)?;
+                    }
+                    let mut dlq = txn.open_table(DLQ)?;
+                    dlq.retain_in((p, "", 0)..(p + 1, "", 0), |_, _| false)?;
+                    for (dest, offset, v) in &body.dlq {
+                        dlq.insert((p, dest.as_str(), *offset), v.as_slice())?;
+                    }
+                }
+                put_sm_meta(txn, p, KEY_HEAD, &body.head)?;
+                put_sm_meta(txn, p, KEY_APPLIED, &applied)?;
+                put_sm_meta(txn, p, KEY_MEMBERSHIP, &membership)?;
+                Ok(())
+            })
+            .await
+            .map_err(err)?;
+        *lock(&self.current) = Some((meta.clone(), Arc::new(bytes)));
+        self.head.send_replace(next_offset);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let current = lock(&self.current).clone();
+        let (meta, bytes) = match current {
+            Some((meta, bytes)) => (meta, bytes),
+            None => {
+                // After a restart nothing is cached: build one from the
+                // current state (its metadata matches what it holds).
+                let (meta, bytes) = build(&self.db, self.partition)
+                    .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+                if meta.last_log_id.is_none() {
+                    return Ok(None);
+                }
+                let bytes = Arc::new(bytes);
+                *lock(&self.current) = Some((meta.clone(), Arc::clone(&bytes)));
+                (meta, bytes)
+            }
+        };
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes.as_ref().clone())),
+        }))
+    }
+}

@@ -1,0 +1,84 @@
+//! The redb tables and how values are encoded.
+//!
+//! One database per node holds every partition; keys start with the
+//! partition number so one partition's rows are contiguous and a range scan
+//! or delete touches only it.
+//!
+//! | table       | key                   | value                                  |
+//! |-------------|-----------------------|----------------------------------------|
+//! | `format`    | `&str`                | format version (`u64`)                 |
+//! | `raft_log`  | `(partition, index)`  | bincode `Entry`                        |
+//! | `raft_meta` | `(partition, name)`   | bincode: `vote`, `purged`, `committed` |
+//! | `events`    | `(partition, offset)` | bincode `StoredEvent`                  |
+//! | `dedup`     | `(partition, id)`     | bincode `DedupEntry`                   |
+//! | `sm_meta`   | `(partition, name)`   | bincode: `applied`, `membership`, `head` |
+//! | `cursors`   | `(partition, dest)`   | next offset to deliver (`u64`)         |
+//! | `dlq`       | `(partition, dest, offset)` | bincode `DlqEntry`               |
+//!
+//! Values are bincode 2 (`standard` configuration) through serde, the same
+//! codec as the wire.
+
+use redb::TableDefinition;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::StoreError;
+
+/// Version of this layout; a database with another is refused at open.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// Format marker.
+pub const FORMAT: TableDefinition<&str, u64> = TableDefinition::new("format");
+/// Raft log entries.
+pub const RAFT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("raft_log");
+/// Raft vote, purge point and commit point.
+pub const RAFT_META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_meta");
+/// Stored events by offset.
+pub const EVENTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("events");
+/// Dedup index: event id to where it is stored.
+pub const DEDUP: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("dedup");
+/// State machine metadata.
+pub const SM_META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("sm_meta");
+
+/// Delivery cursors.
+pub const CURSORS: TableDefinition<(u32, &str), u64> = TableDefinition::new("cursors");
+/// Dead-letter queues.
+pub const DLQ: TableDefinition<(u32, &str, u64), &[u8]> = TableDefinition::new("dlq");
+
+/// `raft_meta` key of the vote.
+pub const KEY_VOTE: &str = "vote";
+/// `raft_meta` key of the last purged log id.
+pub const KEY_PURGED: &str = "purged";
+/// `raft_meta` key of the last known committed log id.
+pub const KEY_COMMITTED: &str = "committed";
+/// `sm_meta` key of the last applied log id.
+pub const KEY_APPLIED: &str = "applied";
+/// `sm_meta` key of the last applied membership.
+pub const KEY_MEMBERSHIP: &str = "membership";
+/// `sm_meta` key of the partition head.
+pub const KEY_HEAD: &str = "head";
+
+/// Encodes a stored value.
+pub fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
+        StoreError::Encode {
+            what: what.into(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// Decodes a stored value; anything undecodable is corruption.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    match bincode::serde::decode_from_slice(bytes, bincode::config::standard()) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(StoreError::Corrupt {
+            what: what.into(),
+            reason: format!("{} trailing bytes", bytes.len() - used),
+        }),
+        Err(e) => Err(StoreError::Corrupt {
+            what: what.into(),
+            reason: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,232 @@
+//! The single writer: every write of every partition goes through one
+//! thread that packs whatever is queued into one redb transaction.
+//!
+//! redb runs one write transaction at a time and an fsync costs the same
+//! for one row as for a thousand, so the writer drains its queue into one
+//! transaction and commits it once (group commit across partitions and
+//! across log and state machine). The commit is durable
+//! ([`redb::Durability::Immediate`]) if any job in it asked for durability;
+//! otherwise it is a cheap non-durable commit that the next durable one
+//! persists, in order (redb never persists a later commit without the
+//! earlier ones, so what a crash loses is always a suffix).
+//!
+//! Jobs run in the order they were submitted, so openraft's rule that log
+//! and vote I/O are serialized holds. If one job fails, the transaction is
+//! aborted and each job of the batch is re-run in its own transaction, so
+//! one bad job only fails itself.
+
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, Durability, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::StoreError;
+
+/// Jobs waiting for the writer. Submitters wait when it is full, which is
+/// the back-pressure that keeps memory bounded when the disk is slow.
+const QUEUE_CAPACITY: usize = 4096;
+/// Most jobs packed into one transaction, so one commit stays bounded.
+const MAX_JOBS_PER_TXN: usize = 1024;
+
+type Run = Box<dyn FnMut(&WriteTransaction) -> Result<(), StoreError> + Send>;
+type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+struct Job {
+    durable: bool,
+    run: Run,
+    finish: Finish,
+}
+
+/// Handle to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct StorageWriter {
+    mode: Mode,
+}
+
+#[derive(Clone)]
+enum Mode {
+    /// Production: a dedicated thread group-commits queued jobs.
+    // Field order matters: the sender must drop before the join guard so
+    // that the last handle closes the queue and then waits for the thread.
+    Thread(mpsc::Sender<Job>, #[allow(dead_code)] Arc<JoinOnDrop>),
+    /// Simulation: each job runs at once on the caller's thread in its own
+    /// transaction (the simulator may not start threads, DESIGN.md §6).
+    Inline(Arc<Database>),
+}
+
+/// How the writer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterMode {
+    /// A dedicated thread with group commit (production).
+    Thread,
+    /// On the caller's thread, one transaction per job (simulator).
+    Inline,
+}
+
+/// Joins the writer thread when the last handle goes, so that once a
+/// [`super::Store`] and everything opened from it are dropped the database
+/// file is closed and can be reopened at once.
+struct JoinOnDrop(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl StorageWriter {
+    /// Starts the writer thread over `db`. It stops when every handle is
+    /// dropped.
+    pub fn start(db: Arc<Database>) -> std::io::Result<StorageWriter> {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let handle = std::thread::Builder::new()
+            .name("auditflow-writer".into())
+            .spawn(move || writer_loop(&db, rx))?;
+        Ok(StorageWriter {
+            mode: Mode::Thread(tx, Arc::new(JoinOnDrop(Some(handle)))),
+        })
+    }
+
+    /// A writer that runs each job on the caller's thread (simulator).
+    pub fn inline(db: Arc<Database>) -> StorageWriter {
+        StorageWriter {
+            mode: Mode::Inline(db),
+        }
+    }
+
+    /// Queues `work` and returns a future that resolves once its
+    /// transaction committed (durably if `durable`). The job is queued
+    /// before this returns, so jobs run in submission order even if the
+    /// futures are awaited later or concurrently.
+    ///
+    /// `work` may run more than once (in a batch that is then aborted, and
+    /// again alone), so it must not consume what it captures.
+    pub async fn submit<T, F>(
+        &self,
+        durable: bool,
+        mut work: F,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let slot: Arc<Mutex<Option<T>>> = Arc::new(Mutex::new(None));
+        let (done_tx, done_rx) = oneshot::channel();
+        let run_slot = Arc::clone(&slot);
+        let job = Job {
+            durable,
+            run: Box::new(move |txn| {
+                let value = work(txn)?;
+                *lock(&run_slot) = Some(value);
+                Ok(())
+            }),
+            finish: Box::new(move |result| {
+                let result =
+                    result.and_then(|()| lock(&slot).take().ok_or(StoreError::WriterStopped));
+                let _ = done_tx.send(result);
+            }),
+        };
+        match &self.mode {
+            Mode::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
+            Mode::Inline(db) => {
+                let mut job = job;
+                let result = run_one(db, &mut job);
+                (job.finish)(result);
+            }
+        }
+        Ok(done_rx)
+    }
+
+    /// Runs `work` in the writer and waits for its commit.
+    pub async fn write<T, F>(&self, durable: bool, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let done = self.submit(durable, work).await?;
+        done.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A job that panicked while holding the slot cannot have left a
+    // half-written value: the slot is written in one assignment.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_JOBS_PER_TXN {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match run_batch(db, &mut batch) {
+            Ok(()) => {
+                for job in batch.drain(..) {
+                    (job.finish)(Ok(()));
+                }
+            }
+            Err(BatchError::Job) => {
+                // Re-run one by one so only the failing jobs fail.
+                for mut job in batch.drain(..) {
+                    let result = run_one(db, &mut job);
+                    (job.finish)(result);
+                }
+            }
+            Err(BatchError::Commit(e)) => {
+                error!("storage commit failed: {e}");
+                for job in batch.drain(..) {
+                    (job.finish)(Err(e.shared()));
+                }
+            }
+        }
+    }
+}
+
+enum BatchError {
+    Job,
+    Commit(StoreError),
+}
+
+fn run_batch(db: &Database, batch: &mut [Job]) -> Result<(), BatchError> {
+    let mut txn = db.begin_write().map_err(|e| BatchError::Commit(e.into()))?;
+    let durable = batch.iter().any(|j| j.durable);
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(|e| BatchError::Commit(e.into()))?;
+    for job in batch.iter_mut() {
+        if (job.run)(&txn).is_err() {
+            let _ = txn.abort();
+            return Err(BatchError::Job);
+        }
+    }
+    txn.commit().map_err(|e| BatchError::Commit(e.into()))
+}
+
+fn run_one(db: &Database, job: &mut Job) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(if job.durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })?;
+    match (job.run)(&txn) {
+        Ok(()) => Ok(txn.commit()?),
+        Err(e) => {
+            let _ = txn.abort();
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Property tests of the protocol crate: wire round trips, canonical
+//! encoding stability, and validation reasons.
+
+use std::collections::BTreeMap;
+
+use auditflow_protocol::frame::{self, DEFAULT_MAX_FRAME_BYTES};
+use auditflow_protocol::validate::{validate_event, Limits};
+use auditflow_protocol::wire::{Request, PROTOCOL_VERSION};
+use auditflow_protocol::{canonical, Actor, Event, JsonObject, Outcome, Source, Target, Timestamp};
+use proptest::prelude::*;
+
+fn ident() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9][a-zA-Z0-9._-]{0,20}"
+}
+
+fn text() -> impl Strategy<Value = String> {
+    // Printable, including non-ASCII: canonical encoding must be byte-exact.
+    "[a-zA-Z0-9 _.:/@é漢-]{1,30}"
+}
+
+fn json_object() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::Bool),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        text().prop_map(serde_json::Value::String),
+    ];
+    let value = leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map(ident(), inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    });
+    prop::collection::btree_map(ident(), value, 0..5)
+        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))
+}
+
+prop_compose! {
+    fn valid_event()(
+        id in ident(),
+        tenant in ident(),
+        time in 1i64..7_000_000_000_000_000_000,
+        actor_id in text(),
+        actor_kind in ident(),
+        actor_name in proptest::option::of(text()),
+        ip in proptest::option::of(prop_oneof![Just("10.0.0.1".to_string()), Just("::1".to_string())]),
+        action in "[a-z]{1,8}(\\.[a-z]{1,8}){0,3}",
+        target_kind in ident(),
+        target_id in text(),
+        outcome in prop_oneof![Just(Outcome::Success), Just(Outcome::Failure), Just(Outcome::Denied), Just(Outcome::Error)],
+        service in proptest::option::of(text()),
+        context in prop::collection::btree_map(text(), text(), 0..5),
+        data in proptest::option::of(json_object()),
+        partition_key in proptest::option::of(text()),
+    ) -> Event {
+        Event {
+            id,
+            tenant,
+            time: Timestamp(time),
+            actor: Actor { id: actor_id, kind: actor_kind, name: actor_name, ip },
+            action,
+            target: Target { kind: target_kind, id: target_id },
+            outcome,
+            source: service.map(|s| Source { service: Some(s), host: None }),
+            context,
+            data: data.map(|d| JsonObject::from_value(&d).expect("object")),
+            schema_version: None,
+            partition_key,
+        }
+    }
+}
+
+/// Reverses the key order of every object in `v`, recursively.
+fn reorder(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => {
+            let parts: Vec<String> = m
+                .iter()
+                .rev()
+                .map(|(k, v)| format!("{}:{}", serde_json::Value::String(k.clone()), reorder(v)))
+                .collect();
+            format!("{{{}}}", parts.join(" , "))
+        }
+        serde_json::Value::Array(a) => {
+            format!("[{}]", a.iter().map(reorder).collect::<Vec<_>>().join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+proptest! {
+    #[test]
+    fn generated_events_are_valid(e in valid_event()) {
+        prop_assert_eq!(validate_event(&e, &Limits::default()), Ok(()));
+    }
+
+    #[test]
+    fn wire_frame_round_trips(events in prop::collection::vec(valid_event(), 1..8), partition in 0u32..64) {
+        let req = Request::Append { partition, events };
+        let bytes = frame::encode(PROTOCOL_VERSION, &req, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let payload = frame::payload_of(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let back: Request = frame::decode(PROTOCOL_VERSION, payload).unwrap();
+        prop_assert_eq!(back, req);
+    }
+
+    #[test]
+    fn json_round_trips_and_keeps_canonical_bytes(e in valid_event()) {
+        let text = serde_json::to_string(&e).unwrap();
+        let back: Event = serde_json::from_str(&text).unwrap();
+        prop_assert_eq!(canonical::encode_event(&back), canonical::encode_event(&e));
+        prop_assert_eq!(back, e);
+    }
+
+    #[test]
+    fn canonical_encoding_ignores_key_order(e in valid_event()) {
+        let value = serde_json::to_value(&e).unwrap();
+        let shuffled: Event = serde_json::from_str(&reorder(&value)).unwrap();
+        prop_assert_eq!(canonical::encode_event(&shuffled), canonical::encode_event(&e));
+    }
+
+    #[test]
+    fn distinct_events_encode_distinctly(a in valid_event(), b in valid_event()) {
+        prop_assume!(a != b);
+        prop_assert_ne!(canonical::encode_event(&a), canonical::encode_event(&b));
+    }
+
+    #[test]
+    fn truncated_or_flipped_frames_never_panic(e in valid_event(), cut in 0usize..200, flip in 0usize..200) {
+        let req = Request::Append { partition: 1, events: vec![e] };
+        let mut bytes = frame::encode(PROTOCOL_VERSION, &req, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let i = flip % bytes.len();
+        bytes[i] ^= 0xa5;
+        bytes.truncate(bytes.len().saturating_sub(cut));
+        if let Ok(payload) = frame::payload_of(&bytes, DEFAULT_MAX_FRAME_BYTES) {
+            let _ = frame::decode::<Request>(PROTOCOL_VERSION, payload);
+        }
+    }
+
+    /// Each kind of invalid field is rejected, naming that field.
+    #[test]
+    fn invalid_fields_are_rejected_with_their_name(e in valid_event(), which in 0usize..10, bad in prop_oneof![Just(String::new()), Just("a\u{7}b".to_string()), Just("x".repeat(600))]) {
+        let mut e = e;
+        let field = match which {
+            0 => { e.id = bad.clone(); "id" }
+            1 => { e.tenant = bad.clone(); "tenant" }
+            2 => { e.actor.id = bad.clone(); "actor.id" }
+            3 => { e.actor.kind = bad.clone(); "actor.type" }
+            4 => { e.action = bad.clone(); "action" }
+            5 => { e.target.kind = bad.clone(); "target.type" }
+            6 => { e.target.id = bad.clone(); "target.id" }
+            7 => { e.actor.ip = Some(format!("{bad}not-an-ip")); "actor.ip" }
+            8 => { e.time = Timestamp(-5); "time" }
+            _ => { e.action = "user..login".into(); "action" }
+        };
+        let err = validate_event(&e, &Limits::default()).unwrap_err();
+        prop_assert_eq!(err.field.as_str(), field, "reason: {}", err.reason);
+        prop_assert!(!err.reason.is_empty());
+    }
+}
+
+#[test]
+fn oversized_event_is_rejected_as_a_whole() {
+    let mut context = BTreeMap::new();
+    for i in 0..20 {
+        context.insert(format!("k{i}"), "v".repeat(4000));
+    }
+    let e = Event {
+        id: "x".into(),
+        tenant: "t".into(),
+        time: Timestamp(1),
+        actor: Actor {
+            id: "a".into(),
+            kind: "user".into(),
+            name: None,
+            ip: None,
+        },
+        action: "a.b".into(),
+        target: Target {
+            kind: "k".into(),
+            id: "i".into(),
+        },
+        outcome: Outcome::Success,
+        source: None,
+        context,
+        data: None,
+        schema_version: None,
+        partition_key: None,
+    };
+    let err = validate_event(&e, &Limits::default()).unwrap_err();
+    assert_eq!(err.field, "event", "{err}");
+}

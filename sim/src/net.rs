@@ -1,0 +1,259 @@
+//! The simulated network between nodes: Raft RPCs and client requests go
+//! through it with seeded delays, loss, duplication (hence reordering),
+//! and partitions that start and heal.
+//!
+//! Messages are encoded and decoded with the real frame codec on the way,
+//! so what crosses the simulated wire is what would cross the real one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use auditflow_broker::net::peer::{
+    PeerRequest, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
+    PEER_PROTOCOL_VERSION,
+};
+use auditflow_broker::node::NodeShared;
+use auditflow_broker::partition::NodeId;
+use auditflow_protocol::frame;
+use auditflow_protocol::wire::{Request, RequestError, Response, PROTOCOL_VERSION};
+use futures::future::BoxFuture;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Network behaviour.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// Shortest one-way delay.
+    pub min_delay: Duration,
+    /// Longest one-way delay.
+    pub max_delay: Duration,
+    /// Probability a message is lost.
+    pub loss: f64,
+    /// Probability a request is delivered twice.
+    pub duplicate: f64,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            min_delay: Duration::from_micros(200),
+            max_delay: Duration::from_millis(20),
+            loss: 0.01,
+            duplicate: 0.01,
+        }
+    }
+}
+
+struct State {
+    rng: StdRng,
+    config: NetConfig,
+    nodes: BTreeMap<NodeId, Arc<NodeShared>>,
+    /// Directed links that drop everything: (from, to).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    messages: u64,
+}
+
+/// The network; clones share it.
+#[derive(Clone)]
+pub struct SimNet {
+    state: Arc<Mutex<State>>,
+}
+
+/// Client requests come from outside the cluster: node id 0.
+pub const CLIENT: NodeId = 0;
+
+struct Fate {
+    deliver: bool,
+    duplicate: bool,
+    there: Duration,
+    back: Duration,
+}
+
+impl SimNet {
+    /// A network seeded with `seed`.
+    pub fn new(seed: u64, config: NetConfig) -> SimNet {
+        SimNet {
+            state: Arc::new(Mutex::new(State {
+                rng: StdRng::seed_from_u64(seed),
+                config,
+                nodes: BTreeMap::new(),
+                cut: BTreeSet::new(),
+                messages: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A node is up and reachable at `id`.
+    pub fn attach(&self, id: NodeId, node: Arc<NodeShared>) {
+        self.lock().nodes.insert(id, node);
+    }
+
+    /// A node is down.
+    pub fn detach(&self, id: NodeId) -> Option<Arc<NodeShared>> {
+        self.lock().nodes.remove(&id)
+    }
+
+    /// The running node `id`.
+    pub fn node(&self, id: NodeId) -> Option<Arc<NodeShared>> {
+        self.lock().nodes.get(&id).cloned()
+    }
+
+    /// Drops messages from `from` to `to` (one direction).
+    pub fn cut(&self, from: NodeId, to: NodeId) {
+        self.lock().cut.insert((from, to));
+    }
+
+    /// Cuts `id` off from every other node and from clients, both ways.
+    pub fn isolate(&self, id: NodeId, all: &[NodeId]) {
+        let mut s = self.lock();
+        for other in all.iter().copied().chain([CLIENT]) {
+            if other != id {
+                s.cut.insert((id, other));
+                s.cut.insert((other, id));
+            }
+        }
+    }
+
+    /// Heals every partition.
+    pub fn heal(&self) {
+        self.lock().cut.clear();
+    }
+
+    /// Sets loss and duplication (a quiet network for the end of a run).
+    pub fn set_faults(&self, loss: f64, duplicate: f64) {
+        let mut s = self.lock();
+        s.config.loss = loss;
+        s.config.duplicate = duplicate;
+    }
+
+    /// Messages sent so far.
+    pub fn messages(&self) -> u64 {
+        self.lock().messages
+    }
+
+    fn fate(&self, from: NodeId, to: NodeId) -> Fate {
+        let mut s = self.lock();
+        s.messages += 1;
+        let cfg = s.config.clone();
+        let cut = s.cut.contains(&(from, to));
+        let lost = s.rng.gen_bool(cfg.loss.clamp(0.0, 1.0));
+        let duplicate = s.rng.gen_bool(cfg.duplicate.clamp(0.0, 1.0));
+        let span = cfg.max_delay.saturating_sub(cfg.min_delay).as_micros() as u64;
+        let there = cfg.min_delay + Duration::from_micros(s.rng.gen_range(0..=span));
+        let back = cfg.min_delay + Duration::from_micros(s.rng.gen_range(0..=span));
+        Fate {
+            deliver: !cut && !lost,
+            duplicate,
+            there,
+            back,
+        }
+    }
+
+    fn link_up(&self, from: NodeId, to: NodeId) -> bool {
+        !self.lock().cut.contains(&(from, to))
+    }
+
+    /// The Raft transport of node `from`.
+    pub fn transport(&self, from: NodeId) -> SimTransport {
+        SimTransport {
+            net: self.clone(),
+            from,
+        }
+    }
+
+    /// Sends a client request to node `to`, waiting at most `timeout`.
+    pub async fn client_request(
+        &self,
+        to: NodeId,
+        request: Request,
+        timeout: Duration,
+    ) -> Response {
+        let fate = self.fate(CLIENT, to);
+        let net = self.clone();
+        let exchange = async move {
+            tokio::time::sleep(fate.there).await;
+            if !fate.deliver {
+                return None;
+            }
+            let node = net.node(to)?;
+            let bytes = frame::encode(PROTOCOL_VERSION, &request, usize::MAX).ok()?;
+            let payload = frame::payload_of(&bytes, usize::MAX).ok()?;
+            let request: Request = frame::decode(PROTOCOL_VERSION, payload).ok()?;
+            let response = auditflow_broker::net::client_api::handle(&node, request).await;
+            tokio::time::sleep(fate.back).await;
+            net.link_up(to, CLIENT).then_some(response)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Some(r)) => r,
+            _ => Response::Error(RequestError::Unavailable {
+                partition: 0,
+                reason: "simulated timeout".into(),
+            }),
+        }
+    }
+}
+
+/// Raft RPCs of one node over the simulated network.
+pub struct SimTransport {
+    net: SimNet,
+    from: NodeId,
+}
+
+async fn deliver(net: &SimNet, to: NodeId, request: PeerRequest) -> Option<PeerResponse> {
+    let node = net.node(to)?;
+    let bytes = frame::encode(PEER_PROTOCOL_VERSION, &request, MAX_PEER_FRAME_BYTES).ok()?;
+    let payload = frame::payload_of(&bytes, MAX_PEER_FRAME_BYTES).ok()?;
+    let request: PeerRequest = frame::decode(PEER_PROTOCOL_VERSION, payload).ok()?;
+    Some(auditflow_broker::net::peer_api::handle(&node, request).await)
+}
+
+impl RaftTransport for SimTransport {
+    fn call(
+        &self,
+        target: NodeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>> {
+        let net = self.net.clone();
+        let from = self.from;
+        let fate = net.fate(from, target);
+        if fate.duplicate && fate.deliver {
+            let net2 = net.clone();
+            let copy = request.clone();
+            let delay = fate.back;
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = deliver(&net2, target, copy).await;
+            });
+        }
+        Box::pin(async move {
+            if net.node(target).is_none() {
+                tokio::time::sleep(fate.there).await;
+                return Err(TransportFailure::Unreachable(target, "node is down".into()));
+            }
+            let exchange = async {
+                tokio::time::sleep(fate.there).await;
+                if !fate.deliver {
+                    return None;
+                }
+                let response = deliver(&net, target, request).await?;
+                tokio::time::sleep(fate.back).await;
+                net.link_up(target, from).then_some(response)
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => {
+                    // Lost: the sender only learns by its timeout.
+                    tokio::time::sleep(timeout.saturating_sub(fate.there)).await;
+                    Err(TransportFailure::Timeout(target))
+                }
+                Err(_) => Err(TransportFailure::Timeout(target)),
+            }
+        })
+    }
+}

@@ -1,0 +1,596 @@
+//! One simulation run: three real nodes (openraft groups, partition actors,
+//! redb over [`SimDisk`], the real apply code) on one thread with paused
+//! time; a seeded client workload; seeded faults; then a quiet period and
+//! the checker.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use auditflow_broker::clock::Clock;
+use auditflow_broker::config::{NodeConfig, PeerConfig, RaftTuning, TlsConfig};
+use auditflow_broker::node::{self, NodeShared};
+use auditflow_broker::partition::actor::Shutdown;
+use auditflow_broker::partition::NodeId;
+use auditflow_broker::storage::{Store, WriterMode};
+use auditflow_protocol::partition::partition_of;
+use auditflow_protocol::wire::{AppendResult, Request, RequestError, Response};
+use auditflow_protocol::{Actor, Event, Hash32, Limits, Outcome, Target, Timestamp};
+use openraft::ServerState;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use crate::checker;
+use crate::disk::SimDisk;
+use crate::net::{NetConfig, SimNet};
+
+/// What a run does.
+#[derive(Clone)]
+pub struct SimOptions {
+    /// Everything random derives from it.
+    pub seed: u64,
+    /// Simulated time with workload and faults (a quiet period follows).
+    pub duration: Duration,
+    /// Partitions.
+    pub partitions: u32,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Inject faults (crashes, partitions, disk errors, lossy network).
+    pub faults: bool,
+    /// Builds each node's disk (tests plug in broken disks here).
+    pub disk: Arc<dyn Fn(NodeId) -> SimDisk + Send + Sync>,
+    /// Sees every client request and may answer it instead of the
+    /// cluster (tests plug in a broken node that acks before commit).
+    pub client_hook: Option<ClientHook>,
+}
+
+/// See [`SimOptions::client_hook`]: given the request, returns `Some`
+/// response to answer without asking the cluster.
+pub type ClientHook = Arc<dyn Fn(&Request, &mut StdRng) -> Option<Response> + Send + Sync>;
+
+impl SimOptions {
+    /// Defaults for `seed`: 20 simulated seconds, 4 partitions, 4 clients,
+    /// faults on, correct disks.
+    pub fn new(seed: u64) -> SimOptions {
+        SimOptions {
+            seed,
+            duration: Duration::from_secs(20),
+            partitions: 4,
+            clients: 4,
+            faults: true,
+            disk: Arc::new(|_| SimDisk::default()),
+            client_hook: None,
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// SHA-256 over the whole trace: equal for equal seeds (G9).
+    pub trace_hash: String,
+    /// Guarantee violations; empty when the run passed.
+    pub violations: Vec<String>,
+    /// Appends acknowledged.
+    pub acked: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Messages through the simulated network.
+    pub messages: u64,
+    /// Simulated time of the whole run, quiet period included.
+    pub simulated: Duration,
+    /// The last lines of the trace, for a failing seed.
+    pub trace_tail: Vec<String>,
+}
+
+/// Simulated wall clock: a fixed epoch plus simulated time elapsed.
+#[derive(Debug)]
+pub(crate) struct SimClock {
+    start: tokio::time::Instant,
+}
+
+const EPOCH_NANOS: i64 = 1_767_225_600_000_000_000; // 2026-01-01T00:00:00Z
+
+impl Clock for SimClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(EPOCH_NANOS + self.start.elapsed().as_nanos() as i64)
+    }
+}
+
+/// The trace: every line is hashed; the last ones are kept for printing.
+#[derive(Default)]
+pub(crate) struct Trace {
+    hasher: Sha256,
+    tail: std::collections::VecDeque<String>,
+}
+
+const TRACE_TAIL: usize = 200;
+
+impl Trace {
+    pub(crate) fn line(&mut self, at: Duration, text: String) {
+        let line = format!("{:>9.3}s {text}", at.as_secs_f64());
+        self.hasher.update(line.as_bytes());
+        self.hasher.update(b"\n");
+        if self.tail.len() == TRACE_TAIL {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+}
+
+/// An acknowledged append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Acked {
+    pub partition: u32,
+    pub offset: u64,
+    pub hash: Hash32,
+}
+
+/// Shared state of a run.
+pub(crate) struct World {
+    pub opts: SimOptions,
+    pub net: SimNet,
+    pub disks: BTreeMap<NodeId, SimDisk>,
+    pub configs: BTreeMap<NodeId, NodeConfig>,
+    pub stores: Mutex<BTreeMap<NodeId, Store>>,
+    pub clock: Arc<SimClock>,
+    pub rng: Mutex<StdRng>,
+    pub trace: Mutex<Trace>,
+    pub acked: Mutex<BTreeMap<String, Acked>>,
+    /// Events ever sent, by id (to re-send the same content).
+    pub sent: Mutex<Vec<Event>>,
+    pub violations: Mutex<Vec<String>>,
+    /// (partition, term) → leader seen.
+    pub leaders: Mutex<BTreeMap<(u32, u64), NodeId>>,
+    pub faults: Mutex<usize>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl World {
+    pub(crate) fn now(&self) -> Duration {
+        self.clock.start.elapsed()
+    }
+
+    pub(crate) fn trace(&self, text: String) {
+        let at = self.now();
+        lock(&self.trace).line(at, text);
+    }
+
+    pub(crate) fn violation(&self, text: String) {
+        self.trace(format!("VIOLATION {text}"));
+        lock(&self.violations).push(text);
+    }
+
+    fn gen_range(&self, range: std::ops::Range<u64>) -> u64 {
+        lock(&self.rng).gen_range(range)
+    }
+
+    fn gen_bool(&self, p: f64) -> bool {
+        lock(&self.rng).gen_bool(p)
+    }
+
+    pub(crate) fn ids(&self) -> Vec<NodeId> {
+        self.configs.keys().copied().collect()
+    }
+
+    pub(crate) fn up(&self) -> Vec<NodeId> {
+        self.ids()
+            .into_iter()
+            .filter(|id| self.net.node(*id).is_some())
+            .collect()
+    }
+
+    /// Starts node `id` on its disk (fresh or after a crash).
+    pub(crate) async fn boot(&self, id: NodeId) -> Result<(), String> {
+        let disk = &self.disks[&id];
+        let store = Store::with_backend(disk.open(), &format!("node{id}"), WriterMode::Inline)
+            .map_err(|e| format!("node {id} cannot open its disk: {e}"))?;
+        let config = self.configs[&id].clone();
+        let shared = node::start(
+            config,
+            &store,
+            Arc::new(self.net.transport(id)),
+            self.clock.clone(),
+            auditflow_broker::delivery::supervisor::real_sinks(),
+        )
+        .await
+        .map_err(|e| format!("node {id} cannot start: {e}"))?;
+        lock(&self.stores).insert(id, store);
+        self.net.attach(id, Arc::clone(&shared));
+        actix_rt::spawn(node::initialize_partitions(shared));
+        Ok(())
+    }
+
+    /// Crashes node `id`: unsynced writes are lost, everything in memory
+    /// is gone.
+    pub(crate) async fn crash(&self, id: NodeId) {
+        let Some(node) = self.net.detach(id) else {
+            return;
+        };
+        // The disk dies first, so nothing the node does while it is torn
+        // down (a clean close of redb) can reach it.
+        self.disks[&id].crash();
+        shutdown(&node).await;
+        lock(&self.stores).remove(&id);
+    }
+
+    fn event(&self, n: u64) -> Event {
+        let tenant = format!("t{}", self.gen_range(0..7));
+        Event {
+            id: format!("e{n}"),
+            tenant,
+            time: Timestamp(EPOCH_NANOS + n as i64),
+            actor: Actor {
+                id: format!("u{}", self.gen_range(0..50)),
+                kind: "user".into(),
+                name: None,
+                ip: None,
+            },
+            action: "doc.read".into(),
+            target: Target {
+                kind: "doc".into(),
+                id: format!("d{n}"),
+            },
+            outcome: Outcome::Success,
+            source: None,
+            context: Default::default(),
+            data: None,
+            schema_version: None,
+            partition_key: None,
+        }
+    }
+}
+
+async fn shutdown(node: &NodeShared) {
+    for p in &node.partitions {
+        p.actor.do_send(Shutdown);
+        let _ = p.raft.shutdown().await;
+    }
+}
+
+/// Runs one simulation. Must be called outside any async runtime: it
+/// builds its own single-threaded one with paused time and the seed.
+pub fn run(opts: &SimOptions) -> Report {
+    auditflow_broker::partition::runtime::seed_thread_rng(opts.seed);
+    let mut seed_bytes = opts.seed.to_le_bytes().to_vec();
+    seed_bytes.extend_from_slice(b"auditflow-sim");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed_bytes))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return Report {
+                seed: opts.seed,
+                trace_hash: String::new(),
+                violations: vec![format!("cannot build the simulation runtime: {e}")],
+                acked: 0,
+                faults: 0,
+                messages: 0,
+                simulated: Duration::ZERO,
+                trace_tail: Vec::new(),
+            }
+        }
+    };
+    let system = actix_rt::System::with_tokio_rt(move || runtime);
+    let opts = opts.clone();
+    system.block_on(simulate(opts))
+}
+
+fn node_config(id: NodeId, partitions: u32) -> NodeConfig {
+    NodeConfig {
+        id,
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        admin_listen: None,
+        data_dir: "sim".into(),
+        partitions,
+        dedup_window: 1_000_000,
+        peers: (1..=3)
+            .map(|i| PeerConfig {
+                id: i,
+                addr: format!("sim-node-{i}"),
+            })
+            .collect(),
+        tls: TlsConfig {
+            ca_cert: "unused".into(),
+            cert: "unused".into(),
+            key: "unused".into(),
+            server_name: "localhost".into(),
+        },
+        raft: RaftTuning {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            // Small, so runs exercise snapshots and log purges.
+            snapshot_logs_since_last: 100,
+            max_in_snapshot_log_to_keep: 20,
+        },
+        limits: Limits::default(),
+        destinations: Vec::new(),
+    }
+}
+
+async fn simulate(opts: SimOptions) -> Report {
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let net_cfg = if opts.faults {
+        NetConfig::default()
+    } else {
+        NetConfig {
+            loss: 0.0,
+            duplicate: 0.0,
+            ..NetConfig::default()
+        }
+    };
+    let net = SimNet::new(rng.gen(), net_cfg);
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let world = Arc::new(World {
+        net,
+        disks: ids.iter().map(|id| (*id, (opts.disk)(*id))).collect(),
+        configs: ids
+            .iter()
+            .map(|id| (*id, node_config(*id, opts.partitions)))
+            .collect(),
+        stores: Mutex::default(),
+        clock: Arc::new(SimClock {
+            start: tokio::time::Instant::now(),
+        }),
+        rng: Mutex::new(StdRng::seed_from_u64(rng.gen())),
+        trace: Mutex::default(),
+        acked: Mutex::default(),
+        sent: Mutex::default(),
+        violations: Mutex::default(),
+        leaders: Mutex::default(),
+        faults: Mutex::new(0),
+        opts: opts.clone(),
+    });
+    world.trace(format!("seed {} partitions {}", opts.seed, opts.partitions));
+    for id in &ids {
+        if let Err(e) = world.boot(*id).await {
+            world.violation(e);
+        }
+    }
+    let end = opts.duration;
+    let monitor = tokio::spawn(monitor_leaders(Arc::clone(&world)));
+    let mut clients = Vec::new();
+    for c in 0..opts.clients {
+        clients.push(tokio::spawn(client(Arc::clone(&world), c, end)));
+    }
+    if opts.faults {
+        nemesis(&world, end).await;
+    } else {
+        tokio::time::sleep(end).await;
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    // Quiet period: everything healed and restarted, no loss.
+    world.trace("heal: network healed, every node up".into());
+    world.net.heal();
+    world.net.set_faults(0.0, 0.0);
+    for id in world.ids() {
+        if world.net.node(id).is_none() {
+            if let Err(e) = world.boot(id).await {
+                world.violation(e);
+            }
+        }
+    }
+    checker::settle(&world).await;
+    monitor.abort();
+    checker::check(&world).await;
+    for id in world.ids() {
+        if let Some(node) = world.net.detach(id) {
+            shutdown(&node).await;
+        }
+    }
+    let violations = lock(&world.violations).clone();
+    let acked = lock(&world.acked).len();
+    let faults = *lock(&world.faults);
+    let trace = std::mem::take(&mut *lock(&world.trace));
+    Report {
+        seed: opts.seed,
+        trace_hash: hex::encode(trace.hasher.finalize()),
+        violations,
+        acked,
+        faults,
+        messages: world.net.messages(),
+        simulated: world.now(),
+        trace_tail: trace.tail.into_iter().collect(),
+    }
+}
+
+/// Watches every node's Raft metrics: at most one leader per term per
+/// partition (Raft election safety).
+async fn monitor_leaders(world: Arc<World>) {
+    loop {
+        for id in world.ids() {
+            let Some(node) = world.net.node(id) else {
+                continue;
+            };
+            for (p, handle) in node.partitions.iter().enumerate() {
+                let m = handle.raft.metrics().borrow().clone();
+                if m.state == ServerState::Leader {
+                    let prev = lock(&world.leaders).insert((p as u32, m.current_term), id);
+                    if let Some(prev) = prev.filter(|prev| *prev != id) {
+                        world.violation(format!(
+                            "partition {p} term {}: two leaders, {prev} and {id}",
+                            m.current_term
+                        ));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client: appends new events and re-sends old ones (same content, same
+/// id), following redirects and retrying; records acknowledgements.
+async fn client(world: Arc<World>, c: usize, end: Duration) {
+    let mut leaders: BTreeMap<u32, NodeId> = BTreeMap::new();
+    let mut hook_rng = StdRng::seed_from_u64(world.gen_range(0..u64::MAX));
+    let mut n = 0u64;
+    while world.now() < end {
+        let resend = world.gen_bool(0.1) && !lock(&world.sent).is_empty();
+        let event = if resend {
+            let sent = lock(&world.sent);
+            let i = lock(&world.rng).gen_range(0..sent.len());
+            sent[i].clone()
+        } else {
+            n += 1;
+            let e = world.event(c as u64 * 1_000_000_000 + n);
+            lock(&world.sent).push(e.clone());
+            e
+        };
+        let partition = partition_of(&event, world.opts.partitions);
+        let mut attempts = 0;
+        while attempts < 50 && world.now() < end + Duration::from_secs(5) {
+            attempts += 1;
+            let up = world.ids();
+            let target = leaders
+                .get(&partition)
+                .copied()
+                .unwrap_or_else(|| up[world.gen_range(0..up.len() as u64) as usize]);
+            let request = Request::Append {
+                partition,
+                events: vec![event.clone()],
+            };
+            let hooked = world
+                .opts
+                .client_hook
+                .as_ref()
+                .and_then(|h| h(&request, &mut hook_rng));
+            let response = match hooked {
+                Some(r) => r,
+                None => {
+                    world
+                        .net
+                        .client_request(target, request, Duration::from_secs(2))
+                        .await
+                }
+            };
+            match response {
+                Response::Appended(results) => {
+                    match results.into_iter().next() {
+                        Some(AppendResult::Stored(ack)) => record_ack(&world, &event.id, ack),
+                        Some(AppendResult::Rejected(e)) => {
+                            world.violation(format!("event {} rejected: {e}", event.id))
+                        }
+                        None => world.violation("append answered without a result".into()),
+                    }
+                    break;
+                }
+                Response::Error(RequestError::NotLeader {
+                    leader: Some(l), ..
+                }) => {
+                    leaders.insert(partition, l.id);
+                }
+                Response::Error(_) => {
+                    leaders.remove(&partition);
+                    let pause = world.gen_range(5..100);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                other => {
+                    world.violation(format!("unexpected answer to an append: {other:?}"));
+                    break;
+                }
+            }
+        }
+        let think = world.gen_range(0..30);
+        tokio::time::sleep(Duration::from_millis(think)).await;
+    }
+}
+
+fn record_ack(world: &World, id: &str, ack: auditflow_protocol::wire::Ack) {
+    let got = Acked {
+        partition: ack.partition,
+        offset: ack.offset,
+        hash: ack.hash,
+    };
+    let mut acked = lock(&world.acked);
+    match acked.get(id) {
+        Some(prev) if *prev != got => {
+            let msg = format!("G5: {id} acknowledged at {prev:?} and again at {got:?}");
+            drop(acked);
+            world.violation(msg);
+        }
+        Some(_) => {}
+        None => {
+            acked.insert(id.to_string(), got.clone());
+            drop(acked);
+            world.trace(format!(
+                "ack {id} p{} o{} {}",
+                got.partition,
+                got.offset,
+                &got.hash.to_hex()[..12]
+            ));
+        }
+    }
+}
+
+/// Injects faults until `end`: crashes and restarts, isolation and
+/// asymmetric cuts that heal, disk write and sync failures.
+async fn nemesis(world: &Arc<World>, end: Duration) {
+    while world.now() < end {
+        let pause = world.gen_range(300..2500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        crate::checker::reap_failed(world).await;
+        let ids = world.ids();
+        let up = world.up();
+        let down: Vec<NodeId> = ids.iter().copied().filter(|i| !up.contains(i)).collect();
+        let pick = |v: &[NodeId]| v[world.gen_range(0..v.len() as u64) as usize];
+        let choice = world.gen_range(0..100);
+        *lock(&world.faults) += 1;
+        if choice < 5 {
+            world.trace("fault: power failure, every node crashes".into());
+            for id in &ids {
+                world.crash(*id).await;
+            }
+            let outage = world.gen_range(100..2000);
+            tokio::time::sleep(Duration::from_millis(outage)).await;
+            world.trace("power back: every node restarts".into());
+            for id in &ids {
+                if let Err(e) = world.boot(*id).await {
+                    world.violation(e);
+                }
+            }
+        } else if !down.is_empty() && choice < 35 {
+            let id = pick(&down);
+            world.trace(format!("fault: restart node {id}"));
+            if let Err(e) = world.boot(id).await {
+                world.violation(e);
+            }
+        } else if down.is_empty() && choice < 30 {
+            let id = pick(&up);
+            world.trace(format!("fault: crash node {id}"));
+            world.crash(id).await;
+        } else if choice < 50 {
+            let id = pick(&ids);
+            world.trace(format!("fault: isolate node {id}"));
+            world.net.isolate(id, &ids);
+        } else if choice < 60 {
+            let a = pick(&ids);
+            let b = pick(&ids);
+            if a != b {
+                world.trace(format!("fault: cut link {a} -> {b}"));
+                world.net.cut(a, b);
+            }
+        } else if choice < 80 {
+            world.trace("fault: heal network".into());
+            world.net.heal();
+        } else if choice < 90 && !up.is_empty() {
+            let id = pick(&up);
+            world.trace(format!("fault: node {id} disk fails its next sync"));
+            world.disks[&id].fail_syncs(1);
+        } else {
+            *lock(&world.faults) -= 1;
+        }
+    }
+}

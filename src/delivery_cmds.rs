@@ -1,0 +1,291 @@
+//! Delivery commands: `dest status`, `dlq list|show|redrive`, `replay`.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use auditflow_client::Client;
+use auditflow_protocol::delivery::{DestinationStatus, RedriveSelection};
+use auditflow_protocol::wire::ReplayFrom;
+use auditflow_protocol::Timestamp;
+use serde_json::json;
+
+use crate::client_cmds::ConfigArg;
+
+/// `auditflow dest ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum DestCommand {
+    /// Per destination and partition: cursor, lag, last success and error,
+    /// attempts, breaker, DLQ size.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `auditflow dlq ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Parked events of a destination (all partitions, or one).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Destination.
+        dest: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Most entries per partition.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// One parked event with its full attempt history.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Destination.
+        dest: String,
+        /// Partition.
+        #[arg(long)]
+        partition: u32,
+        /// Offset.
+        #[arg(long)]
+        offset: u64,
+    },
+    /// Deliver parked events again.
+    Redrive {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Destination.
+        dest: String,
+        /// These event ids.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["all", "from", "until"])]
+        ids: Vec<String>,
+        /// Every parked event.
+        #[arg(long)]
+        all: bool,
+        /// Parked at or after this time (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Parked before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+}
+
+/// Arguments of `auditflow replay`.
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Destination to re-deliver to (others are not touched).
+    dest: String,
+    /// Start: an offset, or an RFC 3339 time (first event stored at or
+    /// after it).
+    #[arg(long)]
+    from: String,
+    /// Only this partition (default: all; with an offset, one partition
+    /// must be given).
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn partitions(client: &Client, one: Option<u32>) -> anyhow::Result<Vec<u32>> {
+    let count = client.cached_metadata().partition_count;
+    match one {
+        Some(p) if p >= count => bail!("no partition {p}; the cluster has {count}"),
+        Some(p) => Ok(vec![p]),
+        None => Ok((0..count).collect()),
+    }
+}
+
+fn time_arg(name: &str, v: &Option<String>) -> anyhow::Result<Option<Timestamp>> {
+    v.as_deref()
+        .map(|s| Timestamp::parse_rfc3339(s).map_err(|e| anyhow::anyhow!("--{name} {s:?}: {e}")))
+        .transpose()
+}
+
+/// Runs `auditflow dest ...`.
+pub fn dest(cmd: DestCommand) -> anyhow::Result<ExitCode> {
+    let DestCommand::Status { config, json } = cmd;
+    let cfg = config.load()?;
+    runtime()?.block_on(async move {
+        let client = Client::connect(cfg).await?;
+        let mut all: Vec<DestinationStatus> = Vec::new();
+        let mut unreachable = Vec::new();
+        for (addr, r) in client.dest_status_all().await {
+            match r {
+                Ok(s) => all.extend(s),
+                Err(e) => unreachable.push((addr, e.to_string())),
+            }
+        }
+        all.sort_by(|a, b| (&a.dest, a.partition).cmp(&(&b.dest, b.partition)));
+        let mut out = std::io::stdout().lock();
+        if json {
+            let v = json!({
+                "destinations": all,
+                "unreachable": unreachable.iter().map(|(a, e)| json!({"addr": a, "error": e})).collect::<Vec<_>>(),
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        } else {
+            writeln!(
+                out,
+                "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6}  last error",
+                "destination", "part", "node", "cursor", "lag", "oldest_ms", "tries", "breaker", "dlq"
+            )?;
+            for s in &all {
+                writeln!(
+                    out,
+                    "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6}  {}",
+                    s.dest,
+                    s.partition,
+                    s.node,
+                    s.cursor,
+                    s.lag_events,
+                    s.oldest_undelivered_age_ms.map_or("-".into(), |v| v.to_string()),
+                    s.attempts,
+                    s.breaker,
+                    s.dlq_size,
+                    s.last_error.as_deref().unwrap_or("-")
+                )?;
+            }
+            for (addr, e) in &unreachable {
+                writeln!(out, "node {addr}: unreachable: {e}")?;
+            }
+        }
+        Ok(if unreachable.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        })
+    })
+}
+
+/// Runs `auditflow dlq ...`.
+pub fn dlq(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async move {
+        match cmd {
+            DlqCommand::List {
+                config,
+                dest,
+                partition,
+                limit,
+            } => {
+                let client = Client::connect(config.load()?).await?;
+                let mut out = std::io::stdout().lock();
+                for p in partitions(&client, partition)? {
+                    for (offset, e) in client.dlq_list(&dest, p, 0, limit).await? {
+                        let v = json!({
+                            "partition": p, "offset": offset, "id": e.event_id,
+                            "parked_at": e.parked_at, "reason": e.reason,
+                            "attempts": e.attempts.len(), "redrive": e.redrive,
+                        });
+                        writeln!(out, "{v}")?;
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            DlqCommand::Show {
+                config,
+                dest,
+                partition,
+                offset,
+            } => {
+                let client = Client::connect(config.load()?).await?;
+                let found = client.dlq_list(&dest, partition, offset, 1).await?;
+                match found.into_iter().find(|(o, _)| *o == offset) {
+                    Some((offset, e)) => {
+                        let event = client.read(partition, offset, 1).await?.events.into_iter().next();
+                        let v = json!({"partition": partition, "offset": offset, "entry": e, "event": event});
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => bail!("no parked event at {dest} partition {partition} offset {offset}"),
+                }
+            }
+            DlqCommand::Redrive {
+                config,
+                dest,
+                ids,
+                all,
+                from,
+                until,
+                partition,
+            } => {
+                let client = Client::connect(config.load()?).await?;
+                let from = time_arg("from", &from)?;
+                let until = time_arg("until", &until)?;
+                if ids.is_empty() && !all && from.is_none() && until.is_none() {
+                    bail!("say which events: --ids, --all, or --from/--until");
+                }
+                let mut total = 0;
+                for p in partitions(&client, partition)? {
+                    let selection = if !ids.is_empty() {
+                        // The DLQ is keyed by offset: find the ids' offsets.
+                        let offsets: Vec<u64> = client
+                            .dlq_list(&dest, p, 0, u32::MAX)
+                            .await?
+                            .into_iter()
+                            .filter(|(_, e)| ids.contains(&e.event_id))
+                            .map(|(o, _)| o)
+                            .collect();
+                        if offsets.is_empty() {
+                            continue;
+                        }
+                        RedriveSelection::Offsets(offsets)
+                    } else if all {
+                        RedriveSelection::All
+                    } else {
+                        RedriveSelection::ParkedBetween { from, until }
+                    };
+                    total += client.redrive(&dest, p, selection).await?;
+                }
+                println!("{}", json!({"dest": dest, "marked": total}));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+/// Runs `auditflow replay`.
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.config.load()?;
+    let from = match args.from.parse::<u64>() {
+        Ok(o) => {
+            if args.partition.is_none() {
+                bail!("--from OFFSET needs --partition (offsets are per partition)");
+            }
+            ReplayFrom::Offset(o)
+        }
+        Err(_) => ReplayFrom::Time(Timestamp::parse_rfc3339(&args.from).map_err(|e| {
+            anyhow::anyhow!("--from {:?}: not an offset or a time: {e}", args.from)
+        })?),
+    };
+    runtime()?.block_on(async move {
+        let client = Client::connect(cfg).await?;
+        let mut out = std::io::stdout().lock();
+        for p in partitions(&client, args.partition)? {
+            let cursor = client.replay(&args.dest, p, from.clone()).await?;
+            writeln!(
+                out,
+                "{}",
+                json!({"dest": args.dest, "partition": p, "cursor": cursor})
+            )?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

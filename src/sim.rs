@@ -1,0 +1,103 @@
+//! `auditflow sim`: run the deterministic simulator for one seed or a
+//! sweep of seeds; a failing seed prints the command that replays it.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use auditflow_sim::{run, SimOptions};
+
+/// Arguments of `auditflow sim`.
+#[derive(clap::Args, Debug)]
+pub struct SimArgs {
+    /// Run this one seed (and print its trace).
+    #[arg(long, conflicts_with = "seeds")]
+    seed: Option<u64>,
+    /// Sweep this many seeds.
+    #[arg(long, default_value_t = 20)]
+    seeds: u64,
+    /// First seed of a sweep.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Simulated seconds of workload and faults per seed.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Partitions.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// No faults (a baseline).
+    #[arg(long)]
+    no_faults: bool,
+}
+
+/// Runs the simulator.
+pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
+    let options = |seed: u64| {
+        let mut o = SimOptions::new(seed);
+        o.duration = Duration::from_secs(args.duration);
+        o.partitions = args.partitions;
+        o.faults = !args.no_faults;
+        o
+    };
+    let replay = |seed: u64| {
+        format!(
+            "auditflow sim --seed {seed} --duration {} --partitions {}{}",
+            args.duration,
+            args.partitions,
+            if args.no_faults { " --no-faults" } else { "" }
+        )
+    };
+    let seeds: Vec<u64> = match args.seed {
+        Some(s) => vec![s],
+        None => (args.from..args.from + args.seeds).collect(),
+    };
+    let started = Instant::now();
+    let mut simulated = Duration::ZERO;
+    let mut failed = Vec::new();
+    for seed in &seeds {
+        let t = Instant::now();
+        let report = run(&options(*seed));
+        simulated += report.simulated;
+        let ok = report.violations.is_empty();
+        println!(
+            "seed {seed}: {} acked {} faults {} messages {} simulated {:.1}s real {:.2}s trace {}",
+            if ok { "ok  " } else { "FAIL" },
+            report.acked,
+            report.faults,
+            report.messages,
+            report.simulated.as_secs_f64(),
+            t.elapsed().as_secs_f64(),
+            &report.trace_hash[..16.min(report.trace_hash.len())]
+        );
+        if !ok || args.seed.is_some() {
+            for v in &report.violations {
+                println!("  violation: {v}");
+            }
+            if !ok || seeds.len() == 1 {
+                println!("  trace (last {} lines):", report.trace_tail.len());
+                for line in &report.trace_tail {
+                    println!("    {line}");
+                }
+            }
+        }
+        if !ok {
+            println!("  replay: {}", replay(*seed));
+            failed.push(*seed);
+        }
+    }
+    let real = started.elapsed().as_secs_f64();
+    println!(
+        "{} seeds, {} failed, {:.1} seeds/min, simulated/real time {:.1}x",
+        seeds.len(),
+        failed.len(),
+        seeds.len() as f64 / real.max(1e-9) * 60.0,
+        simulated.as_secs_f64() / real.max(1e-9)
+    );
+    for seed in &failed {
+        println!("replay: {}", replay(*seed));
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,235 @@
+//! `auditflow up`: a local three-node cluster for development.
+//!
+//! Generates a dev CA and node certificates, writes one `node.toml` per
+//! node and a `client.toml`, then runs each node as a child process (so a
+//! node can be killed on its own, as in production). Running it again on
+//! the same directory restarts the same cluster with its data.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use auditflow_broker::config::{NodeConfig, PeerConfig, RaftTuning, TlsConfig};
+use auditflow_broker::delivery::DestinationConfig;
+use auditflow_broker::net::tls::ensure_dev_certs;
+use auditflow_protocol::Limits;
+
+/// Nodes in the dev cluster: the smallest that tolerates one failure.
+const NODES: u64 = 3;
+/// How long children get to stop after Ctrl-C before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Node `id`'s admin HTTP port is `base_port + ADMIN_PORT_OFFSET + id - 1`
+/// (7201..7203 for the default base 7101): clear of the QUIC ports.
+const ADMIN_PORT_OFFSET: u64 = 100;
+
+/// Arguments of `auditflow up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Directory for certificates, configs, data and logs.
+    #[arg(long, default_value = ".auditflow")]
+    pub dir: PathBuf,
+    /// UDP port of node 1; nodes 2 and 3 use the next ports. Admin HTTP
+    /// (metrics, health, status page) listens on TCP `base_port + 100`
+    /// and the next ports.
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
+    /// Partition count (used only when the cluster is created).
+    #[arg(long, default_value_t = auditflow_broker::config::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+}
+
+/// Prepares the directory and runs the three nodes until Ctrl-C.
+pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let nodes = prepare(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(supervise(&dir, nodes))
+}
+
+/// A node of the dev cluster: its config file and admin HTTP address.
+struct DevNode {
+    config: PathBuf,
+    admin: Option<std::net::SocketAddr>,
+}
+
+/// Writes certificates and configs that do not exist yet; returns the
+/// nodes.
+fn prepare(args: &UpArgs) -> anyhow::Result<Vec<DevNode>> {
+    let dir = &args.dir;
+    let ids: Vec<u64> = (1..=NODES).collect();
+    ensure_dev_certs(&dir.join("certs"), &ids)?;
+    let peers: Vec<PeerConfig> = ids
+        .iter()
+        .map(|id| PeerConfig {
+            id: *id,
+            addr: format!("127.0.0.1:{}", u64::from(args.base_port) + id - 1),
+        })
+        .collect();
+    // The default destination: JSON lines files, one per partition, shared
+    // by the three local nodes (whichever leads a partition writes it).
+    let delivered = dir.join("delivered");
+    std::fs::create_dir_all(&delivered)
+        .with_context(|| format!("create {}", delivered.display()))?;
+    let delivered = delivered
+        .canonicalize()
+        .with_context(|| format!("resolve {}", delivered.display()))?;
+    let mut nodes = Vec::new();
+    for id in &ids {
+        let path = dir.join(format!("node{id}.toml"));
+        let admin = if path.exists() {
+            // An existing cluster keeps its layout: the partition count is
+            // fixed at init.
+            NodeConfig::load(&path)?.admin_listen
+        } else {
+            let admin_port = u64::from(args.base_port) + ADMIN_PORT_OFFSET + id - 1;
+            let admin_port = u16::try_from(admin_port)
+                .with_context(|| format!("admin port {admin_port} of node {id} is too large"))?;
+            let cfg = NodeConfig {
+                id: *id,
+                listen: format!("127.0.0.1:{}", u64::from(args.base_port) + id - 1).parse()?,
+                admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], admin_port))),
+                data_dir: PathBuf::from(format!("node{id}")),
+                partitions: args.partitions,
+                dedup_window: auditflow_broker::config::DEFAULT_DEDUP_WINDOW,
+                peers: peers.clone(),
+                tls: TlsConfig {
+                    ca_cert: PathBuf::from("certs/ca.pem"),
+                    cert: PathBuf::from(format!("certs/node{id}.pem")),
+                    key: PathBuf::from(format!("certs/node{id}.key")),
+                    server_name: "localhost".into(),
+                },
+                raft: RaftTuning::default(),
+                limits: Limits::default(),
+                destinations: vec![default_destination(&delivered)?],
+            };
+            std::fs::write(&path, toml::to_string_pretty(&cfg)?)
+                .with_context(|| format!("write {}", path.display()))?;
+            cfg.admin_listen
+        };
+        nodes.push(DevNode {
+            config: path,
+            admin,
+        });
+    }
+    let client = dir.join("client.toml");
+    if !client.exists() {
+        let seeds: Vec<String> = peers.iter().map(|p| format!("{:?}", p.addr)).collect();
+        let text = format!(
+            "# Written by `auditflow up`: how clients reach this dev cluster.\n\
+             seeds = [{}]\nca_cert = \"certs/ca.pem\"\nserver_name = \"localhost\"\n",
+            seeds.join(", ")
+        );
+        std::fs::write(&client, text).with_context(|| format!("write {}", client.display()))?;
+    }
+    Ok(nodes)
+}
+
+/// The file destination every dev cluster starts with.
+fn default_destination(dir: &Path) -> anyhow::Result<DestinationConfig> {
+    let text = format!(
+        "name = \"local-file\"\nsink = {{ kind = \"file\", dir = {:?} }}\n",
+        dir.display().to_string()
+    );
+    toml::from_str(&text).context("default destination")
+}
+
+async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find own executable")?;
+    let mut children = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let cfg = &node.config;
+        let log_path = dir.join(format!("node{}.log", i + 1));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let child = tokio::process::Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(cfg)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start node {}", i + 1))?;
+        children.push(child);
+    }
+    let client = dir.join("client.toml");
+    println!(
+        "auditflow: three-node cluster starting in {}",
+        dir.display()
+    );
+    println!("  node logs:   {}/node{{1,2,3}}.log", dir.display());
+    println!("  client conf: {}", client.display());
+    for (i, node) in nodes.iter().enumerate() {
+        match node.admin {
+            Some(a) => println!(
+                "  node {} admin: http://{a}/ (status page; also /metrics /healthz /readyz /status /destinations)",
+                i + 1
+            ),
+            None => println!(
+                "  node {} admin: off (no admin_listen in {})",
+                i + 1,
+                node.config.display()
+            ),
+        }
+    }
+    println!(
+        "  delivered:   {}/delivered/events-p*.jsonl (destination \"local-file\")",
+        dir.display()
+    );
+    println!();
+    println!("Append and watch events (in another shell):");
+    println!("  export AUDITFLOW_CONFIG={}", client.display());
+    println!(
+        "  echo '{{\"tenant\":\"acme\",\"time\":\"2026-11-24T12:00:00Z\",\"actor\":{{\"id\":\"alice\",\"type\":\"user\"}},\"action\":\"user.login\",\"target\":{{\"type\":\"app\",\"id\":\"console\"}},\"outcome\":\"success\"}}' | auditflow append"
+    );
+    println!("  auditflow status");
+    println!("  auditflow dest status");
+    println!("  auditflow tail --partition 0 --follow");
+    println!();
+    println!(
+        "Ctrl-C stops the cluster; `auditflow up` on the same --dir restarts it with its data."
+    );
+
+    let exited = async {
+        // Report the first child that stops on its own.
+        let mut waits: Vec<_> = children.iter_mut().map(|c| Box::pin(c.wait())).collect();
+        let (status, idx, _) = futures::future::select_all(waits.iter_mut()).await;
+        (idx, status)
+    };
+    tokio::select! {
+        _ = crate::node::wait_for_stop_signal() => {
+            println!("\nstopping the cluster...");
+        }
+        (idx, status) = exited => {
+            eprintln!("node {} exited ({status:?}); see its log. Stopping the others.", idx + 1);
+        }
+    }
+    for child in &mut children {
+        if let Some(pid) = child.id() {
+            // SIGTERM lets each node shut its Raft groups down cleanly.
+            // SAFETY: kill(2) on a pid we spawned; no memory is involved.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    for child in &mut children {
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+    println!("stopped.");
+    Ok(ExitCode::SUCCESS)
+}

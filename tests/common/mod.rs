@@ -1,0 +1,347 @@
+//! Test harness: a real three-node cluster of `auditflow node` processes on
+//! loopback, with the means to kill, stop, pause and restart nodes.
+//!
+//! Tests wait for conditions by polling with a deadline ([`wait_until`]),
+//! never by fixed sleeps.
+
+#![allow(dead_code)]
+
+pub mod receiver;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use auditflow_broker::config::{NodeConfig, PeerConfig, RaftTuning, TlsConfig};
+use auditflow_broker::net::tls::ensure_dev_certs;
+use auditflow_client::{Client, ClientConfig};
+use auditflow_protocol::{Actor, Event, Limits, Outcome, Target, Timestamp};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_auditflow");
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics with
+/// `what` after `deadline`.
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A free UDP port on loopback (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral UDP port")
+}
+
+/// A free TCP port on loopback (bound then released), for admin HTTP.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral TCP port")
+}
+
+/// One node process.
+pub struct NodeProc {
+    pub id: u64,
+    pub addr: String,
+    /// The node's admin HTTP server (`/metrics`, `/healthz`, ...).
+    pub admin_addr: SocketAddr,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    pub child: Option<Child>,
+}
+
+/// A cluster of node processes in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    pub partitions: u32,
+}
+
+/// Options of a test cluster.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    pub partitions: u32,
+    pub raft: RaftTuning,
+    pub limits: Limits,
+    pub destinations: Vec<auditflow_broker::delivery::DestinationConfig>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            partitions: 8,
+            raft: RaftTuning {
+                heartbeat_ms: 100,
+                election_timeout_min_ms: 600,
+                election_timeout_max_ms: 1200,
+                ..RaftTuning::default()
+            },
+            limits: Limits::default(),
+            destinations: Vec::new(),
+        }
+    }
+}
+
+impl Cluster {
+    /// Writes certificates and configs and starts three nodes.
+    pub fn start(opts: ClusterOptions) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = [1u64, 2, 3];
+        ensure_dev_certs(&dir.path().join("certs"), &ids).expect("dev certs");
+        let peers: Vec<PeerConfig> = ids
+            .iter()
+            .map(|id| PeerConfig {
+                id: *id,
+                addr: format!("127.0.0.1:{}", free_port()),
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for p in &peers {
+            let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+            let cfg = NodeConfig {
+                id: p.id,
+                listen: p.addr.parse().expect("addr"),
+                admin_listen: Some(admin_addr),
+                data_dir: PathBuf::from(format!("node{}", p.id)),
+                partitions: opts.partitions,
+                dedup_window: 1_000_000,
+                peers: peers.clone(),
+                tls: TlsConfig {
+                    ca_cert: "certs/ca.pem".into(),
+                    cert: format!("certs/node{}.pem", p.id).into(),
+                    key: format!("certs/node{}.key", p.id).into(),
+                    server_name: "localhost".into(),
+                },
+                raft: opts.raft.clone(),
+                limits: opts.limits,
+                destinations: opts.destinations.clone(),
+            };
+            let config_path = dir.path().join(format!("node{}.toml", p.id));
+            std::fs::write(&config_path, toml::to_string(&cfg).expect("toml")).expect("write");
+            nodes.push(NodeProc {
+                id: p.id,
+                addr: p.addr.clone(),
+                admin_addr,
+                config_path,
+                log_path: dir.path().join(format!("node{}.log", p.id)),
+                child: None,
+            });
+        }
+        let seeds: Vec<String> = peers.iter().map(|p| format!("{:?}", p.addr)).collect();
+        std::fs::write(
+            dir.path().join("client.toml"),
+            format!(
+                "seeds = [{}]\nca_cert = \"certs/ca.pem\"\nserver_name = \"localhost\"\nrequest_timeout_ms = 3000\nretry_deadline_ms = 60000\n",
+                seeds.join(", ")
+            ),
+        )
+        .expect("write client.toml");
+        let mut cluster = Cluster {
+            dir,
+            nodes,
+            partitions: opts.partitions,
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    /// Path of the client config.
+    pub fn client_config_path(&self) -> PathBuf {
+        self.dir.path().join("client.toml")
+    }
+
+    /// Starts node `i` (0-based) if it is not running.
+    pub fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if node.child.is_some() {
+            return;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("node")
+            .arg("--config")
+            .arg(&node.config_path)
+            .env("AUDITFLOW_LOG", "warn,auditflow=info")
+            .stdout(Stdio::from(log.try_clone().expect("dup log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn node");
+        node.child = Some(child);
+    }
+
+    /// kill -9 node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM node `i` and wait for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            signal(c.id(), libc::SIGTERM);
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(15) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Index of the node id.
+    pub fn index_of(&self, id: u64) -> usize {
+        self.nodes.iter().position(|n| n.id == id).expect("node id")
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        let cfg = ClientConfig::load(&self.client_config_path()).expect("client config");
+        wait_until("client connect", Duration::from_secs(30), || {
+            let cfg = cfg.clone();
+            async move { Client::connect(cfg).await.ok() }
+        })
+        .await
+    }
+
+    /// Waits until every partition has a leader that every running node
+    /// agrees on.
+    pub async fn wait_ready(&self, client: &Client) {
+        let running: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.addr.clone())
+            .collect();
+        let partitions = self.partitions;
+        wait_until(
+            "all partitions to have agreed leaders",
+            Duration::from_secs(60),
+            || {
+                let client = client.clone();
+                let running = running.clone();
+                async move {
+                    let statuses = client.status_all().await;
+                    let mut leaders: Vec<Option<u64>> = vec![None; partitions as usize];
+                    for (addr, st) in statuses {
+                        if !running.contains(&addr) {
+                            continue;
+                        }
+                        let st = st.ok()?;
+                        for p in st.partitions {
+                            let l = p.leader?;
+                            match leaders[p.partition as usize] {
+                                None => leaders[p.partition as usize] = Some(l),
+                                Some(prev) if prev != l => return None,
+                                _ => {}
+                            }
+                        }
+                    }
+                    leaders.iter().all(|l| l.is_some()).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Prints every node log (for failing tests).
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("===== node {} log (last lines) =====", n.id);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    /// Data directory of node `i`.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{}", self.nodes[i].id))
+    }
+
+    /// The cluster's directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child we spawned.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// A valid event with the given id and tenant.
+pub fn event(id: &str, tenant: &str, n: u64) -> Event {
+    Event {
+        id: id.to_string(),
+        tenant: tenant.to_string(),
+        time: Timestamp(1_764_000_000_000_000_000 + n as i64),
+        actor: Actor {
+            id: format!("user-{}", n % 97),
+            kind: "user".into(),
+            name: None,
+            ip: Some("10.0.0.1".into()),
+        },
+        action: "document.read".into(),
+        target: Target {
+            kind: "document".into(),
+            id: format!("doc-{n}"),
+        },
+        outcome: Outcome::Success,
+        source: None,
+        context: [("request".to_string(), format!("r{n}"))]
+            .into_iter()
+            .collect(),
+        data: None,
+        schema_version: None,
+        partition_key: None,
+    }
+}
