@@ -124,6 +124,8 @@ fn valid_index_name(name: &str) -> bool {
             .any(|c| c.is_ascii_uppercase() || " \\/*?\"<>|,#:".contains(c))
 }
 
+// A test server's error path: the size of axum's Response is not a concern.
+#[allow(clippy::result_large_err)]
 fn authenticated(headers: &HeaderMap) -> Result<(), Response> {
     let basic = format!(
         "Basic {}",
@@ -282,18 +284,22 @@ async fn bulk(
                 "es_rejected_execution_exception",
                 "rejected execution of coordinating operation",
             )
-        } else if i.docs.contains_key(&(index.clone(), id.clone())) {
-            item_error(
-                409,
-                &index,
-                &id,
-                "version_conflict_engine_exception",
-                &format!("[{id}]: version conflict, document already exists (current version [1])"),
-            )
         } else {
-            i.docs
-                .insert((index.clone(), id.clone()), doc.unwrap_or_default());
-            json!({"_index": index, "_id": id, "_version": 1, "result": "created", "status": 201})
+            match i.docs.entry((index.clone(), id.clone())) {
+                std::collections::btree_map::Entry::Occupied(_) => item_error(
+                    409,
+                    &index,
+                    &id,
+                    "version_conflict_engine_exception",
+                    &format!(
+                        "[{id}]: version conflict, document already exists (current version [1])"
+                    ),
+                ),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(doc.unwrap_or_default());
+                    json!({"_index": index, "_id": id, "_version": 1, "result": "created", "status": 201})
+                }
+            }
         };
         errors |= result.get("error").is_some();
         items.push(json!({ verb: result }));

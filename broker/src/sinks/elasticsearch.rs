@@ -251,12 +251,9 @@ pub fn classify_item(status: u16, error_type: &str, reason: &str) -> Result<(), 
     } else {
         format!("item status {status}: {error_type}: {reason}")
     };
-    let retryable = match status {
-        429 | 500..=599 => true,
-        401 | 403 => true,
-        404 => true,
-        _ => false,
-    };
+    // 401/403/404 are fixable by an operator without touching the event,
+    // so they wait rather than park.
+    let retryable = matches!(status, 429 | 500..=599 | 401 | 403 | 404);
     Err(if retryable {
         let why = match status {
             401 | 403 => " (no privilege to write this index: fix the credentials' role)",
