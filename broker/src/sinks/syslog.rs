@@ -514,6 +514,11 @@ impl SyslogSink {
     /// Writes `bytes` on the connection, connecting first if needed.
     async fn deliver(&mut self, bytes: &[u8]) -> Result<(), String> {
         if let Some(conn) = self.conn.as_mut() {
+            // tokio learns of a FIN or RST only when its driver polls the
+            // OS; yielding lets it do so, otherwise a receiver that closed
+            // since the last batch would still look open and the first
+            // write would vanish into the kernel's buffer.
+            tokio::task::yield_now().await;
             if let Some(why) = peer_gone(conn.as_mut()).await {
                 tracing::debug!(addr = %self.addr, "syslog connection lost ({why}); reconnecting");
                 self.conn = None;
