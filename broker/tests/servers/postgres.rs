@@ -236,6 +236,16 @@ impl PgServer {
         fs::read_to_string(self.log()).unwrap_or_default()
     }
 
+    /// An admin connection to the sink's database, or `None` while the
+    /// server is down.
+    pub async fn admin_try(&self) -> Option<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.admin_url(DB), NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        Some(client)
+    }
+
     /// An admin connection to the sink's database.
     pub async fn admin(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.admin_url(DB), NoTls)
