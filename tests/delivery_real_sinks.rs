@@ -13,9 +13,16 @@
 //!   PostgreSQL runs: the new leaders resume from the replicated cursor,
 //!   and PostgreSQL ends with exactly one row per event.
 //!
+//! - An Elasticsearch bulk item rejected for certain events (the strict
+//!   `_bulk` stand-in) parks exactly those events with their history while
+//!   the rest of each bulk request is stored; redrive after the fix
+//!   delivers them.
+//!
 //! The server fixtures are the sink tests' own (broker/tests/servers).
 
 mod common;
+#[path = "../broker/tests/servers/elasticsearch.rs"]
+mod elasticsearch;
 #[path = "../broker/tests/servers/moto.rs"]
 mod moto;
 #[path = "../broker/tests/servers/postgres.rs"]
@@ -27,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use auditflow_broker::delivery::DestinationConfig;
+use auditflow_protocol::delivery::RedriveSelection;
 use auditflow_protocol::{Event, Outcome};
 use common::receiver::Receiver;
 use common::*;
@@ -492,4 +500,90 @@ async fn postgres_has_one_row_per_event_after_a_leader_kill() {
         let expected: Vec<u64> = (0..offsets.len() as u64).collect();
         assert_eq!(offsets, expected, "partition {p} has a gap");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_item_rejections_park_exactly_those_events() {
+    let es = elasticsearch::Es::start().await;
+    let refused: BTreeSet<String> = (0..1000u64)
+        .filter(|n| n % 111 == 7)
+        .map(|n| format!("ev-{n:06}"))
+        .collect();
+    es.with(|i| i.reject.extend(refused.iter().cloned()));
+    let opts = ClusterOptions {
+        destinations: vec![destination(
+            "es",
+            json!({
+                "kind": "elasticsearch",
+                "url": es.url(),
+                "index": "audit-{tenant}",
+                "username": elasticsearch::USER,
+                "password": elasticsearch::PASSWORD,
+            }),
+            json!({}),
+        )],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(opts);
+    let client = cluster.client().await;
+    cluster.wait_ready(&client).await;
+    let acked = append_range(&client, 0, 1000).await;
+    let stored_ids = || -> BTreeSet<String> { es.ids().into_iter().map(|(_, id)| id).collect() };
+
+    // Everything else is stored, whatever bulk request it shared with a
+    // refused event; exactly the refused ones are parked, with history.
+    let accepted: BTreeSet<String> = acked
+        .keys()
+        .filter(|id| !refused.contains(*id))
+        .cloned()
+        .collect();
+    wait_until("accepted events stored", DELIVERY_DEADLINE, || async {
+        (stored_ids() == accepted).then_some(())
+    })
+    .await;
+    let parked = wait_until("refused events parked", Duration::from_secs(60), || async {
+        let mut parked = BTreeMap::new();
+        for p in 0..8 {
+            for (offset, entry) in client.dlq_list("es", p, 0, 1000).await.ok()? {
+                parked.insert(entry.event_id.clone(), ((p, offset), entry));
+            }
+        }
+        (parked.len() == refused.len()).then_some(parked)
+    })
+    .await;
+    assert_eq!(parked.keys().cloned().collect::<BTreeSet<_>>(), refused);
+    for (id, (at, entry)) in &parked {
+        assert_eq!(acked.get(id), Some(at), "parked at its own offset");
+        let last = entry.attempts.last().expect("attempt history");
+        assert_eq!(last.status, Some(400), "{entry:?}");
+        assert!(
+            last.error.contains("mapper_parsing_exception"),
+            "the reason is kept: {entry:?}"
+        );
+    }
+
+    // The mapping is fixed; redrive delivers the parked events.
+    es.with(|i| i.reject.clear());
+    for p in 0..8 {
+        client
+            .redrive("es", p, RedriveSelection::All)
+            .await
+            .expect("redrive");
+    }
+    let all: BTreeSet<String> = acked.keys().cloned().collect();
+    wait_until(
+        "redriven events stored",
+        Duration::from_secs(60),
+        || async { (stored_ids() == all).then_some(()) },
+    )
+    .await;
+    wait_until("DLQ empty", Duration::from_secs(30), || async {
+        for p in 0..8 {
+            if !client.dlq_list("es", p, 0, 10).await.ok()?.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
 }
