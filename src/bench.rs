@@ -48,7 +48,7 @@ pub struct BenchArgs {
     json: bool,
 }
 
-fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Event {
+pub(crate) fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Event {
     let mut e = Event {
         id: format!("bench-{run}-{n}"),
         tenant: format!("tenant-{}", n % tenants.max(1)),

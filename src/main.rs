@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_delivery;
 mod client_cmds;
 mod delivery_cmds;
 mod node;
@@ -38,6 +39,9 @@ enum Command {
     Status(client_cmds::StatusArgs),
     /// Load-test a running cluster and print throughput and latency.
     Bench(bench::BenchArgs),
+    /// Delivery benchmark: starts its own local cluster, measures delivery
+    /// throughput to a file and a webhook and the drain of a backlog.
+    BenchDelivery(bench_delivery::DeliveryBenchArgs),
     /// Delivery status of destinations.
     #[command(subcommand)]
     Dest(delivery_cmds::DestCommand),
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Tail(a) => client_cmds::tail(a),
         Command::Status(a) => client_cmds::status(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchDelivery(a) => bench_delivery::run(a),
         Command::Dest(c) => delivery_cmds::dest(c),
         Command::Dlq(c) => delivery_cmds::dlq(c),
         Command::Replay(a) => delivery_cmds::replay(a),

@@ -43,7 +43,7 @@ pub struct UpArgs {
 pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let nodes = prepare(&args)?;
+    let nodes = prepare(&args, Vec::new())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -53,14 +53,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A node of the dev cluster: its config file and admin HTTP address.
-struct DevNode {
-    config: PathBuf,
-    admin: Option<std::net::SocketAddr>,
+pub struct DevNode {
+    /// Its `node.toml`.
+    pub config: PathBuf,
+    /// Its admin HTTP address, if enabled.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// Writes certificates and configs that do not exist yet; returns the
-/// nodes.
-fn prepare(args: &UpArgs) -> anyhow::Result<Vec<DevNode>> {
+/// nodes. A new cluster gets the default file destination plus `extra`.
+pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<Vec<DevNode>> {
     let dir = &args.dir;
     let ids: Vec<u64> = (1..=NODES).collect();
     ensure_dev_certs(&dir.join("certs"), &ids)?;
@@ -106,7 +108,9 @@ fn prepare(args: &UpArgs) -> anyhow::Result<Vec<DevNode>> {
                 },
                 raft: RaftTuning::default(),
                 limits: Limits::default(),
-                destinations: vec![default_destination(&delivered)?],
+                destinations: std::iter::once(default_destination(&delivered)?)
+                    .chain(extra.iter().cloned())
+                    .collect(),
             };
             std::fs::write(&path, toml::to_string_pretty(&cfg)?)
                 .with_context(|| format!("write {}", path.display()))?;
@@ -139,7 +143,9 @@ fn default_destination(dir: &Path) -> anyhow::Result<DestinationConfig> {
     toml::from_str(&text).context("default destination")
 }
 
-async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> {
+/// Starts one `auditflow node` child process per node, logging to
+/// `DIR/node{i}.log`; they are killed if the handles are dropped.
+pub fn spawn_nodes(dir: &Path, nodes: &[DevNode]) -> anyhow::Result<Vec<tokio::process::Child>> {
     let exe = std::env::current_exe().context("cannot find own executable")?;
     let mut children = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -161,6 +167,32 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
             .with_context(|| format!("start node {}", i + 1))?;
         children.push(child);
     }
+    Ok(children)
+}
+
+/// SIGTERM to every node (a clean Raft shutdown), then kill whatever is
+/// still running after the grace period.
+pub async fn stop_nodes(children: &mut [tokio::process::Child]) {
+    for child in children.iter_mut() {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on a pid we spawned; no memory is involved.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    for child in children.iter_mut() {
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> {
+    let mut children = spawn_nodes(dir, &nodes)?;
     let client = dir.join("client.toml");
     println!(
         "auditflow: three-node cluster starting in {}",
@@ -213,23 +245,7 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
             eprintln!("node {} exited ({status:?}); see its log. Stopping the others.", idx + 1);
         }
     }
-    for child in &mut children {
-        if let Some(pid) = child.id() {
-            // SIGTERM lets each node shut its Raft groups down cleanly.
-            // SAFETY: kill(2) on a pid we spawned; no memory is involved.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-    }
-    for child in &mut children {
-        if tokio::time::timeout(STOP_GRACE, child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
-        }
-    }
+    stop_nodes(&mut children).await;
     println!("stopped.");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,323 @@
+//! `auditflow bench-delivery`: delivery throughput and backlog drain on a
+//! local three-node cluster that the benchmark starts itself.
+//!
+//! Two destinations: the JSON lines file sink and a webhook (array mode) to
+//! an HTTP receiver inside this process that counts events and can answer
+//! 503 to simulate an outage.
+//!
+//! 1. Live: `--events` are appended with every destination up; reported
+//!    per destination is the time from the first append until its lag is
+//!    zero everywhere, and the resulting rate.
+//! 2. Backlog: the receiver goes down, `--backlog` events are appended
+//!    (the file destination keeps flowing), then the receiver comes back;
+//!    reported is the time until the webhook's lag is zero again: the
+//!    drain time of the backlog. Node memory before and after the backlog
+//!    built shows that it is not held in memory.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use auditflow_broker::delivery::DestinationConfig;
+use auditflow_client::Client;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+
+use crate::bench::make_event;
+use crate::up::{self, UpArgs};
+
+/// Events per append batch while filling the cluster.
+const APPEND_BATCH: usize = 256;
+/// Append batches in flight.
+const APPEND_WINDOW: usize = 8;
+/// How often lag is sampled.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Arguments of `auditflow bench-delivery`.
+#[derive(clap::Args, Debug)]
+pub struct DeliveryBenchArgs {
+    /// Events of the live phase.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Events of the backlog phase (built while the webhook is down).
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
+    /// Approximate canonical size of each event in bytes.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Distinct tenants (spreads events over partitions).
+    #[arg(long, default_value_t = 64)]
+    tenants: usize,
+    /// Webhook batch size (events per POST).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Directory of the benchmark cluster (default: a new one under the
+    /// system temp dir, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// UDP port of node 1 (admin HTTP on +100).
+    #[arg(long, default_value_t = 7501)]
+    base_port: u16,
+}
+
+/// Runs the benchmark.
+pub fn run(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(bench(args))
+}
+
+/// The in-process webhook receiver.
+#[derive(Default)]
+struct Receiver {
+    events: AtomicU64,
+    down: AtomicBool,
+}
+
+async fn hook(State(r): State<Arc<Receiver>>, body: axum::body::Bytes) -> StatusCode {
+    if r.down.load(Ordering::Relaxed) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body) {
+        Ok(events) => {
+            r.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+            StatusCode::OK
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+async fn bench(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
+    let receiver = Arc::new(Receiver::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook_addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(Arc::clone(&receiver));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let (dir, remove_dir) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("auditflow-bench-delivery-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let webhook: DestinationConfig = serde_json::from_value(serde_json::json!({
+        "name": "bench-hook",
+        "sink": { "kind": "webhook", "url": format!("http://{hook_addr}/hook"), "batch_mode": "array" },
+        "batch_size": args.batch,
+        "linger_ms": 20,
+        "retry": { "initial_ms": 100, "max_ms": 1000 },
+    }))
+    .context("webhook destination")?;
+    let up_args = UpArgs {
+        dir: dir.clone(),
+        base_port: args.base_port,
+        partitions: auditflow_broker::config::DEFAULT_PARTITIONS,
+    };
+    let nodes = up::prepare(&up_args, vec![webhook])?;
+    let mut children = up::spawn_nodes(&dir, &nodes)?;
+    let result = phases(&args, &dir, &receiver, &children).await;
+    up::stop_nodes(&mut children).await;
+    if remove_dir {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn phases(
+    args: &DeliveryBenchArgs,
+    dir: &std::path::Path,
+    receiver: &Receiver,
+    children: &[tokio::process::Child],
+) -> anyhow::Result<ExitCode> {
+    let mut cfg = auditflow_client::ClientConfig::load(&dir.join("client.toml"))?;
+    cfg.max_in_flight = cfg.max_in_flight.max(APPEND_BATCH * APPEND_WINDOW);
+    let client = Client::connect(cfg).await?;
+    wait_for_leaders(&client).await?;
+    let run = format!("{:x}", std::process::id());
+
+    // Live phase.
+    println!(
+        "live: appending {} events of ~{} bytes with both destinations up",
+        args.events, args.size
+    );
+    let started = Instant::now();
+    let appended = append(&client, &run, 0..args.events, args).await?;
+    let append_s = started.elapsed().as_secs_f64();
+    let caught_up = wait_caught_up(&client, &["local-file", "bench-hook"], started).await?;
+    println!(
+        "  appended in {append_s:.1}s ({:.0} events/s)",
+        appended as f64 / append_s
+    );
+    for (dest, t) in &caught_up {
+        println!(
+            "  {dest:<11} delivered all {} in {t:.1}s from the first append: {:.0} events/s",
+            args.events,
+            args.events as f64 / t
+        );
+    }
+
+    // Backlog phase.
+    receiver.down.store(true, Ordering::Relaxed);
+    let rss_before = rss_kib(children);
+    println!(
+        "backlog: webhook down (503), appending {} events",
+        args.backlog
+    );
+    let started = Instant::now();
+    let from = args.events;
+    append(&client, &run, from..from + args.backlog, args).await?;
+    let append_s = started.elapsed().as_secs_f64();
+    println!(
+        "  appended in {append_s:.1}s ({:.0} events/s)",
+        args.backlog as f64 / append_s
+    );
+    let file = wait_caught_up(&client, &["local-file"], started).await?;
+    for (dest, t) in &file {
+        println!("  {dest:<11} kept flowing: caught up {t:.1}s after the backlog began");
+    }
+    let rss_after = rss_kib(children);
+    println!("  node RSS KiB before {rss_before:?}, with the backlog {rss_after:?}");
+    let delivered_before = receiver.events.load(Ordering::Relaxed);
+    receiver.down.store(false, Ordering::Relaxed);
+    let back = Instant::now();
+    let drained = wait_caught_up(&client, &["bench-hook"], back).await?;
+    let received = receiver.events.load(Ordering::Relaxed) - delivered_before;
+    for (dest, t) in &drained {
+        println!(
+            "  {dest:<11} drained the {} event backlog in {t:.1}s after it came back: {:.0} events/s ({received} events received)",
+            args.backlog,
+            args.backlog as f64 / t
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until every partition has a leader.
+async fn wait_for_leaders(client: &Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(meta) = client.metadata().await {
+            if meta.leaders.iter().all(Option::is_some) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cluster elected no leaders in 60 s"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Appends `range` of the benchmark's events in batches; returns how many
+/// were stored.
+async fn append(
+    client: &Client,
+    run: &str,
+    range: std::ops::Range<usize>,
+    args: &DeliveryBenchArgs,
+) -> anyhow::Result<usize> {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let stored = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..APPEND_WINDOW {
+        let client = client.clone();
+        let next = Arc::clone(&next);
+        let stored = Arc::clone(&stored);
+        let run = run.to_string();
+        let (end, tenants, size) = (range.end, args.tenants, args.size);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(APPEND_BATCH, Ordering::Relaxed);
+                if first >= end {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let batch: Vec<_> = (first..(first + APPEND_BATCH).min(end))
+                    .map(|n| make_event(&run, n, tenants, size))
+                    .collect();
+                let results = client.append_batch(batch).await?;
+                let ok = results.iter().filter(|r| r.is_ok()).count();
+                anyhow::ensure!(ok == results.len(), "{} events refused", results.len() - ok);
+                stored.fetch_add(ok, Ordering::Relaxed);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.context("append worker")??;
+    }
+    Ok(stored.load(Ordering::Relaxed))
+}
+
+/// Polls delivery status until each of `dests` has no lag on any
+/// partition; returns seconds since `since` at which each got there.
+async fn wait_caught_up(
+    client: &Client,
+    dests: &[&str],
+    since: Instant,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut done = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while done.len() < dests.len() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "delivery did not catch up within an hour"
+        );
+        let mut lag: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
+        for (_, statuses) in client.dest_status_all().await {
+            for s in statuses.unwrap_or_default() {
+                if let Some(d) = dests.iter().find(|d| **d == s.dest) {
+                    let e = lag.entry(d).or_default();
+                    e.0 += s.lag_events;
+                    e.1 += 1;
+                }
+            }
+        }
+        let partitions = auditflow_broker::config::DEFAULT_PARTITIONS as usize;
+        for d in dests {
+            if done.contains_key(*d) {
+                continue;
+            }
+            // Every partition reported (by its leader) and none lags.
+            if let Some((0, n)) = lag.get(d) {
+                if *n >= partitions {
+                    done.insert(d.to_string(), since.elapsed().as_secs_f64());
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(done)
+}
+
+/// Resident memory of each node process, KiB.
+fn rss_kib(children: &[tokio::process::Child]) -> Vec<u64> {
+    children
+        .iter()
+        .map(|c| {
+            c.id()
+                .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(0)
+        })
+        .collect()
+}
