@@ -37,6 +37,12 @@ use tables::{
     CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, RAFT_LOG, RAFT_META, SM_META,
 };
 
+/// redb's page cache per node. redb's default is 1 GiB, which a node would
+/// fill as its log grows (a delivery backlog looked like a leak); the hot
+/// set (recent log entries, cursors, the dedup index's recent keys) fits
+/// in far less, and the OS page cache still holds the rest.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A node's database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -51,6 +57,7 @@ impl Store {
     /// naming it; nothing is written to it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
             .create(path)
             .map_err(|source| StoreError::Open {
                 path: path.to_path_buf(),
@@ -66,6 +73,7 @@ impl Store {
         mode: WriterMode,
     ) -> Result<Store, StoreError> {
         let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
             .create_with_backend(backend)
             .map_err(|source| StoreError::Open {
                 path: PathBuf::from(name),
