@@ -7,7 +7,7 @@
 //! from the log. Snapshots are a consistent read of the partition's rows.
 
 use std::io::Cursor;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use auditflow_protocol::StoredEvent;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
@@ -43,7 +43,6 @@ struct SnapshotBody {
     dlq: Vec<(String, u64, Vec<u8>)>,
 }
 
-type CurrentSnapshot = Arc<Mutex<Option<(SnapshotMeta, Arc<Vec<u8>>)>>>;
 
 /// The state machine of one partition.
 pub struct StateMachine {
@@ -52,19 +51,14 @@ pub struct StateMachine {
     writer: StorageWriter,
     dedup_window: u64,
     head: Arc<watch::Sender<u64>>,
-    current: CurrentSnapshot,
 }
 
 /// Builds snapshots of one partition.
 pub struct SnapshotBuilder {
     partition: u32,
     db: Arc<Database>,
-    current: CurrentSnapshot,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Reads a `sm_meta` value in a read transaction.
 pub(crate) fn read_sm_meta<T: serde::de::DeserializeOwned>(
@@ -261,7 +255,6 @@ impl StateMachine {
             writer,
             dedup_window,
             head,
-            current: Arc::default(),
         }
     }
 
@@ -278,11 +271,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (meta, bytes) = build(&self.db, self.partition)
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        let bytes = Arc::new(bytes);
-        *lock(&self.current) = Some((meta.clone(), Arc::clone(&bytes)));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes.as_ref().clone())),
+            snapshot: Box::new(Cursor::new(bytes)),
         })
     }
 }
@@ -381,7 +372,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             partition: self.partition,
             db: Arc::clone(&self.db),
-            current: Arc::clone(&self.current),
         }
     }
 
@@ -446,31 +436,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             })
             .await
             .map_err(err)?;
-        *lock(&self.current) = Some((meta.clone(), Arc::new(bytes)));
         self.head.send_replace(next_offset);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let current = lock(&self.current).clone();
-        let (meta, bytes) = match current {
-            Some((meta, bytes)) => (meta, bytes),
-            None => {
-                // After a restart nothing is cached: build one from the
-                // current state (its metadata matches what it holds).
-                let (meta, bytes) = build(&self.db, self.partition)
-                    .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-                if meta.last_log_id.is_none() {
-                    return Ok(None);
-                }
-                let bytes = Arc::new(bytes);
-                *lock(&self.current) = Some((meta.clone(), Arc::clone(&bytes)));
-                (meta, bytes)
-            }
-        };
+        // Built on demand from the current state rather than kept: a
+        // snapshot holds the partition's events, and keeping one per
+        // partition made a node's memory grow with everything it stored.
+        // A fresher snapshot than the last one built is still a snapshot
+        // of this state machine, and its metadata matches what it holds.
+        let (meta, bytes) = build(&self.db, self.partition)
+            .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        if meta.last_log_id.is_none() {
+            return Ok(None);
+        }
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes.as_ref().clone())),
+            snapshot: Box::new(Cursor::new(bytes)),
         }))
     }
 }
