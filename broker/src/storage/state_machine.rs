@@ -43,7 +43,6 @@ struct SnapshotBody {
     dlq: Vec<(String, u64, Vec<u8>)>,
 }
 
-
 /// The state machine of one partition.
 pub struct StateMachine {
     partition: u32,
@@ -58,7 +57,6 @@ pub struct SnapshotBuilder {
     partition: u32,
     db: Arc<Database>,
 }
-
 
 /// Reads a `sm_meta` value in a read transaction.
 pub(crate) fn read_sm_meta<T: serde::de::DeserializeOwned>(
