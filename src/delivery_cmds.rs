@@ -24,6 +24,32 @@ pub enum DestCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add (or replace) a run-time destination from a TOML (or `.json`)
+    /// file holding one destination, in the shape of a `[[destinations]]`
+    /// entry of `node.toml`. Replicated to every node; delivery starts
+    /// from offset 0 of every partition (or from its kept cursor).
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The destination's settings.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+    /// Remove a run-time destination (its cursors and DLQ are kept).
+    Remove {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Destination.
+        dest: String,
+    },
+    /// Every destination, with its sink kind and where it was defined.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `auditflow dlq ...`
@@ -119,9 +145,64 @@ fn time_arg(name: &str, v: &Option<String>) -> anyhow::Result<Option<Timestamp>>
         .transpose()
 }
 
+/// Reads one destination's settings from a TOML or JSON file as JSON.
+fn destination_json(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let value: serde_json::Value = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    } else {
+        let v: toml::Value =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        serde_json::to_value(v)?
+    };
+    Ok(value.to_string())
+}
+
 /// Runs `auditflow dest ...`.
 pub fn dest(cmd: DestCommand) -> anyhow::Result<ExitCode> {
-    let DestCommand::Status { config, json } = cmd;
+    let (config, json) = match cmd {
+        DestCommand::Status { config, json } => (config, json),
+        DestCommand::Add { config, file } => {
+            let settings = destination_json(&file)?;
+            let cfg = config.load()?;
+            return runtime()?.block_on(async move {
+                let client = Client::connect(cfg).await?;
+                client.dest_add(&settings).await?;
+                println!("added; every node starts delivering within a second");
+                Ok(ExitCode::SUCCESS)
+            });
+        }
+        DestCommand::Remove { config, dest } => {
+            let cfg = config.load()?;
+            return runtime()?.block_on(async move {
+                let client = Client::connect(cfg).await?;
+                if client.dest_remove(&dest).await? {
+                    println!("removed {dest:?}; its cursors and DLQ are kept");
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("no run-time destination {dest:?}");
+                    Ok(ExitCode::FAILURE)
+                }
+            });
+        }
+        DestCommand::List { config, json } => {
+            let cfg = config.load()?;
+            return runtime()?.block_on(async move {
+                let client = Client::connect(cfg).await?;
+                let list = client.dest_list().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    for d in &list {
+                        let from = if d.runtime { "run-time" } else { "node.toml" };
+                        println!("{:<24} {:<14} {from}", d.name, d.kind);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            });
+        }
+    };
     let cfg = config.load()?;
     runtime()?.block_on(async move {
         let client = Client::connect(cfg).await?;

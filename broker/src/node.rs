@@ -82,6 +82,9 @@ pub struct NodeShared {
     pub board: crate::delivery::status::StatusBoard,
     /// Wall clock.
     pub clock: Arc<dyn Clock>,
+    /// Destinations this node delivers to: `node.toml`'s and the run-time
+    /// catalog's, kept current by [`crate::delivery::catalog::follow`].
+    pub destinations: tokio::sync::watch::Receiver<crate::delivery::catalog::Destinations>,
 }
 
 impl NodeShared {
@@ -241,9 +244,20 @@ pub async fn start(
         });
     }
     let board = crate::delivery::status::StatusBoard::default();
+    let statics: Vec<Arc<crate::delivery::DestinationConfig>> =
+        config.destinations.iter().cloned().map(Arc::new).collect();
+    let (destinations_tx, destinations) = tokio::sync::watch::channel(Arc::new(statics.clone()));
+    let catalog = auditflow_protocol::delivery::CATALOG_PARTITION as usize;
+    if let Some(handle) = partitions.get(catalog) {
+        actix_rt::spawn(crate::delivery::catalog::follow(
+            handle.reader.clone(),
+            statics,
+            destinations_tx,
+        ));
+    }
     let delivery = crate::delivery::supervisor::DeliveryContext {
         node: config.id,
-        destinations: Arc::new(config.destinations.iter().cloned().map(Arc::new).collect()),
+        destinations: destinations.clone(),
         board: board.clone(),
         clock: Arc::clone(&clock),
         sinks,
@@ -263,6 +277,7 @@ pub async fn start(
         partitions,
         board,
         clock,
+        destinations,
     }))
 }
 

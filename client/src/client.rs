@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use auditflow_protocol::delivery::{DestinationStatus, DlqEntry, RedriveSelection};
+use auditflow_protocol::delivery::{
+    DestinationInfo, DestinationStatus, DlqEntry, RedriveSelection, CATALOG_PARTITION,
+};
 use auditflow_protocol::frame::{self, DEFAULT_MAX_FRAME_BYTES};
 use auditflow_protocol::partition::partition_of;
 use auditflow_protocol::wire::{
@@ -629,6 +631,38 @@ impl Client {
         }
     }
 
+    /// Adds (or replaces) a run-time destination, given as the JSON of a
+    /// `[[destinations]]` entry; replicated to every node.
+    pub async fn dest_add(&self, config_json: &str) -> Result<(), ClientError> {
+        let request = Request::DestAdd {
+            config_json: config_json.into(),
+        };
+        match self.to_leader(CATALOG_PARTITION, &request).await? {
+            (_, Response::Done { .. }) => Ok(()),
+            (addr, other) => Err(unexpected(&addr, &other)),
+        }
+    }
+
+    /// Removes a run-time destination; returns whether it existed.
+    pub async fn dest_remove(&self, dest: &str) -> Result<bool, ClientError> {
+        let request = Request::DestRemove { dest: dest.into() };
+        match self.to_leader(CATALOG_PARTITION, &request).await? {
+            (_, Response::Done { count }) => Ok(count > 0),
+            (addr, other) => Err(unexpected(&addr, &other)),
+        }
+    }
+
+    /// Every destination, as the catalog partition's leader sees them.
+    pub async fn dest_list(&self) -> Result<Vec<DestinationInfo>, ClientError> {
+        match self
+            .to_leader(CATALOG_PARTITION, &Request::DestList)
+            .await?
+        {
+            (_, Response::Destinations(list)) => Ok(list),
+            (addr, other) => Err(unexpected(&addr, &other)),
+        }
+    }
+
     /// Re-delivers `partition` to `dest` from `from`; returns the new
     /// cursor.
     pub async fn replay(
@@ -805,6 +839,7 @@ fn unexpected(addr: &str, response: &Response) -> ClientError {
         Response::DestStatus(_) => "DestStatus",
         Response::Dlq(_) => "Dlq",
         Response::Done { .. } => "Done",
+        Response::Destinations(_) => "Destinations",
         Response::Error(_) => "Error",
     };
     ClientError::Unexpected {

@@ -80,6 +80,22 @@ impl RedriveSelection {
     }
 }
 
+/// The partition whose Raft group replicates the run-time destination
+/// catalog. Every node replicates every partition, so every node has it.
+pub const CATALOG_PARTITION: u32 = 0;
+
+/// One destination, as `dest list` shows it. Settings are not included:
+/// they can hold secrets (signing keys, passwords, the masking key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationInfo {
+    /// Name.
+    pub name: String,
+    /// Sink kind (`webhook`, `file`, ...).
+    pub kind: String,
+    /// Added at run time (`true`) or from `node.toml` (`false`).
+    pub runtime: bool,
+}
+
 /// Delivery state of one (destination, partition), as its leader sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestinationStatus {

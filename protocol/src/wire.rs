@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::{DestinationStatus, DlqEntry, RedriveSelection};
+use crate::delivery::{DestinationInfo, DestinationStatus, DlqEntry, RedriveSelection};
 use crate::event::{Event, Hash32, StoredEvent, Timestamp};
 use crate::validate::{Limits, ValidationError};
 
@@ -75,6 +75,21 @@ pub enum Request {
         /// Where to start.
         from: ReplayFrom,
     },
+    /// Add (or replace) a run-time destination, replicated through the
+    /// catalog partition (to its leader). Its settings as JSON, in the
+    /// shape of a `[[destinations]]` entry of `node.toml`.
+    DestAdd {
+        /// The destination's configuration as JSON.
+        config_json: String,
+    },
+    /// Remove a run-time destination (to the catalog partition's leader).
+    /// Its cursors and DLQ entries are kept: adding it again resumes.
+    DestRemove {
+        /// Destination.
+        dest: String,
+    },
+    /// Every destination this node delivers to.
+    DestList,
 }
 
 /// Where a replay starts.
@@ -107,6 +122,8 @@ pub enum Response {
         /// Entries marked (redrive) or the new cursor (replay).
         count: u64,
     },
+    /// Destinations, by name.
+    Destinations(Vec<DestinationInfo>),
     /// The request as a whole failed.
     Error(RequestError),
 }

@@ -49,6 +49,19 @@ pub enum DeliveryCommand {
         /// New cursor.
         next_offset: u64,
     },
+    /// Add or replace a run-time destination in the catalog (applied by
+    /// the catalog partition only).
+    PutDestination {
+        /// Destination.
+        dest: String,
+        /// Its configuration as JSON (checked before it was proposed).
+        config_json: String,
+    },
+    /// Remove a run-time destination from the catalog.
+    RemoveDestination {
+        /// Destination.
+        dest: String,
+    },
 }
 
 impl DeliveryCommand {
@@ -59,7 +72,9 @@ impl DeliveryCommand {
             | DeliveryCommand::Park { dest, .. }
             | DeliveryCommand::Redrive { dest, .. }
             | DeliveryCommand::Resolve { dest, .. }
-            | DeliveryCommand::SetCursor { dest, .. } => dest,
+            | DeliveryCommand::SetCursor { dest, .. }
+            | DeliveryCommand::PutDestination { dest, .. }
+            | DeliveryCommand::RemoveDestination { dest } => dest,
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod actor;
 pub mod backoff;
 pub mod breaker;
+pub mod catalog;
 pub mod config;
 pub mod dlq;
 pub mod filter;

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use actix::{Actor, Addr};
 use openraft::ServerState;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::actor::{DeliveryActor, Pipeline, StopDelivery};
+use super::catalog::Destinations;
 use super::config::DestinationConfig;
 use super::status::StatusBoard;
 use crate::clock::Clock;
@@ -38,8 +40,8 @@ pub fn real_sinks() -> SinkFactory {
 pub struct DeliveryContext {
     /// This node.
     pub node: NodeId,
-    /// The destinations.
-    pub destinations: Arc<Vec<Arc<DestinationConfig>>>,
+    /// The destinations (static and run-time), as they change.
+    pub destinations: watch::Receiver<Destinations>,
     /// Live status.
     pub board: StatusBoard,
     /// Wall clock for records.
@@ -52,10 +54,8 @@ pub struct DeliveryContext {
 /// Must run on the actix system (it starts actors): spawn it with
 /// `actix_rt::spawn`.
 pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader: PartitionReader) {
-    if ctx.destinations.is_empty() {
-        return;
-    }
     let mut metrics = raft.metrics();
+    let mut destinations = ctx.destinations.clone();
     let mut running: Vec<(Arc<DestinationConfig>, Addr<DeliveryActor>)> = Vec::new();
     loop {
         let (leader, shutdown) = {
@@ -68,12 +68,23 @@ pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader:
         if shutdown {
             break;
         }
+        let wanted: Destinations = destinations.borrow_and_update().clone();
+        // Removed or changed destinations stop; a changed one starts again
+        // below with its new settings, from the replicated cursor.
+        running.retain(|(dest, addr)| {
+            let keep = wanted.iter().any(|d| d == dest);
+            if !keep {
+                info!(dest = %dest.name, partition, "destination removed or changed: stopping delivery");
+                addr.do_send(StopDelivery);
+                ctx.board.remove(&dest.name, partition);
+            }
+            keep
+        });
         if leader {
             // Supervision: forget actors that died (a panic outside the
             // sink), so they are started again below.
             running.retain(|(_, addr)| addr.connected());
-            let missing: Vec<Arc<DestinationConfig>> = ctx
-                .destinations
+            let missing: Vec<Arc<DestinationConfig>> = wanted
                 .iter()
                 .filter(|d| !running.iter().any(|(r, _)| r.name == d.name))
                 .cloned()
@@ -111,6 +122,9 @@ pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader:
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { break },
+            // A closed channel disables this branch: the Raft metrics
+            // end the loop when the node shuts down.
+            Ok(()) = destinations.changed() => {}
             _ = tokio::time::sleep(RECHECK) => {}
         }
     }

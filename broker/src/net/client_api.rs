@@ -46,7 +46,10 @@ pub async fn handle(node: &NodeShared, request: Request) -> Response {
         Request::DestStatus
         | Request::DlqList { .. }
         | Request::Redrive { .. }
-        | Request::Replay { .. } => super::delivery_api::handle(node, request).await,
+        | Request::Replay { .. }
+        | Request::DestAdd { .. }
+        | Request::DestRemove { .. }
+        | Request::DestList => super::delivery_api::handle(node, request).await,
     }
 }
 

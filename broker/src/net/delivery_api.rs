@@ -1,10 +1,11 @@
 //! Client requests about delivery: status, DLQ listing, redrive, replay.
 
-use auditflow_protocol::delivery::DestinationStatus;
+use auditflow_protocol::delivery::{DestinationInfo, DestinationStatus, CATALOG_PARTITION};
 use auditflow_protocol::wire::{ReplayFrom, Request, RequestError, Response};
 use openraft::error::{ClientWriteError, RaftError};
 
 use crate::delivery::breaker::BreakerState;
+use crate::delivery::catalog;
 use crate::delivery::dlq::DeliveryCommand;
 use crate::node::NodeShared;
 use crate::partition::{Command, CommandResponse};
@@ -45,6 +46,9 @@ pub async fn handle(node: &NodeShared, request: Request) -> Response {
             }
             Err(e) => Err(e),
         },
+        Request::DestAdd { config_json } => dest_add(node, &config_json).await,
+        Request::DestRemove { dest } => dest_remove(node, dest).await,
+        Request::DestList => Ok(Response::Destinations(dest_list(node))),
         _ => Err(RequestError::BadRequest {
             reason: "not a delivery request".into(),
         }),
@@ -53,19 +57,67 @@ pub async fn handle(node: &NodeShared, request: Request) -> Response {
 }
 
 fn known_dest(node: &NodeShared, dest: &str) -> Result<(), RequestError> {
-    if node.config.destinations.iter().any(|d| d.name == dest) {
+    let destinations = node.destinations.borrow().clone();
+    if destinations.iter().any(|d| d.name == dest) {
         Ok(())
     } else {
-        let names: Vec<&str> = node
-            .config
-            .destinations
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect();
+        let names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
         Err(RequestError::BadRequest {
             reason: format!("unknown destination {dest:?}; configured: {names:?}"),
         })
     }
+}
+
+fn is_static(node: &NodeShared, dest: &str) -> bool {
+    node.config.destinations.iter().any(|d| d.name == dest)
+}
+
+/// Checks a run-time destination and proposes it to the catalog.
+async fn dest_add(node: &NodeShared, config_json: &str) -> Result<Response, RequestError> {
+    let dest = catalog::parse(config_json).map_err(|reason| RequestError::BadRequest { reason })?;
+    if is_static(node, &dest.name) {
+        return Err(RequestError::BadRequest {
+            reason: format!(
+                "destination {:?} is defined in node.toml; change it there",
+                dest.name
+            ),
+        });
+    }
+    // Stored as re-serialised settings: what every replica parses back.
+    let config_json = serde_json::to_string(&dest).map_err(internal)?;
+    let cmd = DeliveryCommand::PutDestination {
+        dest: dest.name.clone(),
+        config_json,
+    };
+    propose_unchecked(node, CATALOG_PARTITION, cmd)
+        .await
+        .map(|(_, touched)| Response::Done { count: touched })
+}
+
+/// Removes a run-time destination from the catalog.
+async fn dest_remove(node: &NodeShared, dest: String) -> Result<Response, RequestError> {
+    if is_static(node, &dest) {
+        return Err(RequestError::BadRequest {
+            reason: format!("destination {dest:?} is defined in node.toml; remove it there"),
+        });
+    }
+    let cmd = DeliveryCommand::RemoveDestination { dest };
+    propose_unchecked(node, CATALOG_PARTITION, cmd)
+        .await
+        .map(|(_, touched)| Response::Done { count: touched })
+}
+
+/// Every destination this node delivers to.
+fn dest_list(node: &NodeShared) -> Vec<DestinationInfo> {
+    node.destinations
+        .borrow()
+        .iter()
+        .map(|d| DestinationInfo {
+            name: d.name.clone(),
+            kind: d.sink.kind().to_string(),
+            runtime: !is_static(node, &d.name),
+        })
+        .collect()
 }
 
 fn internal(e: impl std::fmt::Display) -> RequestError {
@@ -165,6 +217,15 @@ async fn propose(
     cmd: DeliveryCommand,
 ) -> Result<(u64, u64), RequestError> {
     known_dest(node, cmd.dest())?;
+    propose_unchecked(node, partition, cmd).await
+}
+
+/// Proposes a delivery command on the partition's leader.
+async fn propose_unchecked(
+    node: &NodeShared,
+    partition: u32,
+    cmd: DeliveryCommand,
+) -> Result<(u64, u64), RequestError> {
     node.require_leader(partition)?;
     let handle = node.partition(partition)?;
     match handle.raft.client_write(Command::Delivery(cmd)).await {

@@ -183,6 +183,17 @@ pub struct PartitionReader {
 }
 
 impl PartitionReader {
+    /// The run-time destination catalog as applied on this node's replica
+    /// (`(name, config JSON)`, by name); empty except in the catalog
+    /// partition.
+    pub fn catalog(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(
+            state_machine::read_sm_meta(&txn, self.partition, tables::KEY_CATALOG)?
+                .unwrap_or_default(),
+        )
+    }
+
     /// The partition's head as applied on this node.
     pub fn head(&self) -> Result<PartitionHead, StoreError> {
         read_head(&self.db, self.partition)

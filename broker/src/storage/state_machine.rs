@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::log_store::raft_err;
 use super::tables::{
-    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_HEAD, KEY_MEMBERSHIP, SM_META,
+    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_HEAD, KEY_MEMBERSHIP, SM_META,
 };
 use super::writer::StorageWriter;
 use super::StoreError;
@@ -41,6 +41,8 @@ struct SnapshotBody {
     cursors: Vec<(String, u64)>,
     /// DLQ rows: destination, offset, stored entry.
     dlq: Vec<(String, u64, Vec<u8>)>,
+    /// The run-time destination catalog (catalog partition; else empty).
+    catalog: Vec<(String, String)>,
 }
 
 /// The state machine of one partition.
@@ -183,6 +185,30 @@ fn apply_delivery(
     partition: u32,
     cmd: &DeliveryCommand,
 ) -> Result<CommandResponse, StoreError> {
+    match cmd {
+        DeliveryCommand::PutDestination { dest, config_json } => {
+            let mut catalog: Vec<(String, String)> =
+                get_sm_meta(txn, partition, KEY_CATALOG)?.unwrap_or_default();
+            catalog.retain(|(name, _)| name != dest);
+            catalog.push((dest.clone(), config_json.clone()));
+            catalog.sort();
+            put_sm_meta(txn, partition, KEY_CATALOG, &catalog)?;
+            return Ok(CommandResponse::Delivery {
+                cursor: 0,
+                touched: 1,
+            });
+        }
+        DeliveryCommand::RemoveDestination { dest } => {
+            let mut catalog: Vec<(String, String)> =
+                get_sm_meta(txn, partition, KEY_CATALOG)?.unwrap_or_default();
+            let before = catalog.len();
+            catalog.retain(|(name, _)| name != dest);
+            let touched = (before - catalog.len()) as u64;
+            put_sm_meta(txn, partition, KEY_CATALOG, &catalog)?;
+            return Ok(CommandResponse::Delivery { cursor: 0, touched });
+        }
+        _ => {}
+    }
     let dest = cmd.dest();
     let mut cursors = txn.open_table(CURSORS)?;
     let mut dlq = txn.open_table(DLQ)?;
@@ -232,6 +258,8 @@ fn apply_delivery(
                 }
             }
         }
+        // Handled above.
+        DeliveryCommand::PutDestination { .. } | DeliveryCommand::RemoveDestination { .. } => {}
     }
     if cursor != current {
         cursors.insert((partition, dest), cursor)?;
@@ -290,6 +318,7 @@ fn build(db: &Database, partition: u32) -> Result<(SnapshotMeta, Vec<u8>), Store
         dedup: Vec::new(),
         cursors: Vec::new(),
         dlq: Vec::new(),
+        catalog: read_sm_meta(&txn, partition, KEY_CATALOG)?.unwrap_or_default(),
     };
     let cursors = txn.open_table(CURSORS)?;
     for row in cursors.range((partition, "")..(partition + 1, ""))? {
@@ -428,6 +457,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
                 put_sm_meta(txn, p, KEY_HEAD, &body.head)?;
+                put_sm_meta(txn, p, KEY_CATALOG, &body.catalog)?;
                 put_sm_meta(txn, p, KEY_APPLIED, &applied)?;
                 put_sm_meta(txn, p, KEY_MEMBERSHIP, &membership)?;
                 Ok(())

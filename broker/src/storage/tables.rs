@@ -57,6 +57,9 @@ pub const KEY_APPLIED: &str = "applied";
 pub const KEY_MEMBERSHIP: &str = "membership";
 /// `sm_meta` key of the partition head.
 pub const KEY_HEAD: &str = "head";
+/// `sm_meta` key (catalog partition only): the run-time destinations, as
+/// `Vec<(name, config JSON)>` sorted by name.
+pub const KEY_CATALOG: &str = "catalog";
 
 /// Encodes a stored value.
 pub fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
