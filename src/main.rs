@@ -56,14 +56,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A simulation restarts thousands of simulated nodes: their info logs
+    // would bury the report, and the trace already tells what happened.
+    let default_filter = match cli.command {
+        Command::Sim(_) => "error",
+        _ => "warn,auditflow=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AUDITFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,auditflow=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(a) => up::run(a),
         Command::Node(a) => node::run(a),

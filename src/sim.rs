@@ -27,6 +27,9 @@ pub struct SimArgs {
     /// No faults (a baseline).
     #[arg(long)]
     no_faults: bool,
+    /// Lines of the trace printed for a failing (or single) seed.
+    #[arg(long, default_value_t = 200)]
+    trace_lines: usize,
 }
 
 /// Runs the simulator.
@@ -36,6 +39,7 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
         o.duration = Duration::from_secs(args.duration);
         o.partitions = args.partitions;
         o.faults = !args.no_faults;
+        o.trace_lines = args.trace_lines;
         o
     };
     let replay = |seed: u64| {
@@ -59,9 +63,11 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
         simulated += report.simulated;
         let ok = report.violations.is_empty();
         println!(
-            "seed {seed}: {} acked {} faults {} messages {} simulated {:.1}s real {:.2}s trace {}",
+            "seed {seed}: {} acked {} delivered {} (sends {}) faults {} messages {} simulated {:.1}s real {:.2}s trace {}",
             if ok { "ok  " } else { "FAIL" },
             report.acked,
+            report.deliveries,
+            report.sink_sends,
             report.faults,
             report.messages,
             report.simulated.as_secs_f64(),

@@ -6,11 +6,21 @@
 //!   its hash.
 //! - G5: no id is stored twice in a partition.
 //! - G6: every replica's hash chain verifies, and replicas are identical.
-//! - Liveness: once faults heal, every partition converges.
+//! - Liveness: once faults heal, every partition converges, and every
+//!   destination's cursor reaches the head of every partition.
+//! - G2: every stored event a destination's filter matches reached that
+//!   destination's endpoint or sits in its DLQ with a reason and attempt
+//!   history; events the endpoint refuses are in the DLQ and were never
+//!   accepted; events the filter excludes were never sent.
+//! - G4: per destination and partition, the first arrivals of event ids
+//!   are in increasing offset order, and an id never arrives with two
+//!   different offsets (or an offset that stores another event).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use auditflow_broker::delivery::dlq::DlqEntry;
+use auditflow_broker::delivery::DestinationConfig;
 use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::StoredEvent;
 use openraft::ServerState;
@@ -19,6 +29,12 @@ use crate::world::World;
 
 /// Longest the cluster may take to converge after faults heal.
 const SETTLE: Duration = Duration::from_secs(60);
+/// Longest delivery may take to catch up once the cluster converged: the
+/// backlog of a whole run drains in seconds with the sim's short retry
+/// settings, so this only bounds a stuck destination.
+const DELIVERY_SETTLE: Duration = Duration::from_secs(120);
+/// Violations reported per kind before only counting them.
+const REPORTED: usize = 5;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -103,6 +119,64 @@ fn converged(world: &World) -> bool {
     true
 }
 
+/// Waits until, on every node, every destination's cursor has reached
+/// the head of every partition: all delivered or parked.
+pub(crate) async fn settle_delivery(world: &World) {
+    let start = world.now();
+    loop {
+        reap_failed(world).await;
+        let behind = match delivery_done(world) {
+            Ok(None) => {
+                world.trace("delivery settled".into());
+                return;
+            }
+            Ok(Some(behind)) => behind,
+            Err(e) => {
+                world.violation(format!("delivery state unreadable: {e}"));
+                return;
+            }
+        };
+        if world.now() - start > DELIVERY_SETTLE {
+            world.violation(format!(
+                "liveness: delivery not finished within {DELIVERY_SETTLE:?} after convergence ({behind})"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn destinations(world: &World) -> Vec<DestinationConfig> {
+    world
+        .configs
+        .values()
+        .next()
+        .map(|c| c.destinations.clone())
+        .unwrap_or_default()
+}
+
+/// `None` once every cursor reached its head, else where one is behind.
+fn delivery_done(world: &World) -> Result<Option<String>, String> {
+    let dests = destinations(world);
+    for id in world.ids() {
+        let node = world.net.node(id).ok_or("node down")?;
+        for (i, p) in node.partitions.iter().enumerate() {
+            let head = p.reader.head().map_err(|e| e.to_string())?.next_offset;
+            for d in &dests {
+                let cursor = p.reader.cursor(&d.name).map_err(|e| e.to_string())?;
+                if cursor < head {
+                    let m = p.raft.metrics().borrow().clone();
+                    return Ok(Some(format!(
+                        "node {id} p{i}: {} cursor {cursor}, head {head}; raft {:?} leader {:?} applied {:?} log {:?}",
+                        d.name, m.state, m.current_leader, m.last_applied, m.last_log_index
+                    )));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn read_all(world: &World, node: u64, p: usize) -> Result<Vec<StoredEvent>, String> {
     let shared = world.net.node(node).ok_or("node down")?;
     let reader = &shared.partitions[p].reader;
@@ -181,11 +255,158 @@ pub(crate) async fn check(world: &World) {
     if lost > 5 {
         world.violation(format!("G1: {lost} acknowledged events lost in all"));
     }
+    check_delivery(world, &reference);
     for (p, events) in &reference {
         let last = events.last().map(|e| e.hash.to_hex()).unwrap_or_default();
         world.trace(format!(
             "final p{p}: {} events, head hash {last}",
             events.len()
+        ));
+    }
+}
+
+/// Counts violations of one kind and reports the first few.
+struct Tally<'a> {
+    world: &'a World,
+    kind: &'static str,
+    count: usize,
+}
+
+impl<'a> Tally<'a> {
+    fn new(world: &'a World, kind: &'static str) -> Tally<'a> {
+        Tally {
+            world,
+            kind,
+            count: 0,
+        }
+    }
+
+    fn report(&mut self, text: String) {
+        self.count += 1;
+        if self.count <= REPORTED {
+            self.world.violation(format!("{}: {text}", self.kind));
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if self.count > REPORTED {
+            self.world
+                .violation(format!("{}: {} violations in all", self.kind, self.count));
+        }
+    }
+}
+
+/// G2 and G4 against what the simulated endpoints recorded, the stored
+/// events (`reference`, identical on every replica by now) and each
+/// destination's DLQ as the first node's state machine holds it.
+fn check_delivery(world: &World, reference: &BTreeMap<usize, Vec<StoredEvent>>) {
+    let arrivals = world.sinks.arrivals();
+    let Some(reader_node) = world.ids().first().and_then(|id| world.net.node(*id)) else {
+        world.violation("G2: no node to read the DLQ from".into());
+        return;
+    };
+    for dest in destinations(world) {
+        let name = dest.name.as_str();
+        let mut g2 = Tally::new(world, "G2");
+        let mut g4 = Tally::new(world, "G4");
+        // G4: first arrivals in offset order; one offset per id.
+        let mut delivered: BTreeSet<(u32, u64)> = BTreeSet::new();
+        let mut offset_of: BTreeMap<&str, (u32, u64)> = BTreeMap::new();
+        let mut last_first: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut count = 0usize;
+        for a in arrivals.iter().filter(|a| &*a.dest == name) {
+            count += 1;
+            let at = (a.partition, a.offset);
+            let stored = reference
+                .get(&(a.partition as usize))
+                .and_then(|events| events.get(a.offset as usize))
+                .map(|e| e.event.id.as_str());
+            if stored != Some(a.event_id.as_str()) {
+                g4.report(format!(
+                    "{name} received {} as p{} o{}, where the log stores {stored:?}",
+                    a.event_id, a.partition, a.offset
+                ));
+            }
+            match offset_of.get(a.event_id.as_str()) {
+                Some(prev) if *prev != at => g4.report(format!(
+                    "{name} received {} as p{} o{} and as p{} o{}",
+                    a.event_id, prev.0, prev.1, a.partition, a.offset
+                )),
+                Some(_) => {}
+                None => {
+                    offset_of.insert(&a.event_id, at);
+                    if let Some(last) = last_first.insert(a.partition, a.offset) {
+                        if last >= a.offset {
+                            g4.report(format!(
+                                "{name} p{}: {} (o{}) first arrived after o{last}",
+                                a.partition, a.event_id, a.offset
+                            ));
+                        }
+                    }
+                }
+            }
+            delivered.insert(at);
+        }
+        // G2: every matching stored event delivered or parked.
+        let mut parked = 0usize;
+        for (p, events) in reference {
+            let dlq: BTreeMap<u64, DlqEntry> =
+                match reader_node.partitions[*p].reader.dlq(name, 0, usize::MAX) {
+                    Ok(entries) => entries.into_iter().collect(),
+                    Err(e) => {
+                        g2.report(format!("{name} p{p}: DLQ unreadable: {e}"));
+                        continue;
+                    }
+                };
+            parked += dlq.len();
+            for e in events {
+                let at = (*p as u32, e.offset);
+                let id = e.event.id.as_str();
+                let was_delivered = delivered.contains(&at);
+                if !dest.filter.matches(&e.event) {
+                    if was_delivered {
+                        g2.report(format!(
+                            "{name} received {id} (p{p} o{}), which its filter excludes",
+                            e.offset
+                        ));
+                    }
+                    continue;
+                }
+                let entry = dlq.get(&e.offset).filter(|d| d.event_id == id);
+                if let Some(entry) = entry {
+                    if entry.reason.is_empty() || entry.attempts.is_empty() {
+                        g2.report(format!(
+                            "{name}: DLQ entry of {id} (p{p} o{}) lacks a reason or attempts",
+                            e.offset
+                        ));
+                    }
+                }
+                if world.sinks.refuses(name, id) {
+                    if entry.is_none() {
+                        g2.report(format!(
+                            "{name} refuses {id} (p{p} o{}) but it is not in the DLQ",
+                            e.offset
+                        ));
+                    }
+                    if was_delivered {
+                        g2.report(format!(
+                            "{name} refuses {id} (p{p} o{}) but recorded it",
+                            e.offset
+                        ));
+                    }
+                } else if !was_delivered && entry.is_none() {
+                    g2.report(format!(
+                        "{name}: {id} (p{p} o{}) neither delivered nor in the DLQ",
+                        e.offset
+                    ));
+                }
+            }
+        }
+        world.trace(format!(
+            "delivery {name}: {count} arrivals, {} distinct, {parked} parked",
+            delivered.len()
         ));
     }
 }

@@ -92,6 +92,14 @@ impl SimDisk {
         self.lock().fail_syncs = n;
     }
 
+    /// Cancels write and sync failures still armed: the faults of a run
+    /// end when it heals, even on a disk that did no I/O since.
+    pub fn heal(&self) {
+        let mut s = self.lock();
+        s.fail_writes = 0;
+        s.fail_syncs = 0;
+    }
+
     /// Syncs so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs

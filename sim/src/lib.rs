@@ -5,12 +5,16 @@
 //! - [`disk`]: redb over a simulated disk that loses unsynced writes when
 //!   its node crashes, and fails on request.
 //! - [`net`]: the simulated network for Raft RPCs and client requests.
+//! - [`sink`]: the simulated endpoints the real delivery engine delivers
+//!   to, with seeded outages, slowness, errors and refusals, and the
+//!   recorder of what they accepted.
 //! - [`world`]: one run: nodes, the client workload, the fault injector.
 //! - `checker`: the guarantees checked after the run.
 
 mod checker;
 pub mod disk;
 pub mod net;
+pub mod sink;
 pub mod world;
 
 pub use world::{run, Report, SimOptions};

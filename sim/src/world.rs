@@ -9,9 +9,14 @@ use std::time::Duration;
 
 use auditflow_broker::clock::Clock;
 use auditflow_broker::config::{NodeConfig, PeerConfig, RaftTuning, TlsConfig};
+use auditflow_broker::delivery::backoff::RetryPolicy;
+use auditflow_broker::delivery::breaker::BreakerPolicy;
+use auditflow_broker::delivery::mask::{MaskAction, MaskRule};
+use auditflow_broker::delivery::{DestinationConfig, Filter};
 use auditflow_broker::node::{self, NodeShared};
 use auditflow_broker::partition::actor::Shutdown;
 use auditflow_broker::partition::NodeId;
+use auditflow_broker::sinks::SinkConfig;
 use auditflow_broker::storage::{Store, WriterMode};
 use auditflow_protocol::partition::partition_of;
 use auditflow_protocol::wire::{AppendResult, Request, RequestError, Response};
@@ -24,6 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::checker;
 use crate::disk::SimDisk;
 use crate::net::{NetConfig, SimNet};
+use crate::sink::{sim_sinks, Refusal, SimSinks, SinkHook};
 
 /// What a run does.
 #[derive(Clone)]
@@ -43,6 +49,11 @@ pub struct SimOptions {
     /// Sees every client request and may answer it instead of the
     /// cluster (tests plug in a broken node that acks before commit).
     pub client_hook: Option<ClientHook>,
+    /// Builds the sink factory of every node from the run's simulated
+    /// endpoints (tests plug in a broken sink here).
+    pub sinks: SinkHook,
+    /// How many of the trace's last lines the report keeps.
+    pub trace_lines: usize,
 }
 
 /// See [`SimOptions::client_hook`]: given the request, returns `Some`
@@ -61,6 +72,8 @@ impl SimOptions {
             faults: true,
             disk: Arc::new(|_| SimDisk::default()),
             client_hook: None,
+            sinks: sim_sinks(),
+            trace_lines: 200,
         }
     }
 }
@@ -82,6 +95,10 @@ pub struct Report {
     pub messages: u64,
     /// Simulated time of the whole run, quiet period included.
     pub simulated: Duration,
+    /// Deliveries the simulated endpoints accepted (duplicates included).
+    pub deliveries: usize,
+    /// Sends to the simulated endpoints (accepted or not).
+    pub sink_sends: u64,
     /// The last lines of the trace, for a failing seed.
     pub trace_tail: Vec<String>,
 }
@@ -101,20 +118,29 @@ impl Clock for SimClock {
 }
 
 /// The trace: every line is hashed; the last ones are kept for printing.
-#[derive(Default)]
 pub(crate) struct Trace {
     hasher: Sha256,
     tail: std::collections::VecDeque<String>,
+    keep: usize,
 }
 
-const TRACE_TAIL: usize = 200;
-
 impl Trace {
+    fn new(keep: usize) -> Trace {
+        Trace {
+            hasher: Sha256::new(),
+            tail: std::collections::VecDeque::new(),
+            keep,
+        }
+    }
+
     pub(crate) fn line(&mut self, at: Duration, text: String) {
         let line = format!("{:>9.3}s {text}", at.as_secs_f64());
         self.hasher.update(line.as_bytes());
         self.hasher.update(b"\n");
-        if self.tail.len() == TRACE_TAIL {
+        if self.keep == 0 {
+            return;
+        }
+        if self.tail.len() == self.keep {
             self.tail.pop_front();
         }
         self.tail.push_back(line);
@@ -138,7 +164,12 @@ pub(crate) struct World {
     pub stores: Mutex<BTreeMap<NodeId, Store>>,
     pub clock: Arc<SimClock>,
     pub rng: Mutex<StdRng>,
-    pub trace: Mutex<Trace>,
+    /// Shared with the simulated sinks, which trace their sends.
+    pub trace: Arc<Mutex<Trace>>,
+    /// The destinations' simulated endpoints and what they received.
+    pub sinks: SimSinks,
+    /// What every node builds its sinks with.
+    pub sink_factory: auditflow_broker::delivery::supervisor::SinkFactory,
     pub acked: Mutex<BTreeMap<String, Acked>>,
     /// Events ever sent, by id (to re-send the same content).
     pub sent: Mutex<Vec<Event>>,
@@ -197,7 +228,7 @@ impl World {
             &store,
             Arc::new(self.net.transport(id)),
             self.clock.clone(),
-            auditflow_broker::delivery::supervisor::real_sinks(),
+            Arc::clone(&self.sink_factory),
         )
         .await
         .map_err(|e| format!("node {id} cannot start: {e}"))?;
@@ -276,6 +307,8 @@ pub fn run(opts: &SimOptions) -> Report {
                 faults: 0,
                 messages: 0,
                 simulated: Duration::ZERO,
+                deliveries: 0,
+                sink_sends: 0,
                 trace_tail: Vec::new(),
             }
         }
@@ -314,8 +347,78 @@ fn node_config(id: NodeId, partitions: u32) -> NodeConfig {
             max_in_snapshot_log_to_keep: 20,
         },
         limits: Limits::default(),
-        destinations: Vec::new(),
+        destinations: destinations().into_iter().map(|(d, _)| d).collect(),
     }
+}
+
+/// The run's destinations and how their endpoints refuse events: `siem`
+/// wants three of the seven tenants, gives up on an event after a few
+/// attempts (so outages park events in its DLQ) and talks to a bulk
+/// endpoint; `archive` wants everything, retries for ever and talks to an
+/// endpoint that refuses whole batches. Retry and breaker settings are
+/// short so delivery catches up within the quiet period.
+fn destinations() -> Vec<(DestinationConfig, Refusal)> {
+    let sink = SinkConfig::File(auditflow_broker::sinks::file::Config {
+        dir: "unused".into(),
+        prefix: "events".into(),
+        max_bytes: 1 << 20,
+        max_age_secs: None,
+        fsync: Default::default(),
+    });
+    vec![
+        (
+            DestinationConfig {
+                name: "siem".into(),
+                sink: sink.clone(),
+                filter: Filter {
+                    tenants: vec!["t0".into(), "t1".into(), "t2".into()],
+                    ..Filter::default()
+                },
+                masking: vec![MaskRule {
+                    path: "actor.id".into(),
+                    action: MaskAction::Redact,
+                }],
+                mask_key: None,
+                batch_size: 20,
+                linger_ms: 10,
+                retry: RetryPolicy {
+                    initial_ms: 50,
+                    multiplier: 2.0,
+                    max_ms: 1000,
+                    max_attempts: Some(6),
+                    max_age_secs: None,
+                },
+                breaker: BreakerPolicy {
+                    failure_threshold: 4,
+                    open_ms: 500,
+                },
+            },
+            Refusal::PerItem,
+        ),
+        (
+            DestinationConfig {
+                name: "archive".into(),
+                sink,
+                filter: Filter::default(),
+                masking: Vec::new(),
+                mask_key: None,
+                batch_size: 50,
+                linger_ms: 20,
+                retry: RetryPolicy {
+                    initial_ms: 50,
+                    multiplier: 2.0,
+                    max_ms: 2000,
+                    max_attempts: None,
+                    max_age_secs: None,
+                },
+                breaker: BreakerPolicy {
+                    failure_threshold: 5,
+                    open_ms: 1000,
+                },
+            },
+            Refusal::WholeBatch,
+        ),
+    ]
 }
 
 async fn simulate(opts: SimOptions) -> Report {
@@ -331,6 +434,21 @@ async fn simulate(opts: SimOptions) -> Report {
     };
     let net = SimNet::new(rng.gen(), net_cfg);
     let ids: Vec<NodeId> = vec![1, 2, 3];
+    let start = tokio::time::Instant::now();
+    let trace = Arc::new(Mutex::new(Trace::new(opts.trace_lines)));
+    let refusals: Vec<(String, Refusal)> = destinations()
+        .into_iter()
+        .map(|(d, r)| (d.name, r))
+        .collect();
+    let sinks = SimSinks::new(
+        opts.seed,
+        rng.gen(),
+        opts.faults,
+        &refusals,
+        start,
+        Arc::clone(&trace),
+    );
+    let sink_factory = (opts.sinks)(&sinks);
     let world = Arc::new(World {
         net,
         disks: ids.iter().map(|id| (*id, (opts.disk)(*id))).collect(),
@@ -339,11 +457,11 @@ async fn simulate(opts: SimOptions) -> Report {
             .map(|id| (*id, node_config(*id, opts.partitions)))
             .collect(),
         stores: Mutex::default(),
-        clock: Arc::new(SimClock {
-            start: tokio::time::Instant::now(),
-        }),
+        clock: Arc::new(SimClock { start }),
         rng: Mutex::new(StdRng::seed_from_u64(rng.gen())),
-        trace: Mutex::default(),
+        trace,
+        sinks,
+        sink_factory,
         acked: Mutex::default(),
         sent: Mutex::default(),
         violations: Mutex::default(),
@@ -364,7 +482,9 @@ async fn simulate(opts: SimOptions) -> Report {
         clients.push(tokio::spawn(client(Arc::clone(&world), c, end)));
     }
     if opts.faults {
+        let sink_faults = tokio::spawn(sink_nemesis(Arc::clone(&world), end));
         nemesis(&world, end).await;
+        let _ = sink_faults.await;
     } else {
         tokio::time::sleep(end).await;
     }
@@ -375,6 +495,10 @@ async fn simulate(opts: SimOptions) -> Report {
     world.trace("heal: network healed, every node up".into());
     world.net.heal();
     world.net.set_faults(0.0, 0.0);
+    world.sinks.heal();
+    for disk in world.disks.values() {
+        disk.heal();
+    }
     for id in world.ids() {
         if world.net.node(id).is_none() {
             if let Err(e) = world.boot(id).await {
@@ -383,6 +507,7 @@ async fn simulate(opts: SimOptions) -> Report {
         }
     }
     checker::settle(&world).await;
+    checker::settle_delivery(&world).await;
     monitor.abort();
     checker::check(&world).await;
     for id in world.ids() {
@@ -393,7 +518,9 @@ async fn simulate(opts: SimOptions) -> Report {
     let violations = lock(&world.violations).clone();
     let acked = lock(&world.acked).len();
     let faults = *lock(&world.faults);
-    let trace = std::mem::take(&mut *lock(&world.trace));
+    let trace = std::mem::replace(&mut *lock(&world.trace), Trace::new(0));
+    let deliveries = world.sinks.arrivals().len();
+    let sink_sends = world.sinks.sends();
     Report {
         seed: opts.seed,
         trace_hash: hex::encode(trace.hasher.finalize()),
@@ -402,6 +529,8 @@ async fn simulate(opts: SimOptions) -> Report {
         faults,
         messages: world.net.messages(),
         simulated: world.now(),
+        deliveries,
+        sink_sends,
         trace_tail: trace.tail.into_iter().collect(),
     }
 }
@@ -592,5 +721,34 @@ async fn nemesis(world: &Arc<World>, end: Duration) {
         } else {
             *lock(&world.faults) -= 1;
         }
+    }
+}
+
+/// Sink faults until `end`, one at a time: an endpoint goes down or gets
+/// slow for a while, then recovers. Transient errors and duplicates come
+/// from the sinks themselves.
+async fn sink_nemesis(world: Arc<World>, end: Duration) {
+    let dests = world.sinks.destinations();
+    if dests.is_empty() {
+        return;
+    }
+    while world.now() < end {
+        let pause = world.gen_range(500..3000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let dest = dests[world.gen_range(0..dests.len() as u64) as usize].clone();
+        let outage = world.gen_bool(0.6);
+        let length = Duration::from_millis(world.gen_range(300..5000));
+        *lock(&world.faults) += 1;
+        if outage {
+            world.trace(format!("sink fault: {dest} down for {length:?}"));
+            world.sinks.set_down(&dest, true);
+        } else {
+            world.trace(format!("sink fault: {dest} slow for {length:?}"));
+            world.sinks.set_slow(&dest, true);
+        }
+        tokio::time::sleep(length).await;
+        world.trace(format!("sink {dest} recovered"));
+        world.sinks.set_down(&dest, false);
+        world.sinks.set_slow(&dest, false);
     }
 }

@@ -4,10 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use auditflow_broker::delivery::DestinationConfig;
+use auditflow_broker::sinks::{Delivery, SendOutcome, Sink};
 use auditflow_protocol::wire::{Ack, AppendResult, Request, Response};
 use auditflow_protocol::Hash32;
 use auditflow_sim::disk::SimDisk;
+use auditflow_sim::sink::{SimSink, SimSinks, SinkHook};
 use auditflow_sim::{run, SimOptions};
+use futures::future::BoxFuture;
 use rand::Rng;
 
 fn sweep(
@@ -86,6 +90,44 @@ fn an_ack_before_commit_is_caught() {
         results
             .iter()
             .all(|(_, v)| v.iter().any(|m| m.starts_with("G1") || m.starts_with("G5"))),
+        "{results:?}"
+    );
+}
+
+/// A sink that reports a batch delivered as soon as it is handed over and
+/// sends it in the background, ignoring the endpoint's answer: the
+/// delivery actor advances its cursor before the endpoint confirmed, so an
+/// outage or a refusal loses events without a trace. The checker must
+/// report it (G2).
+struct FireAndForget(SimSink);
+
+impl Sink for FireAndForget {
+    fn send<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, SendOutcome> {
+        let sink = self.0.clone();
+        let batch = batch.to_vec();
+        tokio::spawn(async move {
+            let _ = sink.deliver(&batch).await;
+        });
+        Box::pin(async { SendOutcome::Delivered })
+    }
+}
+
+fn fire_and_forget() -> SinkHook {
+    Arc::new(|sinks: &SimSinks| {
+        let sinks = sinks.clone();
+        Arc::new(move |dest: &DestinationConfig, partition: u32| {
+            Ok(Box::new(FireAndForget(sinks.sink(dest, partition))) as Box<dyn Sink>)
+        })
+    })
+}
+
+#[test]
+fn a_cursor_advanced_before_the_sink_confirmed_is_caught() {
+    let results = sweep(0..3, |o| o.sinks = fire_and_forget());
+    assert!(
+        results
+            .iter()
+            .all(|(_, v)| v.iter().any(|m| m.starts_with("G2"))),
         "{results:?}"
     );
 }
