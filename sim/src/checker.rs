@@ -255,6 +255,7 @@ pub(crate) async fn check(world: &World) {
     if lost > 5 {
         world.violation(format!("G1: {lost} acknowledged events lost in all"));
     }
+    check_reads(world, &reference);
     check_delivery(world, &reference);
     for (p, events) in &reference {
         let last = events.last().map(|e| e.hash.to_hex()).unwrap_or_default();
@@ -263,6 +264,31 @@ pub(crate) async fn check(world: &World) {
             events.len()
         ));
     }
+}
+
+/// Every event a read or tail returned during the run is the one the log
+/// keeps at that offset: nothing read was later lost or changed.
+fn check_reads(world: &World, reference: &BTreeMap<usize, Vec<StoredEvent>>) {
+    let observed = std::mem::take(&mut *lock(&world.observed));
+    let mut bad = Tally::new(world, "read");
+    for o in &observed {
+        let kept = reference
+            .get(&(o.partition as usize))
+            .and_then(|events| events.get(o.offset as usize));
+        match kept {
+            Some(e) if e.event.id == o.id && e.hash == o.hash => {}
+            _ => bad.report(format!(
+                "node {} returned {} at p{} o{}, which the log does not keep there ({:?})",
+                o.node,
+                o.id,
+                o.partition,
+                o.offset,
+                kept.map(|e| e.event.id.as_str())
+            )),
+        }
+    }
+    drop(bad);
+    world.trace(format!("reads: {} events observed", observed.len()));
 }
 
 /// Counts violations of one kind and reports the first few.

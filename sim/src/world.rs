@@ -155,6 +155,17 @@ pub(crate) struct Acked {
     pub hash: Hash32,
 }
 
+/// An event a read or a tail returned: it must be the one the log keeps
+/// at that offset (no read ever sees data that is later lost or changed).
+#[derive(Clone, Debug)]
+pub(crate) struct Observed {
+    pub node: NodeId,
+    pub partition: u32,
+    pub offset: u64,
+    pub id: String,
+    pub hash: Hash32,
+}
+
 /// Shared state of a run.
 pub(crate) struct World {
     pub opts: SimOptions,
@@ -173,6 +184,8 @@ pub(crate) struct World {
     pub acked: Mutex<BTreeMap<String, Acked>>,
     /// Events ever sent, by id (to re-send the same content).
     pub sent: Mutex<Vec<Event>>,
+    /// What reads and tails returned.
+    pub observed: Mutex<Vec<Observed>>,
     pub violations: Mutex<Vec<String>>,
     /// (partition, term) → leader seen.
     pub leaders: Mutex<BTreeMap<(u32, u64), NodeId>>,
@@ -464,6 +477,7 @@ async fn simulate(opts: SimOptions) -> Report {
         sink_factory,
         acked: Mutex::default(),
         sent: Mutex::default(),
+        observed: Mutex::default(),
         violations: Mutex::default(),
         leaders: Mutex::default(),
         faults: Mutex::new(0),
@@ -481,6 +495,7 @@ async fn simulate(opts: SimOptions) -> Report {
     for c in 0..opts.clients {
         clients.push(tokio::spawn(client(Arc::clone(&world), c, end)));
     }
+    clients.push(tokio::spawn(reader(Arc::clone(&world), end)));
     if opts.faults {
         let sink_faults = tokio::spawn(sink_nemesis(Arc::clone(&world), end));
         nemesis(&world, end).await;
@@ -633,6 +648,64 @@ async fn client(world: Arc<World>, c: usize, end: Duration) {
             }
         }
         let think = world.gen_range(0..30);
+        tokio::time::sleep(Duration::from_millis(think)).await;
+    }
+}
+
+/// A reader: random reads from any node, and a tail of every partition
+/// that follows its position from node to node (long polls), as a client
+/// failing over would. Records what it saw for the checker; a tail must
+/// get its events contiguously from where it asked.
+async fn reader(world: Arc<World>, end: Duration) {
+    let partitions = world.opts.partitions;
+    let mut tails: BTreeMap<u32, u64> = (0..partitions).map(|p| (p, 0)).collect();
+    while world.now() < end {
+        let up = world.ids();
+        let node = up[world.gen_range(0..up.len() as u64) as usize];
+        let partition = world.gen_range(0..u64::from(partitions)) as u32;
+        let tail = world.gen_bool(0.5);
+        let from_offset = if tail {
+            tails[&partition]
+        } else {
+            world.gen_range(0..tails[&partition] + 20)
+        };
+        let request = Request::Read {
+            partition,
+            from_offset,
+            limit: 50,
+            wait_ms: if tail { 500 } else { 0 },
+        };
+        let response = world
+            .net
+            .client_request(node, request, Duration::from_secs(2))
+            .await;
+        if let Response::Events(page) = response {
+            let mut expect = from_offset;
+            for e in &page.events {
+                if e.partition != partition || e.offset != expect {
+                    world.violation(format!(
+                        "read: node {node} p{partition} from o{from_offset} returned p{} o{} where o{expect} was due",
+                        e.partition, e.offset
+                    ));
+                    break;
+                }
+                expect += 1;
+                lock(&world.observed).push(Observed {
+                    node,
+                    partition,
+                    offset: e.offset,
+                    id: e.event.id.clone(),
+                    hash: e.hash,
+                });
+            }
+            if tail && expect > from_offset {
+                world.trace(format!(
+                    "tail p{partition} o{from_offset}..o{expect} from node {node}"
+                ));
+                tails.insert(partition, expect);
+            }
+        }
+        let think = world.gen_range(10..200);
         tokio::time::sleep(Duration::from_millis(think)).await;
     }
 }

@@ -166,17 +166,24 @@ async fn read(
         }
         // Nothing new yet: wait for the state machine to apply more, or
         // for the deadline, then answer with whatever is there.
-        if tokio::time::timeout_at(deadline, watch.changed())
-            .await
-            .is_err()
-        {
-            let events = Vec::new();
-            return Ok(EventsPage {
-                partition,
-                events,
-                next_offset: from_offset,
-                head_offset: head.next_offset,
-            });
+        match tokio::time::timeout_at(deadline, watch.changed()).await {
+            Ok(Ok(())) => {}
+            // The partition's state machine is gone (the node is shutting
+            // down): waiting again would return at once, for ever.
+            Ok(Err(_)) => {
+                return Err(RequestError::Unavailable {
+                    partition,
+                    reason: "the partition is shutting down on this node".into(),
+                })
+            }
+            Err(_) => {
+                return Ok(EventsPage {
+                    partition,
+                    events: Vec::new(),
+                    next_offset: from_offset,
+                    head_offset: head.next_offset,
+                })
+            }
         }
     }
 }
