@@ -116,6 +116,11 @@ pub struct ReplayArgs {
     /// after it).
     #[arg(long)]
     from: String,
+    /// End (exclusive): an offset, or an RFC 3339 time (events stored
+    /// before it). Default and upper bound: the destination's cursor
+    /// (events after it are still to be delivered by the live stream).
+    #[arg(long)]
+    until: Option<String>,
     /// Only this partition (default: all; with an offset, one partition
     /// must be given).
     #[arg(long)]
@@ -225,13 +230,13 @@ pub fn dest(cmd: DestCommand) -> anyhow::Result<ExitCode> {
         } else {
             writeln!(
                 out,
-                "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6}  last error",
-                "destination", "part", "node", "cursor", "lag", "oldest_ms", "tries", "breaker", "dlq"
+                "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6} {:>15}  last error",
+                "destination", "part", "node", "cursor", "lag", "oldest_ms", "tries", "breaker", "dlq", "replay"
             )?;
             for s in &all {
                 writeln!(
                     out,
-                    "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6}  {}",
+                    "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6} {:>15}  {}",
                     s.dest,
                     s.partition,
                     s.node,
@@ -241,6 +246,7 @@ pub fn dest(cmd: DestCommand) -> anyhow::Result<ExitCode> {
                     s.attempts,
                     s.breaker,
                     s.dlq_size,
+                    s.replay.map_or("-".into(), |(next, end)| format!("{next}..{end}")),
                     s.last_error.as_deref().unwrap_or("-")
                 )?;
             }
@@ -345,28 +351,40 @@ pub fn dlq(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
 /// Runs `auditflow replay`.
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
-    let from = match args.from.parse::<u64>() {
-        Ok(o) => {
-            if args.partition.is_none() {
-                bail!("--from OFFSET needs --partition (offsets are per partition)");
-            }
-            ReplayFrom::Offset(o)
-        }
-        Err(_) => ReplayFrom::Time(Timestamp::parse_rfc3339(&args.from).map_err(|e| {
-            anyhow::anyhow!("--from {:?}: not an offset or a time: {e}", args.from)
-        })?),
-    };
+    let from = replay_point("from", &args.from, args.partition)?;
+    let until = args
+        .until
+        .as_deref()
+        .map(|u| replay_point("until", u, args.partition))
+        .transpose()?;
     runtime()?.block_on(async move {
         let client = Client::connect(cfg).await?;
         let mut out = std::io::stdout().lock();
         for p in partitions(&client, args.partition)? {
-            let cursor = client.replay(&args.dest, p, from.clone()).await?;
+            let queued = client
+                .replay(&args.dest, p, from.clone(), until.clone())
+                .await?;
             writeln!(
                 out,
                 "{}",
-                json!({"dest": args.dest, "partition": p, "cursor": cursor})
+                json!({"dest": args.dest, "partition": p, "queued": queued})
             )?;
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `--from`/`--until`: an offset (one partition only) or an RFC 3339 time.
+fn replay_point(name: &str, value: &str, partition: Option<u32>) -> anyhow::Result<ReplayFrom> {
+    match value.parse::<u64>() {
+        Ok(o) => {
+            if partition.is_none() {
+                bail!("--{name} OFFSET needs --partition (offsets are per partition)");
+            }
+            Ok(ReplayFrom::Offset(o))
+        }
+        Err(_) => Ok(ReplayFrom::Time(Timestamp::parse_rfc3339(value).map_err(
+            |e| anyhow::anyhow!("--{name} {value:?}: not an offset or a time: {e}"),
+        )?)),
+    }
 }

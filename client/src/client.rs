@@ -663,18 +663,21 @@ impl Client {
         }
     }
 
-    /// Re-delivers `partition` to `dest` from `from`; returns the new
-    /// cursor.
+    /// Re-delivers `partition`'s events `[from, until)` to `dest` (`until`
+    /// defaults to, and is clamped to, the destination's cursor); returns
+    /// how many offsets are queued for re-delivery.
     pub async fn replay(
         &self,
         dest: &str,
         partition: u32,
         from: ReplayFrom,
+        until: Option<ReplayFrom>,
     ) -> Result<u64, ClientError> {
         let request = Request::Replay {
             dest: dest.into(),
             partition,
             from,
+            until,
         };
         match self.to_leader(partition, &request).await? {
             (_, Response::Done { count }) => Ok(count),

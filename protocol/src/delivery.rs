@@ -125,4 +125,7 @@ pub struct DestinationStatus {
     pub dlq_size: u64,
     /// Events delivered by this leader since it took over.
     pub delivered: u64,
+    /// A replay in progress: the next offset it re-delivers and its end
+    /// (exclusive).
+    pub replay: Option<(u64, u64)>,
 }

@@ -65,8 +65,11 @@ pub enum Request {
         /// Which entries.
         selection: RedriveSelection,
     },
-    /// Re-deliver stored events to one destination from a point on (to
-    /// the partition's leader). Other destinations are not touched.
+    /// Re-deliver stored events `[from, until)` to one destination (to the
+    /// partition's leader), alongside its live stream, whose cursor does
+    /// not move. Other destinations are not touched. The end is clamped to
+    /// the destination's cursor: later events are still to be delivered
+    /// by the stream anyway. A new replay replaces the running one.
     Replay {
         /// Destination.
         dest: String,
@@ -74,6 +77,8 @@ pub enum Request {
         partition: u32,
         /// Where to start.
         from: ReplayFrom,
+        /// Where to stop (exclusive); `None`: at the cursor.
+        until: Option<ReplayFrom>,
     },
     /// Add (or replace) a run-time destination, replicated through the
     /// catalog partition (to its leader). Its settings as JSON, in the
@@ -92,7 +97,7 @@ pub enum Request {
     DestList,
 }
 
-/// Where a replay starts.
+/// Where a replay starts or ends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplayFrom {
     /// This offset.
@@ -116,10 +121,10 @@ pub enum Response {
     DestStatus(Vec<DestinationStatus>),
     /// Parked events, in offset order.
     Dlq(Vec<(u64, DlqEntry)>),
-    /// A redrive or replay was applied; `count` entries were marked, or the
-    /// cursor is now `count`.
+    /// A redrive or replay was applied: `count` entries were marked for
+    /// redrive, or `count` offsets are queued for re-delivery.
     Done {
-        /// Entries marked (redrive) or the new cursor (replay).
+        /// Entries marked (redrive) or offsets to re-deliver (replay).
         count: u64,
     },
     /// Destinations, by name.

@@ -338,6 +338,7 @@ mod tests {
             breaker: "open".into(),
             dlq_size: 2,
             delivered,
+            replay: None,
         }
     }
 

@@ -94,7 +94,7 @@ pub fn render(status: &NodeStatus, dests: Result<&[DestinationStatus], String>) 
             html.push_str(
                 "<table><tr><th class=\"l\">destination</th><th>partition</th><th>cursor</th>\
                  <th>head</th><th>lag</th><th>oldest undelivered</th><th>DLQ</th>\
-                 <th>attempts</th><th class=\"l\">breaker</th><th>delivered</th>\
+                 <th>attempts</th><th class=\"l\">breaker</th><th>delivered</th><th>replay</th>\
                  <th class=\"l\">last success</th><th class=\"l\">last error</th></tr>\n",
             );
             for d in dests {
@@ -106,7 +106,7 @@ pub fn render(status: &NodeStatus, dests: Result<&[DestinationStatus], String>) 
                 let _ = writeln!(
                     html,
                     "<tr><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                     <td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{breaker}</td><td>{}</td>\
+                     <td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{breaker}</td><td>{}</td><td>{}</td>\
                      <td class=\"l\">{}</td><td class=\"l\">{}</td></tr>",
                     escape(&d.dest),
                     d.partition,
@@ -119,6 +119,7 @@ pub fn render(status: &NodeStatus, dests: Result<&[DestinationStatus], String>) 
                     d.dlq_size,
                     d.attempts,
                     d.delivered,
+                    opt(d.replay.map(|(next, end)| format!("{next}..{end}"))),
                     opt(d.last_success.map(|t| t.to_rfc3339())),
                     escape(d.last_error.as_deref().unwrap_or("")),
                 );
@@ -173,6 +174,7 @@ mod tests {
             breaker: "open".into(),
             dlq_size: 0,
             delivered: 1,
+            replay: None,
         };
         let html = render(&status(), Ok(std::slice::from_ref(&d)));
         assert!(html.contains("<meta http-equiv=\"refresh\" content=\"2\">"));

@@ -8,7 +8,9 @@
 //! head-of-line event blocks the ones after it until it is delivered or
 //! parked. Retryable failures back off with full jitter; a circuit breaker
 //! stops hammering a dead endpoint. Redriven DLQ entries are sent before
-//! the stream continues.
+//! the stream continues. A replay window (events an operator asked to
+//! re-deliver) is worked off in batches that alternate with the live
+//! stream's, so neither starves the other.
 //!
 //! The actor owns its state in a [`Pipeline`] that each step takes, runs as
 //! a future and puts back, so a step never overlaps another. A panic inside
@@ -71,6 +73,12 @@ pub struct Pipeline {
     /// batch permanently.
     batch_limit: usize,
     lingered: bool,
+    /// Whether this step is the replay window's turn.
+    replay_turn: bool,
+    /// Like `batch_limit`, for the replay window.
+    replay_limit: usize,
+    /// Failed attempts on the replay window's head batch.
+    replay_attempts: u32,
 }
 
 impl Pipeline {
@@ -100,6 +108,9 @@ impl Pipeline {
             breaker,
             batch_limit,
             lingered: false,
+            replay_turn: false,
+            replay_limit: batch_limit,
+            replay_attempts: 0,
         }
     }
 
@@ -248,6 +259,14 @@ impl Pipeline {
             Ok(false) => {}
             Err(next) => return next,
         }
+        self.replay_turn = !self.replay_turn;
+        if self.replay_turn {
+            match self.replay_step().await {
+                Ok(true) => return Next::Now,
+                Ok(false) => {}
+                Err(next) => return next,
+            }
+        }
         let cursor = match self.reader.cursor(&self.dest.name) {
             Ok(c) => c,
             Err(e) => return self.storage_trouble(e),
@@ -256,8 +275,16 @@ impl Pipeline {
         let head = *watch.borrow_and_update();
         if cursor >= head {
             self.lingered = false;
-            let _ = tokio::time::timeout(IDLE_WAIT, watch.changed()).await;
-            return Next::Now;
+            if matches!(self.reader.replay(&self.dest.name), Ok(Some(_))) {
+                // Nothing new: the replay window's turn again.
+                return Next::Now;
+            }
+            return match tokio::time::timeout(IDLE_WAIT, watch.changed()).await {
+                // The state machine is gone (shutting down): waiting on it
+                // again would return at once; the supervisor stops us.
+                Ok(Err(_)) => Next::After(IDLE_WAIT),
+                _ => Next::Now,
+            };
         }
         // A partial batch: give it a moment to fill, once.
         if head - cursor < self.batch_limit as u64 && !self.lingered && self.dest.linger_ms > 0 {
@@ -518,6 +545,127 @@ impl Pipeline {
             .await?;
         }
         Ok(true)
+    }
+
+    /// Sends the next batch of the destination's replay window, if one is
+    /// open, and records the progress through Raft. Refused events are
+    /// parked like the live stream's; a retryable failure backs off and
+    /// the same batch is tried again. Returns whether a window was open.
+    async fn replay_step(&mut self) -> Result<bool, Next> {
+        let window = self
+            .reader
+            .replay(&self.dest.name)
+            .map_err(|e| self.storage_trouble(e))?;
+        let Some((start, end)) = window else {
+            self.replay_limit = self.dest.batch_size;
+            self.replay_attempts = 0;
+            return Ok(false);
+        };
+        let limit = (end - start).min(self.replay_limit as u64) as usize;
+        let mut events = self
+            .reader
+            .read(start, limit)
+            .map_err(|e| self.storage_trouble(e))?;
+        events.retain(|e| e.offset < end);
+        let name = self.dest.name.clone();
+        let advance = move |next: u64| DeliveryCommand::ReplayAdvance {
+            dest: name.clone(),
+            expect: start,
+            next,
+        };
+        let Some(last) = events.last().map(|e| e.offset) else {
+            // Nothing stored in the rest of the window: it is done.
+            self.propose(advance(end)).await?;
+            return Ok(true);
+        };
+        let mut batch = Vec::with_capacity(events.len());
+        for e in events.iter().filter(|e| self.dest.filter.matches(&e.event)) {
+            batch.push(self.to_delivery(e).map_err(|r| self.storage_trouble(r))?);
+        }
+        if batch.is_empty() {
+            self.propose(advance(last + 1)).await?;
+            return Ok(true);
+        }
+        let wait = self.breaker.wait(Instant::now());
+        if !wait.is_zero() {
+            return Err(Next::After(wait));
+        }
+        let (outcome, latency_ms) = self.send(&batch).await;
+        let results: Vec<Result<(), SinkFailure>> = match outcome {
+            SendOutcome::Delivered => vec![Ok(()); batch.len()],
+            SendOutcome::Failed(f) if !f.is_retryable() && batch.len() > 1 => {
+                // One of them is refused: find it, one event at a time.
+                self.replay_limit = 1;
+                return Ok(true);
+            }
+            SendOutcome::Failed(f) => vec![Err(f); batch.len()],
+            SendOutcome::PerItem(r) => r,
+        };
+        let mut delivered = 0u64;
+        let mut parked = Vec::new();
+        let mut blocked: Option<(usize, SinkFailure)> = None;
+        for (i, d) in batch.iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => delivered += 1,
+                Some(Err(f)) if !f.is_retryable() => {
+                    let history = vec![self.record(f, latency_ms)];
+                    parked.push(self.parked(d, history, format!("replay: {}", f.message)));
+                }
+                Some(Err(f)) => {
+                    blocked = Some((i, f.clone()));
+                    break;
+                }
+                None => {
+                    blocked = Some((i, SinkFailure::retryable("sink returned too few results")));
+                    break;
+                }
+            }
+        }
+        if !parked.is_empty() {
+            self.propose(DeliveryCommand::Park {
+                dest: self.dest.name.clone(),
+                entries: parked,
+                next_offset: None,
+            })
+            .await?;
+        }
+        let next = match &blocked {
+            Some((i, _)) => batch[*i].offset,
+            None => last + 1,
+        };
+        if next > start {
+            self.propose(advance(next)).await?;
+        }
+        let now = self.clock.now();
+        if delivered > 0 {
+            self.board.update(&self.dest.name, self.partition, |s| {
+                s.delivered += delivered;
+                s.last_success = Some(now);
+            });
+        }
+        let Some((_, f)) = blocked else {
+            self.replay_attempts = 0;
+            self.replay_limit = self.dest.batch_size;
+            self.breaker.success();
+            return Ok(true);
+        };
+        let at = Instant::now();
+        self.replay_attempts += 1;
+        self.breaker.failure(at);
+        let msg = format!("replay: {}", f.message);
+        self.board.update(&self.dest.name, self.partition, |s| {
+            s.last_error = Some(msg)
+        });
+        let retry_after = match &f.kind {
+            crate::sinks::FailureKind::Retryable { retry_after } => *retry_after,
+            crate::sinks::FailureKind::Permanent => None,
+        };
+        let unit: f64 = ThreadRng.gen();
+        let delay = self
+            .dest
+            .retry
+            .delay(self.replay_attempts, unit, retry_after);
+        Err(Next::After(delay.max(self.breaker.wait(at))))
     }
 
     fn storage_trouble(&self, e: impl std::fmt::Display) -> Next {

@@ -42,7 +42,9 @@ pub enum DeliveryCommand {
         /// Their offsets.
         offsets: Vec<u64>,
     },
-    /// Replay: set the cursor (back) to `next_offset`.
+    /// Set the cursor back to `next_offset` (never forward: that would skip
+    /// events). No longer proposed, replay uses a window now; kept so the
+    /// log entries of earlier versions still decode and apply.
     SetCursor {
         /// Destination.
         dest: String,
@@ -62,7 +64,33 @@ pub enum DeliveryCommand {
         /// Destination.
         dest: String,
     },
+    /// Open (or replace) the destination's replay window `[from, until)`:
+    /// those events are re-delivered alongside the live stream, whose
+    /// cursor does not move. `until` is clamped to the cursor when
+    /// applied; an empty window closes the replay.
+    Replay {
+        /// Destination.
+        dest: String,
+        /// First offset to re-deliver.
+        from: u64,
+        /// End (exclusive); `None`: the cursor.
+        until: Option<u64>,
+    },
+    /// The replay window moved on from `expect` to `next` (closed at its
+    /// end). Ignored unless the window still starts at `expect`, so a
+    /// stale proposal cannot skip part of a replay that replaced it.
+    ReplayAdvance {
+        /// Destination.
+        dest: String,
+        /// Where the window starts now.
+        expect: u64,
+        /// Where it starts next.
+        next: u64,
+    },
 }
+
+/// Replay windows of one partition: destination → (next offset, end).
+pub type ReplayWindows = std::collections::BTreeMap<String, (u64, u64)>;
 
 impl DeliveryCommand {
     /// The destination it concerns.
@@ -74,7 +102,9 @@ impl DeliveryCommand {
             | DeliveryCommand::Resolve { dest, .. }
             | DeliveryCommand::SetCursor { dest, .. }
             | DeliveryCommand::PutDestination { dest, .. }
-            | DeliveryCommand::RemoveDestination { dest } => dest,
+            | DeliveryCommand::RemoveDestination { dest }
+            | DeliveryCommand::Replay { dest, .. }
+            | DeliveryCommand::ReplayAdvance { dest, .. } => dest,
         }
     }
 }

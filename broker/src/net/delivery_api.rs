@@ -37,15 +37,24 @@ pub async fn handle(node: &NodeShared, request: Request) -> Response {
             dest,
             partition,
             from,
-        } => match replay_offset(node, partition, &from) {
-            Ok(next_offset) => {
-                let cmd = DeliveryCommand::SetCursor { dest, next_offset };
-                propose(node, partition, cmd)
-                    .await
-                    .map(|(cursor, _)| Response::Done { count: cursor })
+            until,
+        } => {
+            let window = replay_offset(node, partition, &from).and_then(|from| {
+                let until = until
+                    .map(|u| replay_offset(node, partition, &u))
+                    .transpose()?;
+                Ok((from, until))
+            });
+            match window {
+                Ok((from, until)) => {
+                    let cmd = DeliveryCommand::Replay { dest, from, until };
+                    propose(node, partition, cmd)
+                        .await
+                        .map(|(_, touched)| Response::Done { count: touched })
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         Request::DestAdd { config_json } => dest_add(node, &config_json).await,
         Request::DestRemove { dest } => dest_remove(node, dest).await,
         Request::DestList => Ok(Response::Destinations(dest_list(node))),
@@ -147,6 +156,7 @@ pub fn dest_status(node: &NodeShared) -> Result<Vec<DestinationStatus>, RequestE
         };
         out.push(DestinationStatus {
             dlq_size: handle.reader.dlq_len(&dest).map_err(internal)?,
+            replay: handle.reader.replay(&dest).map_err(internal)?,
             dest,
             partition,
             node: node.id,
@@ -184,8 +194,8 @@ fn dlq_list(
         .map_err(internal)
 }
 
-/// The offset a replay starts at: the given one, or the first event
-/// stored at or after the given time (binary search: `received_at` only
+/// The offset a replay starts (or ends) at: the given one, or the first
+/// event stored at or after the given time (binary search: `received_at` only
 /// grows within a partition, up to clock differences between leaders).
 fn replay_offset(
     node: &NodeShared,

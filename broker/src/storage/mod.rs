@@ -194,6 +194,16 @@ impl PartitionReader {
         )
     }
 
+    /// The replay window of `dest` in progress, if any: next offset and
+    /// end (exclusive).
+    pub fn replay(&self, dest: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let windows: crate::delivery::dlq::ReplayWindows =
+            state_machine::read_sm_meta(&txn, self.partition, tables::KEY_REPLAYS)?
+                .unwrap_or_default();
+        Ok(windows.get(dest).copied())
+    }
+
     /// The partition's head as applied on this node.
     pub fn head(&self) -> Result<PartitionHead, StoreError> {
         read_head(&self.db, self.partition)

@@ -18,11 +18,12 @@ use tokio::sync::watch;
 
 use super::log_store::raft_err;
 use super::tables::{
-    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_HEAD, KEY_MEMBERSHIP, SM_META,
+    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_HEAD, KEY_MEMBERSHIP,
+    KEY_REPLAYS, SM_META,
 };
 use super::writer::StorageWriter;
 use super::StoreError;
-use crate::delivery::dlq::{DeliveryCommand, DlqEntry};
+use crate::delivery::dlq::{DeliveryCommand, DlqEntry, ReplayWindows};
 use crate::partition::apply::{apply_append, DedupEntry, PartitionHead};
 use crate::partition::types::{
     Command, CommandResponse, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
@@ -43,6 +44,8 @@ struct SnapshotBody {
     dlq: Vec<(String, u64, Vec<u8>)>,
     /// The run-time destination catalog (catalog partition; else empty).
     catalog: Vec<(String, String)>,
+    /// Replay windows in progress.
+    replays: ReplayWindows,
 }
 
 /// The state machine of one partition.
@@ -207,6 +210,41 @@ fn apply_delivery(
             put_sm_meta(txn, partition, KEY_CATALOG, &catalog)?;
             return Ok(CommandResponse::Delivery { cursor: 0, touched });
         }
+        DeliveryCommand::Replay { dest, from, until } => {
+            let cursor = txn
+                .open_table(CURSORS)?
+                .get((partition, dest.as_str()))?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let end = until.map_or(cursor, |u| u.min(cursor));
+            let mut replays: ReplayWindows =
+                get_sm_meta(txn, partition, KEY_REPLAYS)?.unwrap_or_default();
+            let touched = end.saturating_sub(*from);
+            if touched > 0 {
+                replays.insert(dest.clone(), (*from, end));
+            } else {
+                replays.remove(dest);
+            }
+            put_sm_meta(txn, partition, KEY_REPLAYS, &replays)?;
+            return Ok(CommandResponse::Delivery { cursor, touched });
+        }
+        DeliveryCommand::ReplayAdvance { dest, expect, next } => {
+            let mut replays: ReplayWindows =
+                get_sm_meta(txn, partition, KEY_REPLAYS)?.unwrap_or_default();
+            let mut touched = 0;
+            if let Some((start, end)) = replays.get(dest).copied() {
+                if start == *expect && *next > start {
+                    touched = next.min(&end) - start;
+                    if *next >= end {
+                        replays.remove(dest);
+                    } else {
+                        replays.insert(dest.clone(), (*next, end));
+                    }
+                    put_sm_meta(txn, partition, KEY_REPLAYS, &replays)?;
+                }
+            }
+            return Ok(CommandResponse::Delivery { cursor: 0, touched });
+        }
         _ => {}
     }
     let dest = cmd.dest();
@@ -220,7 +258,7 @@ fn apply_delivery(
     let mut touched = 0u64;
     match cmd {
         DeliveryCommand::Advance { next_offset, .. } => cursor = cursor.max(*next_offset),
-        DeliveryCommand::SetCursor { next_offset, .. } => cursor = *next_offset,
+        DeliveryCommand::SetCursor { next_offset, .. } => cursor = cursor.min(*next_offset),
         DeliveryCommand::Park {
             entries,
             next_offset,
@@ -259,7 +297,10 @@ fn apply_delivery(
             }
         }
         // Handled above.
-        DeliveryCommand::PutDestination { .. } | DeliveryCommand::RemoveDestination { .. } => {}
+        DeliveryCommand::PutDestination { .. }
+        | DeliveryCommand::RemoveDestination { .. }
+        | DeliveryCommand::Replay { .. }
+        | DeliveryCommand::ReplayAdvance { .. } => {}
     }
     if cursor != current {
         cursors.insert((partition, dest), cursor)?;
@@ -319,6 +360,7 @@ fn build(db: &Database, partition: u32) -> Result<(SnapshotMeta, Vec<u8>), Store
         cursors: Vec::new(),
         dlq: Vec::new(),
         catalog: read_sm_meta(&txn, partition, KEY_CATALOG)?.unwrap_or_default(),
+        replays: read_sm_meta(&txn, partition, KEY_REPLAYS)?.unwrap_or_default(),
     };
     let cursors = txn.open_table(CURSORS)?;
     for row in cursors.range((partition, "")..(partition + 1, ""))? {
@@ -458,6 +500,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 put_sm_meta(txn, p, KEY_HEAD, &body.head)?;
                 put_sm_meta(txn, p, KEY_CATALOG, &body.catalog)?;
+                put_sm_meta(txn, p, KEY_REPLAYS, &body.replays)?;
                 put_sm_meta(txn, p, KEY_APPLIED, &applied)?;
                 put_sm_meta(txn, p, KEY_MEMBERSHIP, &membership)?;
                 Ok(())

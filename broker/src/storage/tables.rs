@@ -60,6 +60,9 @@ pub const KEY_HEAD: &str = "head";
 /// `sm_meta` key (catalog partition only): the run-time destinations, as
 /// `Vec<(name, config JSON)>` sorted by name.
 pub const KEY_CATALOG: &str = "catalog";
+/// `sm_meta` key: the partition's replay windows
+/// (`delivery::dlq::ReplayWindows`).
+pub const KEY_REPLAYS: &str = "replays";
 
 /// Encodes a stored value.
 pub fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {

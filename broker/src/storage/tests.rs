@@ -150,3 +150,104 @@ fn garbage_file_is_refused_with_its_path() {
     let err = Store::open(&path).err().expect("refused");
     assert!(err.to_string().contains("bad.redb"), "{err}");
 }
+
+fn delivery_entry(index: u64, cmd: crate::delivery::dlq::DeliveryCommand) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::Delivery(cmd)),
+    }
+}
+
+#[tokio::test]
+async fn replay_windows_are_clamped_to_the_cursor_and_ignore_stale_advances() {
+    use crate::delivery::dlq::DeliveryCommand as D;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let mut sm = store.state_machine(0, 1000);
+    let ids: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    sm.apply([append_entry(1, &ids)]).await.unwrap();
+    let reader = store.reader(0);
+    let d = |dest: &str| dest.to_string();
+    let mut index = 1;
+    let mut apply = |cmd: D| {
+        index += 1;
+        delivery_entry(index, cmd)
+    };
+    let entries = vec![
+        apply(D::Advance {
+            dest: d("siem"),
+            next_offset: 6,
+        }),
+        // Past the cursor: clamped to it (6), never skipping ahead.
+        apply(D::Replay {
+            dest: d("siem"),
+            from: 2,
+            until: Some(9),
+        }),
+    ];
+    sm.apply(entries).await.unwrap();
+    assert_eq!(reader.replay("siem").unwrap(), Some((2, 6)));
+    assert_eq!(
+        reader.cursor("siem").unwrap(),
+        6,
+        "the cursor does not move"
+    );
+    assert_eq!(reader.replay("other").unwrap(), None);
+
+    // A stale advance (window started elsewhere) is ignored; a current
+    // one moves it; reaching the end closes it.
+    let entries = vec![
+        apply(D::ReplayAdvance {
+            dest: d("siem"),
+            expect: 0,
+            next: 5,
+        }),
+        apply(D::ReplayAdvance {
+            dest: d("siem"),
+            expect: 2,
+            next: 4,
+        }),
+    ];
+    sm.apply(entries).await.unwrap();
+    assert_eq!(reader.replay("siem").unwrap(), Some((4, 6)));
+
+    // Snapshots carry windows.
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let other = Store::open(&dir.path().join("other.redb")).unwrap();
+    let mut sm1 = other.state_machine(0, 1000);
+    sm1.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(other.reader(0).replay("siem").unwrap(), Some((4, 6)));
+
+    let entries = vec![apply(D::ReplayAdvance {
+        dest: d("siem"),
+        expect: 4,
+        next: 6,
+    })];
+    sm.apply(entries).await.unwrap();
+    assert_eq!(reader.replay("siem").unwrap(), None);
+
+    // An empty window (from at or past the cursor) closes nothing open
+    // and opens nothing; the old SetCursor only ever moves back.
+    let entries = vec![
+        apply(D::Replay {
+            dest: d("siem"),
+            from: 7,
+            until: None,
+        }),
+        apply(D::SetCursor {
+            dest: d("siem"),
+            next_offset: 9,
+        }),
+    ];
+    sm.apply(entries).await.unwrap();
+    assert_eq!(reader.replay("siem").unwrap(), None);
+    assert_eq!(reader.cursor("siem").unwrap(), 6);
+}
