@@ -187,8 +187,8 @@ pub(crate) struct World {
     /// What reads and tails returned.
     pub observed: Mutex<Vec<Observed>>,
     pub violations: Mutex<Vec<String>>,
-    /// (partition, term) → leader seen.
-    pub leaders: Mutex<BTreeMap<(u32, u64), NodeId>>,
+    /// (partition, leader id term, leader id node) → the node seen leading.
+    pub leaders: Mutex<BTreeMap<(u32, u64, NodeId), NodeId>>,
     pub faults: Mutex<usize>,
 }
 
@@ -553,6 +553,7 @@ async fn simulate(opts: SimOptions) -> Report {
 /// Watches every node's Raft metrics: at most one leader per term per
 /// partition (Raft election safety).
 async fn monitor_leaders(world: Arc<World>) {
+    let mut votes: BTreeMap<(NodeId, usize), String> = BTreeMap::new();
     loop {
         for id in world.ids() {
             let Some(node) = world.net.node(id) else {
@@ -560,13 +561,39 @@ async fn monitor_leaders(world: Arc<World>) {
             };
             for (p, handle) in node.partitions.iter().enumerate() {
                 let m = handle.raft.metrics().borrow().clone();
+                let vote = m.vote.to_string();
+                if votes.get(&(id, p)) != Some(&vote) {
+                    world.trace(format!("p{p} node {id} vote {vote} {:?}", m.state));
+                    votes.insert((id, p), vote);
+                }
                 if m.state == ServerState::Leader {
-                    let prev = lock(&world.leaders).insert((p as u32, m.current_term), id);
-                    if let Some(prev) = prev.filter(|prev| *prev != id) {
+                    // openraft 0.9 (without `single-term-leader`) orders
+                    // leader ids by (term, node): two nodes may lead in
+                    // one term, one after the other, and entries carry the
+                    // full leader id. Election safety is then: a leader
+                    // leads under a vote that names it and that a quorum
+                    // committed, and one leader id belongs to one node.
+                    let leader_id = m.vote.leader_id();
+                    if leader_id.voted_for() != Some(id) || !m.vote.is_committed() {
                         world.violation(format!(
-                            "partition {p} term {}: two leaders, {prev} and {id}",
-                            m.current_term
+                            "partition {p}: node {id} leads under vote {}",
+                            m.vote
                         ));
+                    }
+                    let key = (p as u32, leader_id.term, leader_id.node_id);
+                    let prev = lock(&world.leaders).insert(key, id);
+                    match prev {
+                        None => world.trace(format!(
+                            "p{p} leader node {id} vote {} last log {:?} applied {:?}",
+                            m.vote,
+                            m.last_log_index,
+                            m.last_applied.map(|l| l.index)
+                        )),
+                        Some(prev) if prev != id => world.violation(format!(
+                            "partition {p}: leader id {} claimed by nodes {prev} and {id}",
+                            leader_id
+                        )),
+                        Some(_) => {}
                     }
                 }
             }
