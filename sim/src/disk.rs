@@ -5,7 +5,7 @@
 //! crash replays the undo log backwards, leaving exactly the synced image.
 //! Each open of the disk gets a new generation: handles of a crashed
 //! incarnation fail every operation, as a dead process would.
-//! Faults on request: fail the next writes or syncs; and, for testing the
+//! Faults on request: fail the next reads, writes or syncs; and, for testing the
 //! checker, a lying disk whose sync acknowledges without keeping anything.
 
 use std::fmt;
@@ -19,6 +19,7 @@ struct State {
     undo: Vec<(u64, Vec<u8>)>,
     len_at_sync: u64,
     generation: u64,
+    fail_reads: u32,
     fail_writes: u32,
     fail_syncs: u32,
     lying_sync: bool,
@@ -82,6 +83,11 @@ impl SimDisk {
         s.generation += 1;
     }
 
+    /// Fails the next `n` reads.
+    pub fn fail_reads(&self, n: u32) {
+        self.lock().fail_reads = n;
+    }
+
     /// Fails the next `n` writes.
     pub fn fail_writes(&self, n: u32) {
         self.lock().fail_writes = n;
@@ -96,6 +102,7 @@ impl SimDisk {
     /// end when it heals, even on a disk that did no I/O since.
     pub fn heal(&self) {
         let mut s = self.lock();
+        s.fail_reads = 0;
         s.fail_writes = 0;
         s.fail_syncs = 0;
     }
@@ -122,7 +129,11 @@ impl redb::StorageBackend for DiskHandle {
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let s = self.live()?;
+        let mut s = self.live()?;
+        if s.fail_reads > 0 {
+            s.fail_reads -= 1;
+            return Err(io::Error::other("simulated read failure"));
+        }
         let at = offset as usize;
         let src = s
             .data

@@ -230,8 +230,22 @@ impl World {
             .collect()
     }
 
-    /// Starts node `id` on its disk (fresh or after a crash).
+    /// Starts node `id` on its disk (fresh or after a crash). A start that
+    /// fails on an injected I/O fault leaves the node down, as a process
+    /// that exits with an error would be; it is started again later (at
+    /// the latest when the run heals). Any other failure to start is a
+    /// violation for the caller to report.
     pub(crate) async fn boot(&self, id: NodeId) -> Result<(), String> {
+        match self.try_boot(id).await {
+            Err(e) if e.contains("simulated") => {
+                self.trace(format!("{e}; stays down"));
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn try_boot(&self, id: NodeId) -> Result<(), String> {
         let disk = &self.disks[&id];
         let store = Store::with_backend(disk.open(), &format!("node{id}"), WriterMode::Inline)
             .map_err(|e| format!("node {id} cannot open its disk: {e}"))?;
@@ -765,7 +779,7 @@ fn record_ack(world: &World, id: &str, ack: auditflow_protocol::wire::Ack) {
 }
 
 /// Injects faults until `end`: crashes and restarts, isolation and
-/// asymmetric cuts that heal, disk write and sync failures.
+/// asymmetric cuts that heal, disk read, write and sync failures.
 async fn nemesis(world: &Arc<World>, end: Duration) {
     while world.now() < end {
         let pause = world.gen_range(300..2500);
@@ -816,8 +830,20 @@ async fn nemesis(world: &Arc<World>, end: Duration) {
             world.net.heal();
         } else if choice < 90 && !up.is_empty() {
             let id = pick(&up);
-            world.trace(format!("fault: node {id} disk fails its next sync"));
-            world.disks[&id].fail_syncs(1);
+            match world.gen_range(0..3) {
+                0 => {
+                    world.trace(format!("fault: node {id} disk fails its next read"));
+                    world.disks[&id].fail_reads(1);
+                }
+                1 => {
+                    world.trace(format!("fault: node {id} disk fails its next write"));
+                    world.disks[&id].fail_writes(1);
+                }
+                _ => {
+                    world.trace(format!("fault: node {id} disk fails its next sync"));
+                    world.disks[&id].fail_syncs(1);
+                }
+            }
         } else {
             *lock(&world.faults) -= 1;
         }
