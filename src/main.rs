@@ -16,6 +16,11 @@ mod node;
 mod sim;
 mod up;
 
+/// mimalloc instead of glibc malloc: the node allocates and frees many
+/// small buffers per event on several threads (measured in ARCHITECTURE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A clustered broker for audit logs.
 #[derive(Parser, Debug)]
 #[command(name = "auditflow", version, about)]

@@ -214,6 +214,9 @@ async fn admin_endpoints_report_the_cluster() {
             ("gauge", "auditflow_raft_last_log_index"),
             ("gauge", "auditflow_raft_applied_index"),
             ("gauge", "auditflow_partition_next_offset"),
+            ("counter", "auditflow_storage_commits_total"),
+            ("histogram", "auditflow_storage_commit_jobs"),
+            ("histogram", "auditflow_storage_commit_seconds"),
         ] {
             assert!(
                 t.contains(&format!("# TYPE {name} {kind}")),
@@ -224,6 +227,18 @@ async fn admin_endpoints_report_the_cluster() {
         // Every node applied every event's entry: terms and indexes are set.
         assert!(sum_metric(t, "auditflow_raft_applied_index", &[]) > 0.0);
         assert!(sum_metric(t, "auditflow_raft_term", &[]) >= partitions as f64);
+        // Every node fsynced its log and voted: durable commits happened,
+        // and each packed at least one job.
+        let durable = sum_metric(
+            t,
+            "auditflow_storage_commits_total",
+            &[("durability", "immediate")],
+        );
+        assert!(durable >= 1.0, "no durable commit counted in\n{t}");
+        assert!(
+            sum_metric(t, "auditflow_storage_commit_jobs_sum", &[])
+                >= sum_metric(t, "auditflow_storage_commit_jobs_count", &[]),
+        );
     }
 }
 

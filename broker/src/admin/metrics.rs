@@ -54,6 +54,16 @@ pub const DELIVERY_BREAKER_OPEN: &str = "auditflow_delivery_breaker_open";
 /// Events this node delivered, per destination and partition.
 pub const DELIVERED_EVENTS_TOTAL: &str = "auditflow_delivered_events_total";
 
+/// redb transactions the storage writer committed, by `durability`
+/// (`immediate`: fsynced; `none`: made visible, persisted by the next
+/// immediate one).
+pub const STORAGE_COMMITS_TOTAL: &str = "auditflow_storage_commits_total";
+/// Writer jobs (log appends, applies, votes, cursor writes) packed into one
+/// committed transaction: how well group commit is batching.
+pub const STORAGE_COMMIT_JOBS: &str = "auditflow_storage_commit_jobs";
+/// Time to run and commit one writer transaction, fsync included.
+pub const STORAGE_COMMIT_SECONDS: &str = "auditflow_storage_commit_seconds";
+
 /// How often [`run_sampler`] samples Raft and delivery state: well under
 /// a typical 10–15 s scrape interval, and cheap (a metrics borrow and a
 /// few redb reads per partition).
@@ -70,6 +80,17 @@ pub const APPEND_BATCH_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Bucket bounds of [`STORAGE_COMMIT_JOBS`]: a powers-of-two ladder up to
+/// the writer's cap of jobs per transaction.
+pub const STORAGE_COMMIT_JOBS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+/// Bucket bounds of [`STORAGE_COMMIT_SECONDS`]: from a cached non-durable
+/// commit to a stalled disk.
+pub const STORAGE_COMMIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
 /// The recorder this process installed, or why it could not.
 static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
@@ -80,6 +101,18 @@ pub fn builder() -> Result<PrometheusBuilder, String> {
             Matcher::Full(APPEND_BATCH_SECONDS.into()),
             APPEND_BATCH_BUCKETS,
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(STORAGE_COMMIT_JOBS.into()),
+                STORAGE_COMMIT_JOBS_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(STORAGE_COMMIT_SECONDS.into()),
+                STORAGE_COMMIT_BUCKETS,
+            )
+        })
         .map(|b| b.idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT)))
         .map_err(|e| e.to_string())
 }
@@ -112,6 +145,21 @@ pub fn describe() {
         APPEND_BATCH_SECONDS,
         Unit::Seconds,
         "Time this node took to answer one append batch it leads."
+    );
+    describe_counter!(
+        STORAGE_COMMITS_TOTAL,
+        Unit::Count,
+        "redb transactions the storage writer committed, by durability (immediate = fsynced, none = persisted by the next immediate one)."
+    );
+    describe_histogram!(
+        STORAGE_COMMIT_JOBS,
+        Unit::Count,
+        "Writer jobs (log appends, applies, votes, cursor writes) packed into one committed transaction."
+    );
+    describe_histogram!(
+        STORAGE_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Time to run and commit one storage writer transaction, fsync included."
     );
     describe_gauge!(
         PARTITION_LEADER,

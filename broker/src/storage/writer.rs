@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::StoreError;
+use crate::admin::metrics::{STORAGE_COMMITS_TOTAL, STORAGE_COMMIT_JOBS, STORAGE_COMMIT_SECONDS};
 
 /// Jobs waiting for the writer. Submitters wait when it is full, which is
 /// the back-pressure that keeps memory bounded when the disk is slow.
@@ -169,8 +170,12 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
+        let durable = batch.iter().any(|j| j.durable);
+        let jobs = batch.len();
         match run_batch(db, &mut batch) {
             Ok(()) => {
+                record_commit(durable, jobs, started.elapsed());
                 for job in batch.drain(..) {
                     (job.finish)(Ok(()));
                 }
@@ -190,6 +195,15 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
             }
         }
     }
+}
+
+/// Group-commit metrics (no-ops unless a recorder is installed, as in the
+/// simulator).
+fn record_commit(durable: bool, jobs: usize, took: std::time::Duration) {
+    let durability = if durable { "immediate" } else { "none" };
+    metrics::counter!(STORAGE_COMMITS_TOTAL, "durability" => durability).increment(1);
+    metrics::histogram!(STORAGE_COMMIT_JOBS).record(jobs as f64);
+    metrics::histogram!(STORAGE_COMMIT_SECONDS).record(took.as_secs_f64());
 }
 
 enum BatchError {
