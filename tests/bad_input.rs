@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use auditflow_client::transport::{client_tls_config, read_frame, write_frame};
-use auditflow_client::{Client, ClientConfig};
+use auditflow_client::{Client, ClientConfig, ClientError};
 use auditflow_protocol::frame::{self, DEFAULT_MAX_FRAME_BYTES};
 use auditflow_protocol::wire::{
     EventError, Request, RequestError, Response, ALPN_CLIENT, PROTOCOL_VERSION,
@@ -83,16 +83,21 @@ async fn bad_input_is_refused_without_harm() {
         other => panic!("connection still serves valid requests, got {other:?}"),
     }
 
-    // 3. A client trusting another CA cannot connect.
+    // 3. A client trusting another CA cannot connect, and says so at once
+    // (a handshake error, not retries until the deadline: the default
+    // deadline is left in place, so a retried failure would show up as
+    // `DeadlineExceeded`).
     let other = tempfile::tempdir().unwrap();
     auditflow_broker::net::tls::ensure_dev_certs(other.path(), &[1]).unwrap();
     let mut cfg = ClientConfig::load(&cluster.client_config_path()).unwrap();
     cfg.ca_cert = other.path().join("ca.pem");
-    cfg.retry_deadline_ms = 2_000;
-    assert!(
-        Client::connect(cfg).await.is_err(),
-        "untrusted server refused"
-    );
+    match Client::connect(cfg).await {
+        Err(ClientError::Handshake { reason, .. }) => {
+            assert!(reason.contains("certificate"), "reason: {reason}")
+        }
+        Err(other) => panic!("expected a handshake error, got {other}"),
+        Ok(_) => panic!("a client with another CA connected"),
+    }
 
     // 4. A corrupted database: the node refuses to start, clearly.
     cluster.stop(0);

@@ -29,6 +29,16 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The TLS handshake failed: the node's certificate is not signed by
+    /// the configured CA (or has expired), or the node refused ours.
+    /// Retrying cannot fix this, so it is reported at once.
+    #[error("TLS handshake with {addr} failed (check the CA certificate in the client config): {reason}")]
+    Handshake {
+        /// The node.
+        addr: String,
+        /// What TLS reported.
+        reason: String,
+    },
     /// A node did not answer in time.
     #[error("{addr} did not answer within {ms} ms")]
     Timeout {

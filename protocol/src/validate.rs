@@ -10,7 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::canonical;
-use crate::event::Event;
+use crate::event::{Event, JsonObject};
 
 /// Size limits, configurable per cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +76,19 @@ pub const MAX_CONTEXT_VALUE_BYTES: usize = 4096;
 /// Latest acceptable `time`: year 2200. Nanosecond `i64` timestamps end
 /// in 2262, and an audit event dated centuries ahead is a producer bug.
 pub const MAX_TIME_UNIX_NANOS: i64 = 7_258_118_400_000_000_000;
+
+/// Rewrites the event's JSON `data` into its canonical text, so that the
+/// hash never depends on how the sender formatted it; fails if it is not a
+/// JSON object. Run on every event that arrives from outside the cluster
+/// (the binary decoder trusts its input to be canonical already).
+pub fn canonicalize_event(event: &mut Event) -> Result<(), ValidationError> {
+    if let Some(data) = &event.data {
+        let canonical =
+            JsonObject::parse(data.as_str()).map_err(|e| ValidationError::new("data", e))?;
+        event.data = Some(canonical);
+    }
+    Ok(())
+}
 
 /// Checks every field of `event` and its encoded size.
 pub fn validate_event(event: &Event, limits: &Limits) -> Result<(), ValidationError> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use auditflow_protocol::frame::{self, DEFAULT_MAX_FRAME_BYTES};
-use auditflow_protocol::validate::{validate_event, Limits};
+use auditflow_protocol::validate::{canonicalize_event, validate_event, Limits};
 use auditflow_protocol::wire::{Request, PROTOCOL_VERSION};
 use auditflow_protocol::{canonical, Actor, Event, JsonObject, Outcome, Source, Target, Timestamp};
 use proptest::prelude::*;
@@ -120,6 +120,21 @@ proptest! {
     }
 
     #[test]
+    fn binary_data_is_canonicalized_where_it_enters(e in valid_event()) {
+        // The binary decoder takes JSON text as is (inside the cluster it is
+        // canonical already); what a client sends is rewritten on entry.
+        let Some(data) = &e.data else { return Ok(()) };
+        let messy = reorder(&data.to_value());
+        let wire = bincode::serde::encode_to_vec(&messy, bincode::config::standard()).unwrap();
+        let (raw, _): (JsonObject, usize) =
+            bincode::serde::decode_from_slice(&wire, bincode::config::standard()).unwrap();
+        let mut received = e.clone();
+        received.data = Some(raw);
+        canonicalize_event(&mut received).unwrap();
+        prop_assert_eq!(canonical::encode_event(&received), canonical::encode_event(&e));
+    }
+
+    #[test]
     fn distinct_events_encode_distinctly(a in valid_event(), b in valid_event()) {
         prop_assume!(a != b);
         prop_assert_ne!(canonical::encode_event(&a), canonical::encode_event(&b));
@@ -189,4 +204,20 @@ fn oversized_event_is_rejected_as_a_whole() {
     };
     let err = validate_event(&e, &Limits::default()).unwrap_err();
     assert_eq!(err.field, "event", "{err}");
+}
+
+#[test]
+fn binary_data_that_is_not_a_json_object_is_rejected_on_entry() {
+    for text in ["{\"a\":", "[1,2]", "not json"] {
+        let wire = bincode::serde::encode_to_vec(text, bincode::config::standard()).unwrap();
+        let (raw, _): (JsonObject, usize) =
+            bincode::serde::decode_from_slice(&wire, bincode::config::standard()).unwrap();
+        let mut e: Event = serde_json::from_str(
+            r#"{"id":"x","tenant":"t","time":"2026-01-01T00:00:00Z","actor":{"id":"u","type":"user"},"action":"a.b","target":{"type":"doc","id":"d"},"outcome":"success"}"#,
+        )
+        .unwrap();
+        e.data = Some(raw);
+        let err = canonicalize_event(&mut e).unwrap_err();
+        assert_eq!(err.field, "data", "{text}: {err}");
+    }
 }

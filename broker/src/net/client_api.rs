@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use auditflow_protocol::partition::partition_of;
-use auditflow_protocol::validate::validate_event;
+use auditflow_protocol::validate::{canonicalize_event, validate_event};
 use auditflow_protocol::wire::{
     AppendResult, EventError, EventsPage, Request, RequestError, Response,
 };
@@ -99,9 +99,10 @@ async fn append_events(
     let mut results: Vec<Option<AppendResult>> = Vec::with_capacity(events.len());
     let mut valid: Vec<Event> = Vec::new();
     let count = node.config.partitions;
-    for event in events {
+    for mut event in events {
         let expected = partition_of(&event, count);
-        if let Err(e) = validate_event(&event, &limits) {
+        let checked = canonicalize_event(&mut event).and_then(|()| validate_event(&event, &limits));
+        if let Err(e) = checked {
             results.push(Some(AppendResult::Rejected(EventError::Invalid(e))));
         } else if expected != partition {
             results.push(Some(AppendResult::Rejected(EventError::WrongPartition {

@@ -19,9 +19,12 @@ use tokio::sync::oneshot;
 use super::types::{Command, CommandResponse, NodeId, Raft};
 use crate::clock::Clock;
 
-/// Raft entries of one partition being replicated at once. More pipelines
-/// better over the network; each also costs a slot in openraft's queue.
-pub const MAX_IN_FLIGHT_WRITES: usize = 4;
+/// Raft entries of one partition being replicated at once. Two lets one
+/// entry fill while another is on its way, so many independent clients
+/// still overlap; more made entries smaller without making anything
+/// faster, since each entry costs a durable commit on every node (the
+/// client keeps one request per partition in flight for the same reason).
+pub const MAX_IN_FLIGHT_WRITES: usize = 2;
 /// Events waiting for a slot, per partition. Beyond this, appends get
 /// `RetryLater`: memory per partition stays bounded however fast clients
 /// push (G8).

@@ -1,10 +1,13 @@
 //! The Raft log of one partition (openraft `RaftLogStorage`, storage v2).
 //!
 //! `append` must make entries readable when it returns but may report them
-//! durable later. Entries are kept in an in-memory `pending` map from the
-//! moment they are queued until their transaction committed, so the leader
-//! can replicate them while its own fsync is still running: the leader's
-//! disk write and the followers' overlap instead of adding up.
+//! durable later. Entries are kept in an in-memory cache from the moment
+//! they are queued: until their transaction committed (`pending`), so the
+//! leader can replicate them while its own fsync is still running (the
+//! leader's disk write and the followers' overlap instead of adding up),
+//! and for a while after (`flushed`, bounded), because replication and the
+//! state machine read back what was just appended, and decoding it from
+//! redb again was a visible share of a node's CPU.
 //! Vote, truncation and purge wait for their commit before returning.
 
 use std::collections::BTreeMap;
@@ -27,8 +30,62 @@ pub struct LogStore {
     partition: u32,
     db: Arc<Database>,
     writer: StorageWriter,
-    /// Entries queued but not yet committed, by index.
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// Recent entries, by index.
+    cache: Arc<Mutex<EntryCache>>,
+}
+
+/// Most committed entries kept in memory per partition.
+const CACHE_MAX_ENTRIES: usize = 1024;
+/// Most bytes (encoded) of committed entries kept in memory per partition.
+const CACHE_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// Recently appended entries of one partition.
+#[derive(Default)]
+struct EntryCache {
+    /// Queued but not yet committed; newer than anything stored at the
+    /// same index (a truncation removes both), so they win on reads.
+    pending: BTreeMap<u64, Entry>,
+    /// Committed, with their encoded size; the oldest leave first once
+    /// [`CACHE_MAX_ENTRIES`] or [`CACHE_MAX_BYTES`] is exceeded.
+    flushed: BTreeMap<u64, (Entry, usize)>,
+    flushed_bytes: usize,
+}
+
+impl EntryCache {
+    /// Moves the entries of a committed append from `pending` to `flushed`,
+    /// unless a truncation and a newer append replaced them meanwhile.
+    fn committed(&mut self, ids: &[(LogId, usize)]) {
+        for (id, size) in ids {
+            if self.pending.get(&id.index).map(|e| e.get_log_id()) == Some(id) {
+                if let Some(e) = self.pending.remove(&id.index) {
+                    if let Some((_, old)) = self.flushed.insert(id.index, (e, *size)) {
+                        self.flushed_bytes -= old;
+                    }
+                    self.flushed_bytes += size;
+                }
+            }
+        }
+        while self.flushed.len() > CACHE_MAX_ENTRIES || self.flushed_bytes > CACHE_MAX_BYTES {
+            match self.flushed.pop_first() {
+                Some((_, (_, size))) => self.flushed_bytes -= size,
+                None => break,
+            }
+        }
+    }
+
+    /// Keeps only the entries whose index satisfies `keep`.
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.pending.retain(|i, _| keep(*i));
+        let mut freed = 0;
+        self.flushed.retain(|i, (_, size)| {
+            let k = keep(*i);
+            if !k {
+                freed += *size;
+            }
+            k
+        });
+        self.flushed_bytes -= freed;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,7 +104,7 @@ impl LogStore {
             partition,
             db,
             writer,
-            pending: Arc::default(),
+            cache: Arc::default(),
         }
     }
 
@@ -81,28 +138,33 @@ impl LogStore {
     }
 
     fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+        let hi = end.unwrap_or(u64::MAX);
+        if start >= hi {
+            return Ok(Vec::new());
+        }
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
         {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(RAFT_LOG)?;
-            let hi = end.unwrap_or(u64::MAX);
-            if start < hi {
-                for row in table.range((self.partition, start)..(self.partition, hi))? {
-                    let (k, v) = row?;
-                    let index = k.value().1;
-                    out.insert(index, tables::decode(v.value(), "raft log entry")?);
-                }
+            let cache = lock(&self.cache);
+            let range = (Bound::Included(start), Bound::Excluded(hi));
+            for (i, (e, _)) in cache.flushed.range(range) {
+                out.insert(*i, e.clone());
+            }
+            for (i, e) in cache.pending.range(range) {
+                out.insert(*i, e.clone());
             }
         }
-        // Pending entries are newer than anything committed at the same
-        // index (a truncation removes both), so they win.
-        let pending = lock(&self.pending);
-        let upper = match end {
-            Some(e) => Bound::Excluded(e),
-            None => Bound::Unbounded,
-        };
-        for (i, e) in pending.range((Bound::Included(start), upper)) {
-            out.insert(*i, e.clone());
+        let covered = end.is_some_and(|e| out.len() as u64 == e - start);
+        if !covered {
+            // Only what the cache lacks is decoded.
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(RAFT_LOG)?;
+            for row in table.range((self.partition, start)..(self.partition, hi))? {
+                let (k, v) = row?;
+                let index = k.value().1;
+                if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(index) {
+                    slot.insert(tables::decode(v.value(), "raft log entry")?);
+                }
+            }
         }
         Ok(out.into_values().collect())
     }
@@ -154,7 +216,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(err)?
             .flatten();
         let stored = self.last_committed_entry().map_err(err)?;
-        let pending = lock(&self.pending)
+        let pending = lock(&self.cache)
+            .pending
             .values()
             .next_back()
             .map(|e| *e.get_log_id());
@@ -212,11 +275,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })?;
             rows.push((e.get_log_id().index, bytes));
         }
-        let ids: Vec<LogId> = entries.iter().map(|e| *e.get_log_id()).collect();
+        let ids: Vec<(LogId, usize)> = entries
+            .iter()
+            .zip(&rows)
+            .map(|(e, (_, bytes))| (*e.get_log_id(), bytes.len()))
+            .collect();
         {
-            let mut pending = lock(&self.pending);
+            let mut cache = lock(&self.cache);
             for e in entries {
-                pending.insert(e.get_log_id().index, e);
+                cache.pending.insert(e.get_log_id().index, e);
             }
         }
         let p = self.partition;
@@ -231,7 +298,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        let pending = Arc::clone(&self.pending);
+        let cache = Arc::clone(&self.cache);
         tokio::spawn(async move {
             let result = match done.await {
                 Ok(Ok(())) => Ok(()),
@@ -239,14 +306,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Err(_) => Err(std::io::Error::other("storage writer stopped")),
             };
             if result.is_ok() {
-                // Drop only what this append put there: a truncation and a
-                // newer append may have replaced it meanwhile.
-                let mut pending = lock(&pending);
-                for id in ids {
-                    if pending.get(&id.index).map(|e| e.get_log_id()) == Some(&id) {
-                        pending.remove(&id.index);
-                    }
-                }
+                lock(&cache).committed(&ids);
             }
             callback.log_io_completed(result);
         });
@@ -255,7 +315,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let from = log_id.index;
-        lock(&self.pending).retain(|i, _| *i < from);
+        lock(&self.cache).retain(|i| i < from);
         let p = self.partition;
         self.writer
             .write(true, move |txn| {
@@ -269,7 +329,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let upto = log_id.index;
-        lock(&self.pending).retain(|i, _| *i > upto);
+        lock(&self.cache).retain(|i| i > upto);
         let p = self.partition;
         let marker = tables::encode(&Some(log_id), KEY_PURGED)
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;

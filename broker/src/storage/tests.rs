@@ -142,6 +142,41 @@ async fn log_entries_readable_before_flush_and_after_reopen() {
     );
 }
 
+#[tokio::test]
+async fn cached_reads_match_the_stored_log_across_truncation_and_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let leader = |term| CommittedLeaderId::new(term, 1);
+    let store = Store::open(&path).unwrap();
+    let mut log = store.log_store(4);
+    // More entries than the cache keeps, so reads mix cache and redb.
+    let n = 1500u64;
+    for i in 1..=n {
+        log.blocking_append([append_entry(i, &[&format!("e{i}")])])
+            .await
+            .unwrap();
+    }
+    // A truncation, then different entries (a newer term) at those indexes.
+    log.truncate(LogId::new(leader(1), n - 9)).await.unwrap();
+    for i in (n - 9)..=n {
+        let mut e = append_entry(i, &[&format!("new{i}")]);
+        e.log_id = LogId::new(leader(2), i);
+        log.blocking_append([e]).await.unwrap();
+    }
+    let cached = log.try_get_log_entries(1..n + 1).await.unwrap();
+    let partial = log.try_get_log_entries(n - 20..n - 5).await.unwrap();
+    drop(log);
+    drop(store);
+    // A fresh store has an empty cache: everything comes from redb.
+    let store = Store::open(&path).unwrap();
+    let mut fresh = store.log_store(4);
+    let stored = fresh.try_get_log_entries(1..n + 1).await.unwrap();
+    assert_eq!(cached.len() as u64, n);
+    assert_eq!(cached, stored);
+    assert_eq!(partial, stored[(n - 21) as usize..(n - 6) as usize]);
+    assert_eq!(stored.last().map(|e| e.log_id.leader_id), Some(leader(2)));
+}
+
 #[test]
 fn garbage_file_is_refused_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
