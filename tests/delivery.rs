@@ -599,3 +599,92 @@ async fn replay_redelivers_a_range_to_one_destination_only() {
     })
     .await;
 }
+
+/// Sum of every sample of `name` with `dest="{dest}"` in a Prometheus text
+/// exposition.
+fn sum_dest_metric(text: &str, name: &str, dest: &str) -> f64 {
+    let label = format!("dest=\"{dest}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
+    let bulk = Receiver::start().await;
+    let cluster = Cluster::start(ClusterOptions::default());
+    let client = cluster.client().await;
+    cluster.wait_ready(&client).await;
+    // A backlog first, then a destination with small batches: hundreds of
+    // batches stream back to back.
+    let acked = append_all(&client, 0, 2000).await;
+    let batch = 5u64;
+    let settings = serde_json::to_string(&webhook(
+        "bulk",
+        &bulk.url(),
+        json!({ "batch_size": batch, "linger_ms": 0 }),
+    ))
+    .unwrap();
+    client.dest_add(&settings).await.expect("add");
+    let want: BTreeSet<String> = acked.keys().cloned().collect();
+    wait_until("the backlog delivered", Duration::from_secs(120), || {
+        let bulk = bulk.clone();
+        let want = want.clone();
+        async move {
+            let got: BTreeSet<String> = bulk.received().into_iter().map(|r| r.id).collect();
+            (got == want).then_some(())
+        }
+    })
+    .await;
+    assert_ordered_without_conflicts("bulk", &bulk.received());
+    // Caught up, the actors record the whole progress: every replicated
+    // cursor reaches its head.
+    wait_until(
+        "cursors recorded up to the head",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                let statuses = client.dest_status_all().await;
+                let bulk: Vec<_> = statuses
+                    .iter()
+                    .filter_map(|(_, s)| s.as_ref().ok())
+                    .flatten()
+                    .filter(|s| s.dest == "bulk")
+                    .collect();
+                let stored: u64 = bulk.iter().map(|s| s.head).sum();
+                let done = bulk.len() == cluster_partitions(&client)
+                    && stored == 2000
+                    && bulk.iter().all(|s| s.cursor == s.head);
+                done.then_some(())
+            }
+        },
+    )
+    .await;
+    // Far fewer Raft records than batches (each record is an entry and a
+    // durable commit on every node).
+    let http = reqwest::Client::new();
+    let mut records = 0.0;
+    for n in &cluster.nodes {
+        let text = http
+            .get(format!("http://{}/metrics", n.admin_addr))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics text");
+        records += sum_dest_metric(&text, "auditflow_delivery_cursor_records_total", "bulk");
+    }
+    let batches = acked.len() as f64 / batch as f64;
+    assert!(records >= 1.0, "no cursor record at all");
+    assert!(
+        records < batches,
+        "{records} cursor records for at least {batches} batches"
+    );
+}
+
+fn cluster_partitions(client: &auditflow_client::Client) -> usize {
+    client.cached_metadata().partition_count as usize
+}

@@ -53,6 +53,9 @@ pub const DELIVERY_ATTEMPTS: &str = "auditflow_delivery_attempts";
 pub const DELIVERY_BREAKER_OPEN: &str = "auditflow_delivery_breaker_open";
 /// Events this node delivered, per destination and partition.
 pub const DELIVERED_EVENTS_TOTAL: &str = "auditflow_delivered_events_total";
+/// Cursor advances a delivery actor recorded through Raft after confirmed
+/// deliveries (fewer than batches sent while a backlog streams).
+pub const DELIVERY_CURSOR_RECORDS_TOTAL: &str = "auditflow_delivery_cursor_records_total";
 
 /// redb transactions the storage writer committed, by `durability`
 /// (`immediate`: fsynced; `none`: made visible, persisted by the next
@@ -215,6 +218,11 @@ pub fn describe() {
         DELIVERED_EVENTS_TOTAL,
         Unit::Count,
         "Events this node delivered, per destination and partition."
+    );
+    describe_counter!(
+        DELIVERY_CURSOR_RECORDS_TOTAL,
+        Unit::Count,
+        "Delivery cursor advances recorded through Raft, per destination and partition."
     );
 }
 
