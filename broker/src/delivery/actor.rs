@@ -12,13 +12,12 @@
 //! re-deliver) is worked off in batches that alternate with the live
 //! stream's, so neither starves the other.
 //!
-//! While a backlog streams, the cursor is recorded through Raft at most
-//! every [`RECORD_INTERVAL`] rather than after every batch: each record is
-//! a Raft entry and a durable commit on every node, and they were a third
-//! of all entries under load. What was delivered but not yet recorded is
-//! kept in memory (and delivery continues after it); it is recorded as
-//! soon as the stream catches up, stalls on a failure, or the interval
-//! passes. A leader change in between re-delivers at most that much, as
+//! The cursor is recorded through Raft at most every [`RECORD_INTERVAL`]
+//! rather than after every batch: each record is a Raft entry and a
+//! durable commit on every node, and they were a third of all entries
+//! under load (half at a trickle). What was delivered but not yet recorded
+//! is kept in memory (and delivery continues after it); it is recorded
+//! when the interval has passed, or at once when a send fails. A leader change in between re-delivers at most that much, as
 //! a crash between a sink's confirmation and its record always could
 //! (at-least-once, G2); the cursor never runs ahead of the sink.
 //!
@@ -310,7 +309,15 @@ impl Pipeline {
         if cursor >= head {
             self.lingered = false;
             if self.unrecorded.is_some() {
-                // Caught up: record before going idle.
+                // Caught up. Record once no new event came for the rest of
+                // the interval: a steady trickle would otherwise cost a
+                // Raft entry per batch.
+                let left = RECORD_INTERVAL.saturating_sub(self.last_record.elapsed());
+                if !left.is_zero() {
+                    if let Ok(Ok(())) = tokio::time::timeout(left, watch.changed()).await {
+                        return Next::Now;
+                    }
+                }
                 return match self.record_progress().await {
                     Ok(()) => Next::Now,
                     Err(next) => next,
@@ -484,16 +491,15 @@ impl Pipeline {
     }
 
     /// Moves the delivery past `next_offset - 1`, which the sink confirmed.
-    /// Recorded at once unless more events are waiting and the cursor was
-    /// recorded less than [`RECORD_INTERVAL`] ago (see the module docs).
+    /// Recorded at once unless the cursor was recorded less than
+    /// [`RECORD_INTERVAL`] ago (see the module docs).
     async fn advance(&mut self, next_offset: u64, delivered: u64) -> Next {
         let replicated = match self.reader.cursor(&self.dest.name) {
             Ok(c) => c,
             Err(e) => return self.storage_trouble(e),
         };
-        let head = *self.reader.watch().borrow();
         self.unrecorded = Some((replicated, next_offset));
-        if head > next_offset && self.last_record.elapsed() < RECORD_INTERVAL {
+        if self.last_record.elapsed() < RECORD_INTERVAL {
             self.succeeded(delivered);
             return Next::Now;
         }
