@@ -33,23 +33,6 @@ async fn get(http: &reqwest::Client, addr: SocketAddr, path: &str) -> Option<(u1
     Some((code, resp.text().await.ok()?))
 }
 
-/// Sum of the samples of `name` whose labels include every `key="value"`
-/// of `labels`, in a Prometheus text exposition.
-fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| {
-            let (n, l) = series.split_once('{').unwrap_or((series, ""));
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
-}
-
 /// A JSON-lines file destination in `dir`.
 fn file_destination(dir: &Path) -> DestinationConfig {
     serde_json::from_value(json!({

@@ -32,6 +32,20 @@ fn webhook(name: &str, url: &str, extra: serde_json::Value) -> DestinationConfig
     serde_json::from_value(v).expect("destination config")
 }
 
+/// Waits until `receiver` has had every id of `want`, and nothing else.
+async fn wait_received(
+    what: &str,
+    deadline: Duration,
+    receiver: &Receiver,
+    want: &BTreeSet<String>,
+) {
+    wait_until(what, deadline, || async move {
+        let got: BTreeSet<String> = receiver.received().into_iter().map(|r| r.id).collect();
+        (&got == want).then_some(())
+    })
+    .await;
+}
+
 /// First arrival of each id, in arrival order, grouped by partition.
 fn first_arrivals(received: &[Received]) -> BTreeMap<u32, Vec<(u64, String)>> {
     let mut seen = BTreeSet::new();
@@ -146,26 +160,21 @@ async fn filtered_masked_ordered_parked_and_redriven() {
         .collect();
 
     // "all" and "picky" flow while "flaky" is down.
-    wait_until("all delivered to `all`", Duration::from_secs(120), || {
-        let all = all.clone();
-        let want = want_all.clone();
-        async move {
-            let got: BTreeSet<String> = all.received().into_iter().map(|r| r.id).collect();
-            (got == want).then_some(())
-        }
-    })
+    wait_received(
+        "all delivered to `all`",
+        Duration::from_secs(120),
+        &all,
+        &want_all,
+    )
     .await;
-    wait_until(
+    wait_received(
         "picky delivered or parked",
         Duration::from_secs(120),
-        || {
-            let picky = picky.clone();
-            let want: BTreeSet<String> = want_picky.difference(&refused).cloned().collect();
-            async move {
-                let got: BTreeSet<String> = picky.received().into_iter().map(|r| r.id).collect();
-                (got == want).then_some(())
-            }
-        },
+        &picky,
+        &want_picky
+            .difference(&refused)
+            .cloned()
+            .collect::<BTreeSet<_>>(),
     )
     .await;
     assert!(flaky.received().is_empty(), "flaky is down");
@@ -231,14 +240,12 @@ async fn filtered_masked_ordered_parked_and_redriven() {
             .await
             .expect("redrive");
     }
-    wait_until("redriven events delivered", Duration::from_secs(60), || {
-        let picky = picky.clone();
-        let want = want_picky.clone();
-        async move {
-            let got: BTreeSet<String> = picky.received().into_iter().map(|r| r.id).collect();
-            (got == want).then_some(())
-        }
-    })
+    wait_received(
+        "redriven events delivered",
+        Duration::from_secs(60),
+        &picky,
+        &want_picky,
+    )
     .await;
     wait_until("DLQ empty after redrive", Duration::from_secs(30), || {
         let client = client.clone();
@@ -255,14 +262,12 @@ async fn filtered_masked_ordered_parked_and_redriven() {
 
     // The outage ends: "flaky" receives everything, in order.
     flaky.set_down(false);
-    wait_until("flaky catches up", Duration::from_secs(120), || {
-        let flaky = flaky.clone();
-        let want = want_all.clone();
-        async move {
-            let got: BTreeSet<String> = flaky.received().into_iter().map(|r| r.id).collect();
-            (got == want).then_some(())
-        }
-    })
+    wait_received(
+        "flaky catches up",
+        Duration::from_secs(120),
+        &flaky,
+        &want_all,
+    )
     .await;
     assert_ordered_without_conflicts("flaky", &flaky.received());
 
@@ -320,14 +325,12 @@ async fn new_leader_resumes_delivery_from_the_replicated_cursor() {
     cluster.spawn(idx);
 
     let want: BTreeSet<String> = acked.keys().cloned().collect();
-    wait_until("every event delivered", Duration::from_secs(180), || {
-        let sink = sink.clone();
-        let want = want.clone();
-        async move {
-            let got: BTreeSet<String> = sink.received().into_iter().map(|r| r.id).collect();
-            (got == want).then_some(())
-        }
-    })
+    wait_received(
+        "every event delivered",
+        Duration::from_secs(180),
+        &sink,
+        &want,
+    )
     .await;
     let received = sink.received();
     assert_ordered_without_conflicts("siem", &received);
@@ -383,17 +386,11 @@ async fn destinations_added_and_removed_at_run_time() {
     acked.extend(append_all(&client, 500, 1000).await);
     cluster.spawn(idx);
     let want: BTreeSet<String> = acked.keys().cloned().collect();
-    wait_until(
+    wait_received(
         "everything delivered to `late`",
         Duration::from_secs(120),
-        || {
-            let late = late.clone();
-            let want = want.clone();
-            async move {
-                let got: BTreeSet<String> = late.received().into_iter().map(|r| r.id).collect();
-                (got == want).then_some(())
-            }
-        },
+        &late,
+        &want,
     )
     .await;
     assert_ordered_without_conflicts("late", &late.received());
@@ -419,17 +416,11 @@ async fn destinations_added_and_removed_at_run_time() {
     let settings = serde_json::to_string(&webhook("marker", &marker.url(), json!({}))).unwrap();
     client.dest_add(&settings).await.expect("add marker");
     let want: BTreeSet<String> = acked.keys().cloned().collect();
-    wait_until(
+    wait_received(
         "everything delivered to `marker`",
         Duration::from_secs(120),
-        || {
-            let marker = marker.clone();
-            let want = want.clone();
-            async move {
-                let got: BTreeSet<String> = marker.received().into_iter().map(|r| r.id).collect();
-                (got == want).then_some(())
-            }
-        },
+        &marker,
+        &want,
     )
     .await;
     assert_eq!(
@@ -468,15 +459,7 @@ async fn replay_redelivers_a_range_to_one_destination_only() {
     }
     let want: BTreeSet<String> = acked.keys().cloned().collect();
     for r in [&siem, &other] {
-        wait_until("all delivered", Duration::from_secs(120), || {
-            let r = r.clone();
-            let want = want.clone();
-            async move {
-                let got: BTreeSet<String> = r.received().into_iter().map(|r| r.id).collect();
-                (got == want).then_some(())
-            }
-        })
-        .await;
+        wait_received("all delivered", Duration::from_secs(120), r, &want).await;
     }
     let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
     for (p, _) in acked.values() {
@@ -600,16 +583,6 @@ async fn replay_redelivers_a_range_to_one_destination_only() {
     .await;
 }
 
-/// Sum of every sample of `name` with `dest="{dest}"` in a Prometheus text
-/// exposition.
-fn sum_dest_metric(text: &str, name: &str, dest: &str) -> f64 {
-    let label = format!("dest=\"{dest}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
     let bulk = Receiver::start().await;
@@ -628,14 +601,12 @@ async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
     .unwrap();
     client.dest_add(&settings).await.expect("add");
     let want: BTreeSet<String> = acked.keys().cloned().collect();
-    wait_until("the backlog delivered", Duration::from_secs(120), || {
-        let bulk = bulk.clone();
-        let want = want.clone();
-        async move {
-            let got: BTreeSet<String> = bulk.received().into_iter().map(|r| r.id).collect();
-            (got == want).then_some(())
-        }
-    })
+    wait_received(
+        "the backlog delivered",
+        Duration::from_secs(120),
+        &bulk,
+        &want,
+    )
     .await;
     assert_ordered_without_conflicts("bulk", &bulk.received());
     // Caught up, the actors record the whole progress: every replicated
@@ -654,7 +625,7 @@ async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
                     .filter(|s| s.dest == "bulk")
                     .collect();
                 let stored: u64 = bulk.iter().map(|s| s.head).sum();
-                let done = bulk.len() == cluster_partitions(&client)
+                let done = bulk.len() == client.cached_metadata().partition_count as usize
                     && stored == 2000
                     && bulk.iter().all(|s| s.cursor == s.head);
                 done.then_some(())
@@ -675,7 +646,11 @@ async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
             .text()
             .await
             .expect("metrics text");
-        records += sum_dest_metric(&text, "auditflow_delivery_cursor_records_total", "bulk");
+        records += sum_metric(
+            &text,
+            "auditflow_delivery_cursor_records_total",
+            &[("dest", "bulk")],
+        );
     }
     let batches = acked.len() as f64 / batch as f64;
     assert!(records >= 1.0, "no cursor record at all");
@@ -683,8 +658,4 @@ async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
         records < batches,
         "{records} cursor records for at least {batches} batches"
     );
-}
-
-fn cluster_partitions(client: &auditflow_client::Client) -> usize {
-    client.cached_metadata().partition_count as usize
 }

@@ -345,3 +345,20 @@ pub fn event(id: &str, tenant: &str, n: u64) -> Event {
         partition_key: None,
     }
 }
+
+/// Sum of the samples of `name` whose labels include every `key="value"`
+/// of `labels`, in a Prometheus text exposition.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (n, l) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}

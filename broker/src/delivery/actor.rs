@@ -17,9 +17,10 @@
 //! durable commit on every node, and they were a third of all entries
 //! under load (half at a trickle). What was delivered but not yet recorded
 //! is kept in memory (and delivery continues after it); it is recorded
-//! when the interval has passed, or at once when a send fails. A leader change in between re-delivers at most that much, as
-//! a crash between a sink's confirmation and its record always could
-//! (at-least-once, G2); the cursor never runs ahead of the sink.
+//! when the interval has passed, or at once when a send fails. A leader
+//! change in between re-delivers at most that much, as a crash between a
+//! sink's confirmation and its record always could (at-least-once, G2);
+//! the cursor never runs ahead of the sink.
 //!
 //! The actor owns its state in a [`Pipeline`] that each step takes, runs as
 //! a future and puts back, so a step never overlaps another. A panic inside
@@ -54,8 +55,8 @@ use crate::storage::PartitionReader;
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an idle actor waits for new events before looking again.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
-/// Longest a confirmed delivery may stay unrecorded while more events are
-/// waiting to be sent.
+/// Longest a confirmed delivery stays unrecorded (unless the record
+/// itself cannot be proposed).
 const RECORD_INTERVAL: Duration = Duration::from_millis(100);
 /// Redriven entries handled per step.
 const REDRIVE_BATCH: usize = 100;
@@ -355,7 +356,7 @@ impl Pipeline {
             }
         }
         if batch.is_empty() {
-            return self.advance(last + 1, 0).await;
+            return self.advance(replicated, last + 1, 0).await;
         }
         let wait = self.breaker.wait(Instant::now());
         if !wait.is_zero() {
@@ -363,7 +364,7 @@ impl Pipeline {
         }
         let (outcome, latency_ms) = self.send(&batch).await;
         match outcome {
-            SendOutcome::Delivered => self.advance(last + 1, batch.len() as u64).await,
+            SendOutcome::Delivered => self.advance(replicated, last + 1, batch.len() as u64).await,
             SendOutcome::Failed(f) if f.is_retryable() => {
                 let head = batch[0].clone();
                 self.retry_or_park(&head, &f, latency_ms).await
@@ -490,14 +491,11 @@ impl Pipeline {
         Next::Now
     }
 
-    /// Moves the delivery past `next_offset - 1`, which the sink confirmed.
-    /// Recorded at once unless the cursor was recorded less than
-    /// [`RECORD_INTERVAL`] ago (see the module docs).
-    async fn advance(&mut self, next_offset: u64, delivered: u64) -> Next {
-        let replicated = match self.reader.cursor(&self.dest.name) {
-            Ok(c) => c,
-            Err(e) => return self.storage_trouble(e),
-        };
+    /// Moves the delivery past `next_offset - 1`, which the sink confirmed,
+    /// from the `replicated` cursor this step started at. Recorded at once
+    /// unless the cursor was recorded less than [`RECORD_INTERVAL`] ago
+    /// (see the module docs).
+    async fn advance(&mut self, replicated: u64, next_offset: u64, delivered: u64) -> Next {
         self.unrecorded = Some((replicated, next_offset));
         if self.last_record.elapsed() < RECORD_INTERVAL {
             self.succeeded(delivered);

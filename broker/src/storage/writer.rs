@@ -173,7 +173,7 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
         let started = std::time::Instant::now();
         let durable = batch.iter().any(|j| j.durable);
         let jobs = batch.len();
-        match run_batch(db, &mut batch) {
+        match run_batch(db, &mut batch, durable) {
             Ok(()) => {
                 record_commit(durable, jobs, started.elapsed());
                 for job in batch.drain(..) {
@@ -211,9 +211,9 @@ enum BatchError {
     Commit(StoreError),
 }
 
-fn run_batch(db: &Database, batch: &mut [Job]) -> Result<(), BatchError> {
+/// Runs `batch` in one transaction, durable if `durable` (any job asked).
+fn run_batch(db: &Database, batch: &mut [Job], durable: bool) -> Result<(), BatchError> {
     let mut txn = db.begin_write().map_err(|e| BatchError::Commit(e.into()))?;
-    let durable = batch.iter().any(|j| j.durable);
     txn.set_durability(if durable {
         Durability::Immediate
     } else {
