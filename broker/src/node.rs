@@ -32,6 +32,10 @@ pub const DB_FILE: &str = "auditflow.redb";
 /// How long a node waits for the preferred node of a partition to
 /// initialise it before doing so itself (if still leaderless).
 const INIT_GRACE: Duration = Duration::from_secs(5);
+/// Longest a clean stop waits for delivery to record its progress (an
+/// idle actor answers at once and a send under way finishes first; a sink
+/// that hangs is not waited for).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,9 +89,30 @@ pub struct NodeShared {
     /// Destinations this node delivers to: `node.toml`'s and the run-time
     /// catalog's, kept current by [`crate::delivery::catalog::follow`].
     pub destinations: tokio::sync::watch::Receiver<crate::delivery::catalog::Destinations>,
+    /// Tells the delivery supervisors to record progress and stop.
+    drain: tokio::sync::watch::Sender<bool>,
+    /// Closes once every delivery supervisor has ended (each holds a
+    /// sender).
+    delivery_done: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>,
 }
 
 impl NodeShared {
+    /// Stops delivery on this node after recording, through Raft, what
+    /// each actor delivered but had not recorded yet (it records at most
+    /// every 100 ms while streaming), so the partitions' next leaders
+    /// resume exactly where this node stopped rather than re-sending up to
+    /// 100 ms of events. Waits at most `within`; what is not recorded by
+    /// then is delivered again by the next leader (at-least-once). Call it
+    /// while the Raft groups and peer connections are still up.
+    pub async fn drain_delivery(&self, within: Duration) {
+        self.drain.send_replace(true);
+        let mut done = self.delivery_done.lock().await;
+        // `recv` yields `None` once every supervisor dropped its sender.
+        if tokio::time::timeout(within, done.recv()).await.is_err() {
+            warn!(node = self.id, "delivery did not drain within {within:?}");
+        }
+    }
+
     /// The partition, or a `BadRequest` naming the valid range.
     pub fn partition(&self, partition: u32) -> Result<&PartitionHandle, RequestError> {
         self.partitions
@@ -255,12 +280,16 @@ pub async fn start(
             destinations_tx,
         ));
     }
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let (delivery_running, delivery_done) = tokio::sync::mpsc::channel(1);
     let delivery = crate::delivery::supervisor::DeliveryContext {
         node: config.id,
         destinations: destinations.clone(),
         board: board.clone(),
         clock: Arc::clone(&clock),
         sinks,
+        draining,
+        running: delivery_running,
     };
     for (p, handle) in partitions.iter().enumerate() {
         actix_rt::spawn(crate::delivery::supervisor::supervise(
@@ -278,6 +307,8 @@ pub async fn start(
         board,
         clock,
         destinations,
+        drain,
+        delivery_done: tokio::sync::Mutex::new(delivery_done),
     }))
 }
 
@@ -331,6 +362,8 @@ pub struct RunningNode {
 impl RunningNode {
     /// Stops serving, shuts every Raft group down and closes the database.
     pub async fn shutdown(self) {
+        // Before the endpoint closes: recording progress needs the peers.
+        self.shared.drain_delivery(DRAIN_TIMEOUT).await;
         self.endpoint.close(0u32.into(), b"node shutting down");
         for p in &self.shared.partitions {
             if let Err(e) = p.actor.send(Shutdown).await {

@@ -17,10 +17,11 @@
 //! durable commit on every node, and they were a third of all entries
 //! under load (half at a trickle). What was delivered but not yet recorded
 //! is kept in memory (and delivery continues after it); it is recorded
-//! when the interval has passed, or at once when a send fails. A leader
-//! change in between re-delivers at most that much, as a crash between a
-//! sink's confirmation and its record always could (at-least-once, G2);
-//! the cursor never runs ahead of the sink.
+//! when the interval has passed, at once when a send fails, and before
+//! the node stops cleanly ([`Drain`]). A leader change in between (a
+//! crash, a partition) re-delivers at most that much, as a crash between
+//! a sink's confirmation and its record always could (at-least-once,
+//! G2); the cursor never runs ahead of the sink.
 //!
 //! The actor owns its state in a [`Pipeline`] that each step takes, runs as
 //! a future and puts back, so a step never overlaps another. A panic inside
@@ -36,6 +37,7 @@ use auditflow_protocol::StoredEvent;
 use futures::FutureExt;
 use openraft::error::{ClientWriteError, RaftError};
 use rand::Rng;
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -58,6 +60,8 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// Longest a confirmed delivery stays unrecorded (unless the record
 /// itself cannot be proposed).
 const RECORD_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest a stopping actor waits to record its progress.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Redriven entries handled per step.
 const REDRIVE_BATCH: usize = 100;
 /// DLQ entries scanned per step looking for redrive marks.
@@ -98,6 +102,8 @@ pub struct Pipeline {
     unrecorded: Option<(u64, u64)>,
     /// When the cursor was last recorded.
     last_record: Instant,
+    /// Cuts short a wait for new events when the actor is told to drain.
+    interrupt: Arc<Notify>,
 }
 
 impl Pipeline {
@@ -132,6 +138,17 @@ impl Pipeline {
             replay_attempts: 0,
             unrecorded: None,
             last_record: Instant::now(),
+            interrupt: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Waits up to `max` for events after `watch`'s last seen head; `true`
+    /// if some came, `false` on timeout, a closed state machine or an
+    /// interrupt.
+    async fn wait_for_events(&self, watch: &mut watch::Receiver<u64>, max: Duration) -> bool {
+        tokio::select! {
+            changed = tokio::time::timeout(max, watch.changed()) => matches!(changed, Ok(Ok(()))),
+            () = self.interrupt.notified() => false,
         }
     }
 
@@ -314,10 +331,8 @@ impl Pipeline {
                 // the interval: a steady trickle would otherwise cost a
                 // Raft entry per batch.
                 let left = RECORD_INTERVAL.saturating_sub(self.last_record.elapsed());
-                if !left.is_zero() {
-                    if let Ok(Ok(())) = tokio::time::timeout(left, watch.changed()).await {
-                        return Next::Now;
-                    }
+                if !left.is_zero() && self.wait_for_events(&mut watch, left).await {
+                    return Next::Now;
                 }
                 return match self.record_progress().await {
                     Ok(()) => Next::Now,
@@ -328,12 +343,12 @@ impl Pipeline {
                 // Nothing new: the replay window's turn again.
                 return Next::Now;
             }
-            return match tokio::time::timeout(IDLE_WAIT, watch.changed()).await {
+            if !self.wait_for_events(&mut watch, IDLE_WAIT).await && watch.has_changed().is_err() {
                 // The state machine is gone (shutting down): waiting on it
                 // again would return at once; the supervisor stops us.
-                Ok(Err(_)) => Next::After(IDLE_WAIT),
-                _ => Next::Now,
-            };
+                return Next::After(IDLE_WAIT);
+            }
+            return Next::Now;
         }
         // A partial batch: give it a moment to fill, once.
         if head - cursor < self.batch_limit as u64 && !self.lingered && self.dest.linger_ms > 0 {
@@ -527,6 +542,27 @@ impl Pipeline {
         )
         .increment(1);
         Ok(())
+    }
+
+    /// Records what was delivered but not yet recorded, if anything, so
+    /// a node that stops cleanly hands its successor an exact cursor
+    /// instead of one up to [`RECORD_INTERVAL`] behind (events the
+    /// successor would deliver again).
+    async fn flush(&mut self) {
+        if self.unrecorded.is_none() {
+            return;
+        }
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.record_progress()).await {
+            Ok(Ok(())) => {}
+            // Already warned or no longer leader: the next leader starts
+            // from the replicated cursor (at-least-once).
+            Ok(Err(_)) => {}
+            Err(_) => warn!(
+                dest = self.name(),
+                partition = self.partition,
+                "delivery progress not recorded within {FLUSH_TIMEOUT:?} while stopping"
+            ),
+        }
     }
 
     /// Sends entries an operator asked to redrive. Returns whether there
@@ -768,6 +804,13 @@ pub struct DeliveryActor {
     dest: String,
     partition: u32,
     board: StatusBoard,
+    /// The pipeline's: wakes a step that waits for events.
+    interrupt: Arc<Notify>,
+    /// A [`Drain`] came: record progress and stop instead of stepping on.
+    draining: bool,
+    /// Replies of [`Drain`]s waiting for the running step; dropped (which
+    /// answers them) when the actor stops.
+    drain_waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl DeliveryActor {
@@ -777,7 +820,10 @@ impl DeliveryActor {
             dest: pipeline.dest.name.clone(),
             partition: pipeline.partition,
             board: pipeline.board.clone(),
+            interrupt: Arc::clone(&pipeline.interrupt),
             pipeline: Some(pipeline),
+            draining: false,
+            drain_waiters: Vec::new(),
         }
     }
 }
@@ -794,6 +840,7 @@ impl Actor for DeliveryActor {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.board.remove(&self.dest, self.partition);
+        self.drain_waiters.clear();
     }
 }
 
@@ -801,6 +848,9 @@ impl Handler<Step> for DeliveryActor {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, _: Step, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.draining {
+            return Box::pin(fut::ready(()));
+        }
         let Some(mut pipeline) = self.pipeline.take() else {
             return Box::pin(fut::ready(()));
         };
@@ -810,6 +860,10 @@ impl Handler<Step> for DeliveryActor {
         };
         Box::pin(step.into_actor(self).map(|(pipeline, next), act, ctx| {
             act.pipeline = Some(pipeline);
+            if act.draining {
+                ctx.notify(Flush);
+                return;
+            }
             match next {
                 Next::Now => ctx.notify(Step),
                 Next::After(d) => {
@@ -817,6 +871,57 @@ impl Handler<Step> for DeliveryActor {
                 }
                 Next::Stop => ctx.stop(),
             }
+        }))
+    }
+}
+
+/// Records what was delivered but not yet recorded, then stops; answers
+/// once the actor has stopped (a node stopping cleanly). A step under way
+/// finishes first.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+impl Handler<Drain> for DeliveryActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        self.interrupt.notify_one();
+        let (tx, rx) = oneshot::channel();
+        self.drain_waiters.push(tx);
+        if self.pipeline.is_some() {
+            // Otherwise the running step sends Flush when it returns.
+            ctx.notify(Flush);
+        }
+        Box::pin(
+            async move {
+                let _ = rx.await;
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+/// Records progress and stops (sent to itself while draining).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for DeliveryActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Flush, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(mut pipeline) = self.pipeline.take() else {
+            return Box::pin(fut::ready(()));
+        };
+        let flush = async move {
+            pipeline.flush().await;
+            pipeline
+        };
+        Box::pin(flush.into_actor(self).map(|pipeline, act, ctx| {
+            act.pipeline = Some(pipeline);
+            ctx.stop();
         }))
     }
 }

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use actix::{Actor, Addr};
 use openraft::ServerState;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::actor::{DeliveryActor, Pipeline, StopDelivery};
+use super::actor::{DeliveryActor, Drain, Pipeline, StopDelivery};
 use super::catalog::Destinations;
 use super::config::DestinationConfig;
 use super::status::StatusBoard;
@@ -48,6 +48,12 @@ pub struct DeliveryContext {
     pub clock: Arc<dyn Clock>,
     /// Where sinks come from.
     pub sinks: SinkFactory,
+    /// Turns true when the node stops cleanly: record delivery progress
+    /// and stop (see [`crate::node::NodeShared::drain_delivery`]).
+    pub draining: watch::Receiver<bool>,
+    /// Held by every supervisor until it has drained or ended; the node
+    /// waits for all of them to be dropped.
+    pub running: mpsc::Sender<()>,
 }
 
 /// Supervises delivery for one partition until its Raft group shuts down.
@@ -56,6 +62,7 @@ pub struct DeliveryContext {
 pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader: PartitionReader) {
     let mut metrics = raft.metrics();
     let mut destinations = ctx.destinations.clone();
+    let mut draining = ctx.draining.clone();
     let mut running: Vec<(Arc<DestinationConfig>, Addr<DeliveryActor>)> = Vec::new();
     loop {
         let (leader, shutdown) = {
@@ -66,6 +73,13 @@ pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader:
             )
         };
         if shutdown {
+            break;
+        }
+        if *draining.borrow_and_update() {
+            // Record what each actor delivered, so the next leader starts
+            // exactly there; then supervise no more.
+            let drains = running.drain(..).map(|(_, addr)| addr.send(Drain));
+            futures::future::join_all(drains).await;
             break;
         }
         let wanted: Destinations = destinations.borrow_and_update().clone();
@@ -125,6 +139,7 @@ pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader:
             // A closed channel disables this branch: the Raft metrics
             // end the loop when the node shuts down.
             Ok(()) = destinations.changed() => {}
+            Ok(()) = draining.changed() => {}
             _ = tokio::time::sleep(RECHECK) => {}
         }
     }
