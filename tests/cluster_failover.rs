@@ -60,17 +60,7 @@ async fn appends_survive_leader_kill_and_every_replica_converges() {
         async move { (done.load(Ordering::SeqCst) >= EVENTS / 2).then_some(()) }
     })
     .await;
-    let meta = client.metadata().await.expect("metadata");
-    let mut lead_count: BTreeMap<u64, usize> = BTreeMap::new();
-    for l in meta.leaders.iter().flatten() {
-        *lead_count.entry(*l).or_default() += 1;
-    }
-    let (victim, _) = lead_count
-        .iter()
-        .max_by_key(|(_, c)| **c)
-        .map(|(id, c)| (*id, *c))
-        .expect("some leader");
-    let victim_idx = cluster.index_of(victim);
+    let victim_idx = cluster.busiest_leader(&client).await;
     cluster.kill(victim_idx);
     let at_kill = done.load(Ordering::SeqCst);
 

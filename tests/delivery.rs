@@ -316,17 +316,7 @@ async fn new_leader_resumes_delivery_from_the_replicated_cursor() {
         async move { (sink.received().len() > 100).then_some(()) }
     })
     .await;
-    let meta = client.metadata().await.expect("metadata");
-    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
-    for l in meta.leaders.iter().flatten() {
-        *counts.entry(*l).or_default() += 1;
-    }
-    let victim = counts
-        .iter()
-        .max_by_key(|(_, c)| **c)
-        .map(|(id, _)| *id)
-        .expect("a leader");
-    let idx = cluster.index_of(victim);
+    let idx = cluster.busiest_leader(&client).await;
     cluster.kill(idx);
     acked.extend(append_all(&client, 1500, 3000).await);
     cluster.spawn(idx);
@@ -689,17 +679,7 @@ async fn a_clean_stop_hands_over_the_exact_cursor() {
         async move { (sink.received().len() > 200).then_some(()) }
     })
     .await;
-    let meta = client.metadata().await.expect("metadata");
-    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
-    for l in meta.leaders.iter().flatten() {
-        *counts.entry(*l).or_default() += 1;
-    }
-    let victim = counts
-        .iter()
-        .max_by_key(|(_, c)| **c)
-        .map(|(id, _)| *id)
-        .expect("a leader");
-    let idx = cluster.index_of(victim);
+    let idx = cluster.busiest_leader(&client).await;
     cluster.stop(idx);
     let at_stop = sink.received().len();
     assert!(

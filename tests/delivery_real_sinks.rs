@@ -471,17 +471,7 @@ async fn postgres_has_one_row_per_event_after_a_leader_kill() {
         (rows.len() > 200).then_some(())
     })
     .await;
-    let meta = client.metadata().await.expect("metadata");
-    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
-    for l in meta.leaders.iter().flatten() {
-        *counts.entry(*l).or_default() += 1;
-    }
-    let victim = counts
-        .iter()
-        .max_by_key(|(_, c)| **c)
-        .map(|(id, _)| *id)
-        .expect("a leader");
-    let idx = cluster.index_of(victim);
+    let idx = cluster.busiest_leader(&client).await;
     cluster.kill(idx);
     acked.extend(append_range(&client, 3000, 6000).await);
     cluster.spawn(idx);

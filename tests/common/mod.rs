@@ -226,6 +226,22 @@ impl Cluster {
         self.nodes.iter().position(|n| n.id == id).expect("node id")
     }
 
+    /// Index of the node leading the most partitions, by the cluster's
+    /// metadata (the victim of failover tests: it moves the most).
+    pub async fn busiest_leader(&self, client: &Client) -> usize {
+        let meta = client.metadata().await.expect("metadata");
+        let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
+        for l in meta.leaders.iter().flatten() {
+            *counts.entry(*l).or_default() += 1;
+        }
+        let busiest = counts
+            .iter()
+            .max_by_key(|(_, c)| **c)
+            .map(|(id, _)| *id)
+            .expect("a leader");
+        self.index_of(busiest)
+    }
+
     /// A connected client.
     pub async fn client(&self) -> Client {
         let cfg = ClientConfig::load(&self.client_config_path()).expect("client config");
