@@ -198,6 +198,10 @@ async fn admin_endpoints_report_the_cluster() {
             ("gauge", "auditflow_raft_applied_index"),
             ("gauge", "auditflow_partition_next_offset"),
             ("counter", "auditflow_storage_commits_total"),
+            ("counter", "auditflow_raft_log_writes_total"),
+            ("histogram", "auditflow_raft_log_write_records"),
+            ("histogram", "auditflow_raft_log_write_seconds"),
+            ("gauge", "auditflow_raft_log_segments"),
             ("histogram", "auditflow_storage_commit_jobs"),
             ("histogram", "auditflow_storage_commit_seconds"),
         ] {
@@ -210,14 +214,17 @@ async fn admin_endpoints_report_the_cluster() {
         // Every node applied every event's entry: terms and indexes are set.
         assert!(sum_metric(t, "auditflow_raft_applied_index", &[]) > 0.0);
         assert!(sum_metric(t, "auditflow_raft_term", &[]) >= partitions as f64);
-        // Every node fsynced its log and voted: durable commits happened,
-        // and each packed at least one job.
-        let durable = sum_metric(
-            t,
-            "auditflow_storage_commits_total",
-            &[("durability", "immediate")],
+        // Every node fsynced its log (votes, appended entries), each write
+        // carrying at least one record, and applied in redb commits of at
+        // least one job.
+        let synced = sum_metric(t, "auditflow_raft_log_writes_total", &[("synced", "true")]);
+        assert!(synced >= 1.0, "no synced log write counted in\n{t}");
+        assert!(
+            sum_metric(t, "auditflow_raft_log_write_records_sum", &[])
+                >= sum_metric(t, "auditflow_raft_log_write_records_count", &[]),
         );
-        assert!(durable >= 1.0, "no durable commit counted in\n{t}");
+        assert!(sum_metric(t, "auditflow_raft_log_segments", &[]) >= 1.0);
+        assert!(sum_metric(t, "auditflow_storage_commits_total", &[]) >= 1.0);
         assert!(
             sum_metric(t, "auditflow_storage_commit_jobs_sum", &[])
                 >= sum_metric(t, "auditflow_storage_commit_jobs_count", &[]),

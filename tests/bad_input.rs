@@ -5,8 +5,8 @@
 //! - an oversized or garbage frame fails only its own stream, with a clear
 //!   error, and the connection keeps working;
 //! - a client that does not trust the cluster CA cannot connect;
-//! - a truncated or corrupted database at start-up gives a clear error
-//!   message and no panic.
+//! - a truncated or corrupted database, or a damaged Raft log segment, at
+//!   start-up gives a clear error message and no panic.
 
 mod common;
 
@@ -109,6 +109,23 @@ async fn bad_input_is_refused_without_harm() {
     assert_refuses_to_start(&cluster, &db);
     std::fs::write(&db, vec![0x5a; 64 * 1024]).unwrap();
     assert_refuses_to_start(&cluster, &db);
+
+    // 5. A damaged Raft log segment (one flipped byte among acknowledged
+    // records): refused, naming the log, rather than cut short.
+    std::fs::remove_file(&db).unwrap();
+    let log = cluster.data_dir(0).join("auditflow.raftlog");
+    let segment = std::fs::read_dir(&log)
+        .expect("log directory")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+    assert_refuses_to_start(&cluster, &log);
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "left as found");
 }
 
 async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Response {

@@ -25,6 +25,7 @@ async fn stopped_node_catches_up_through_snapshot() {
             // leaders' logs.
             snapshot_logs_since_last: 20,
             max_in_snapshot_log_to_keep: 0,
+            ..RaftTuning::default()
         },
         ..ClusterOptions::default()
     };

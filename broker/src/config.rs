@@ -19,6 +19,13 @@ pub const DEFAULT_PARTITIONS: u32 = 8;
 pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
 
 /// Why a configuration could not be used.
+/// Smallest Raft log segment accepted (64 KiB): smaller would start a
+/// file for nearly every write.
+pub const MIN_SEGMENT_BYTES: u64 = 64 * 1024;
+/// Largest Raft log segment accepted (4 GiB): a segment is read whole at
+/// start-up.
+pub const MAX_SEGMENT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -85,6 +92,10 @@ pub struct RaftTuning {
     /// Entries kept in the log after a snapshot, so that briefly lagging
     /// followers catch up from the log rather than a full snapshot.
     pub max_in_snapshot_log_to_keep: u64,
+    /// Size of a Raft log segment file; the node keeps about eight
+    /// (`partition::compaction::MAX_SEGMENTS`) before it asks quiet
+    /// partitions to compact.
+    pub log_segment_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -95,6 +106,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 2000,
             snapshot_logs_since_last: 20_000,
             max_in_snapshot_log_to_keep: 1_000,
+            log_segment_bytes: crate::storage::raft_log::SEGMENT_BYTES,
         }
     }
 }
@@ -214,6 +226,12 @@ impl NodeConfig {
             return Err(ConfigError::Invalid(
                 "need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
             ));
+        }
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&r.log_segment_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "raft.log_segment_bytes must be {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}, got {}",
+                r.log_segment_bytes
+            )));
         }
         Ok(())
     }

@@ -270,6 +270,11 @@ pub async fn start(
             reader: store.reader(p),
         });
     }
+    actix_rt::spawn(crate::partition::compaction::compact_quiet_partitions(
+        store.log_usage(),
+        partitions.iter().map(|h| h.raft.clone()).collect(),
+        config.raft.max_in_snapshot_log_to_keep,
+    ));
     let board = crate::delivery::status::StatusBoard::default();
     let statics: Vec<Arc<crate::delivery::DestinationConfig>> =
         config.destinations.iter().cloned().map(Arc::new).collect();
@@ -393,7 +398,7 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, NodeError>
         source,
     })?;
     let db_path: PathBuf = config.data_dir.join(DB_FILE);
-    let store = Store::open(&db_path)?;
+    let store = Store::open_with_segments(&db_path, config.raft.log_segment_bytes)?;
     let server_config = tls::server_config(&config.tls)?;
     let peer_config = tls::peer_client_config(&config.tls)?;
     let endpoint =

@@ -1,8 +1,11 @@
-//! A simulated disk for redb: remembers what was written and what was
-//! synced, and loses the unsynced part when its node crashes.
+//! A simulated disk: a node's files (its redb database and its Raft log
+//! segments), remembering what was written and what was synced, and
+//! losing the unsynced part when the node crashes.
 //!
-//! Every write since the last `sync_data` is recorded in an undo log; a
-//! crash replays the undo log backwards, leaving exactly the synced image.
+//! Every write to a file since its last `sync_data` is recorded in an
+//! undo log; a crash replays the undo logs backwards, leaving exactly the
+//! synced image. Creating and deleting files is durable at once (the real
+//! log syncs its directory after both).
 //! Each open of the disk gets a new generation: handles of a crashed
 //! incarnation fail every operation, as a dead process would.
 //! Faults on request: fail the next reads, writes or syncs; and, for testing the
@@ -12,12 +15,36 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// One file's bytes and its unsynced history.
 #[derive(Default)]
-struct State {
+struct FileState {
     data: Vec<u8>,
     /// (offset, bytes there before the write), oldest first.
     undo: Vec<(u64, Vec<u8>)>,
     len_at_sync: u64,
+}
+
+impl FileState {
+    fn crash(&mut self) {
+        while let Some((offset, old)) = self.undo.pop() {
+            let at = offset as usize;
+            let end = at + old.len();
+            if self.data.len() < end {
+                self.data.resize(end, 0);
+            }
+            self.data[at..end].copy_from_slice(&old);
+        }
+        let len = self.len_at_sync as usize;
+        self.data.resize(len, 0);
+    }
+}
+
+/// The file redb uses.
+const DB_FILE: &str = "db";
+
+#[derive(Default)]
+struct State {
+    files: std::collections::BTreeMap<String, FileState>,
     generation: u64,
     fail_reads: u32,
     fail_writes: u32,
@@ -32,15 +59,74 @@ pub struct SimDisk {
     state: Arc<Mutex<State>>,
 }
 
-/// The redb backend of one incarnation of a node.
+/// One file of one incarnation of a node.
 pub struct DiskHandle {
     disk: SimDisk,
     generation: u64,
+    file: String,
 }
 
 impl fmt::Debug for DiskHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DiskHandle(gen {})", self.generation)
+        write!(f, "DiskHandle({}, gen {})", self.file, self.generation)
+    }
+}
+
+/// The Raft log directory of one incarnation of a node.
+pub struct SimLogDir {
+    disk: SimDisk,
+    generation: u64,
+}
+
+fn segment_file(segment: u64) -> String {
+    format!("log/{segment:020}")
+}
+
+impl SimLogDir {
+    fn live(&self) -> io::Result<MutexGuard<'_, State>> {
+        let s = self.disk.lock();
+        if s.generation != self.generation {
+            return Err(io::Error::other("simulated node crashed"));
+        }
+        Ok(s)
+    }
+}
+
+impl auditflow_broker::storage::LogDir for SimLogDir {
+    fn describe(&self) -> String {
+        "simulated log".into()
+    }
+
+    fn list(&self) -> io::Result<Vec<u64>> {
+        let s = self.live()?;
+        Ok(s.files
+            .keys()
+            .filter_map(|name| name.strip_prefix("log/")?.parse().ok())
+            .collect())
+    }
+
+    fn open(&self, segment: u64) -> io::Result<Box<dyn redb::StorageBackend>> {
+        let name = segment_file(segment);
+        self.live()?.files.entry(name.clone()).or_default();
+        Ok(Box::new(DiskHandle {
+            disk: self.disk.clone(),
+            generation: self.generation,
+            file: name,
+        }))
+    }
+
+    fn remove(&self, segment: u64) -> io::Result<()> {
+        self.live()?.files.remove(&segment_file(segment));
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.live().map(|_| ())
+    }
+
+    fn segment_bytes(&self) -> u64 {
+        // Small, so that every run rolls segments and deletes purged ones.
+        64 * 1024
     }
 }
 
@@ -57,29 +143,30 @@ impl SimDisk {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A backend for a new incarnation; older handles stop working.
-    pub fn open(&self) -> DiskHandle {
+    /// The database backend and log directory of a new incarnation; older
+    /// handles stop working.
+    pub fn open(&self) -> (DiskHandle, SimLogDir) {
         let mut s = self.lock();
         s.generation += 1;
-        DiskHandle {
+        s.files.entry(DB_FILE.into()).or_default();
+        let db = DiskHandle {
             disk: self.clone(),
             generation: s.generation,
-        }
+            file: DB_FILE.into(),
+        };
+        let log = SimLogDir {
+            disk: self.clone(),
+            generation: s.generation,
+        };
+        (db, log)
     }
 
     /// The node crashed: unsynced writes are lost, old handles die.
     pub fn crash(&self) {
         let mut s = self.lock();
-        while let Some((offset, old)) = s.undo.pop() {
-            let at = offset as usize;
-            let end = at + old.len();
-            if s.data.len() < end {
-                s.data.resize(end, 0);
-            }
-            s.data[at..end].copy_from_slice(&old);
+        for file in s.files.values_mut() {
+            file.crash();
         }
-        let len = s.len_at_sync as usize;
-        s.data.resize(len, 0);
         s.generation += 1;
     }
 
@@ -123,9 +210,17 @@ impl DiskHandle {
     }
 }
 
+/// The file a handle names (a deleted file reads as a failed disk would).
+fn file<'a>(s: &'a mut State, name: &str) -> io::Result<&'a mut FileState> {
+    s.files
+        .get_mut(name)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name} was deleted")))
+}
+
 impl redb::StorageBackend for DiskHandle {
     fn len(&self) -> io::Result<u64> {
-        Ok(self.live()?.data.len() as u64)
+        let mut s = self.live()?;
+        Ok(file(&mut s, &self.file)?.data.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
@@ -134,8 +229,9 @@ impl redb::StorageBackend for DiskHandle {
             s.fail_reads -= 1;
             return Err(io::Error::other("simulated read failure"));
         }
+        let f = file(&mut s, &self.file)?;
         let at = offset as usize;
-        let src = s
+        let src = f
             .data
             .get(at..at + out.len())
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past end"))?;
@@ -145,14 +241,15 @@ impl redb::StorageBackend for DiskHandle {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut s = self.live()?;
-        let old_len = s.data.len();
+        let f = file(&mut s, &self.file)?;
+        let old_len = f.data.len();
         let new_len = len as usize;
         if new_len < old_len {
             // Remember the cut tail so a crash can restore it.
-            let tail = s.data[new_len..].to_vec();
-            s.undo.push((len, tail));
+            let tail = f.data[new_len..].to_vec();
+            f.undo.push((len, tail));
         }
-        s.data.resize(new_len, 0);
+        f.data.resize(new_len, 0);
         Ok(())
     }
 
@@ -163,9 +260,11 @@ impl redb::StorageBackend for DiskHandle {
             return Err(io::Error::other("simulated fsync failure"));
         }
         s.syncs += 1;
-        if !s.lying_sync {
-            s.undo.clear();
-            s.len_at_sync = s.data.len() as u64;
+        let lying = s.lying_sync;
+        let f = file(&mut s, &self.file)?;
+        if !lying {
+            f.undo.clear();
+            f.len_at_sync = f.data.len() as u64;
         }
         Ok(())
     }
@@ -176,14 +275,15 @@ impl redb::StorageBackend for DiskHandle {
             s.fail_writes -= 1;
             return Err(io::Error::other("simulated write failure"));
         }
+        let f = file(&mut s, &self.file)?;
         let at = offset as usize;
         let end = at + data.len();
-        if s.data.len() < end {
-            s.data.resize(end, 0);
+        if f.data.len() < end {
+            f.data.resize(end, 0);
         }
-        let old = s.data[at..end].to_vec();
-        s.undo.push((offset, old));
-        s.data[at..end].copy_from_slice(data);
+        let old = f.data[at..end].to_vec();
+        f.undo.push((offset, old));
+        f.data[at..end].copy_from_slice(data);
         Ok(())
     }
 }
@@ -197,14 +297,14 @@ mod tests {
     #[test]
     fn crash_keeps_exactly_the_synced_image() {
         let disk = SimDisk::default();
-        let h = disk.open();
+        let (h, _) = disk.open();
         h.write(0, b"hello").unwrap();
         h.sync_data().unwrap();
         h.write(2, b"XY").unwrap();
         h.write(8, b"tail").unwrap();
         disk.crash();
         assert!(h.len().is_err(), "old incarnation is dead");
-        let h2 = disk.open();
+        let (h2, _) = disk.open();
         let mut out = vec![0; 5];
         h2.read(0, &mut out).unwrap();
         assert_eq!(&out, b"hello");
@@ -214,11 +314,11 @@ mod tests {
     #[test]
     fn lying_disk_loses_everything() {
         let disk = SimDisk::lying();
-        let h = disk.open();
+        let (h, _) = disk.open();
         h.write(0, b"data").unwrap();
         h.sync_data().unwrap();
         disk.crash();
-        assert_eq!(disk.open().len().unwrap(), 0);
+        assert_eq!(disk.open().0.len().unwrap(), 0);
     }
 
     #[test]
@@ -227,7 +327,7 @@ mod tests {
         let table: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("t");
         let old = {
             let db = redb::Database::builder()
-                .create_with_backend(disk.open())
+                .create_with_backend(disk.open().0)
                 .unwrap();
             let w = db.begin_write().unwrap();
             w.open_table(table).unwrap().insert(1, 1).unwrap();
@@ -243,7 +343,7 @@ mod tests {
         disk.crash();
         drop(old);
         let db = redb::Database::builder()
-            .create_with_backend(disk.open())
+            .create_with_backend(disk.open().0)
             .unwrap();
         let r = redb::ReadableDatabase::begin_read(&db).unwrap();
         let t = r.open_table(table).unwrap();

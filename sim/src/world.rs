@@ -247,7 +247,8 @@ impl World {
 
     async fn try_boot(&self, id: NodeId) -> Result<(), String> {
         let disk = &self.disks[&id];
-        let store = Store::with_backend(disk.open(), &format!("node{id}"), WriterMode::Inline)
+        let (db, log) = disk.open();
+        let store = Store::with_backend(db, log, &format!("node{id}"), WriterMode::Inline)
             .map_err(|e| format!("node {id} cannot open its disk: {e}"))?;
         let config = self.configs[&id].clone();
         let shared = node::start(
@@ -372,6 +373,7 @@ fn node_config(id: NodeId, partitions: u32) -> NodeConfig {
             // Small, so runs exercise snapshots and log purges.
             snapshot_logs_since_last: 100,
             max_in_snapshot_log_to_keep: 20,
+            ..RaftTuning::default()
         },
         limits: Limits::default(),
         destinations: destinations().into_iter().map(|(d, _)| d).collect(),

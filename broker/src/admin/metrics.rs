@@ -61,11 +61,22 @@ pub const DELIVERY_CURSOR_RECORDS_TOTAL: &str = "auditflow_delivery_cursor_recor
 /// (`immediate`: fsynced; `none`: made visible, persisted by the next
 /// immediate one).
 pub const STORAGE_COMMITS_TOTAL: &str = "auditflow_storage_commits_total";
-/// Writer jobs (log appends, applies, votes, cursor writes) packed into one
+/// Writer jobs (applies, snapshot installs, checkpoints) packed into one
 /// committed transaction: how well group commit is batching.
 pub const STORAGE_COMMIT_JOBS: &str = "auditflow_storage_commit_jobs";
 /// Time to run and commit one writer transaction, fsync included.
 pub const STORAGE_COMMIT_SECONDS: &str = "auditflow_storage_commit_seconds";
+/// Writes of the Raft log writer, by `synced` (`true`: followed by
+/// fdatasync; `false`: only commit points, persisted by the next synced
+/// write).
+pub const RAFT_LOG_WRITES_TOTAL: &str = "auditflow_raft_log_writes_total";
+/// Records (entries, votes, commit points, truncations, purges) of all
+/// partitions written with one write: how well group commit is batching.
+pub const RAFT_LOG_WRITE_RECORDS: &str = "auditflow_raft_log_write_records";
+/// Time to write (and sync) one batch of Raft log records.
+pub const RAFT_LOG_WRITE_SECONDS: &str = "auditflow_raft_log_write_seconds";
+/// Raft log segment files on this node.
+pub const RAFT_LOG_SEGMENTS: &str = "auditflow_raft_log_segments";
 
 /// How often [`run_sampler`] samples Raft and delivery state: well under
 /// a typical 10–15 s scrape interval, and cheap (a metrics borrow and a
@@ -88,8 +99,14 @@ pub const APPEND_BATCH_BUCKETS: &[f64] = &[
 pub const STORAGE_COMMIT_JOBS_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
-/// Bucket bounds of [`STORAGE_COMMIT_SECONDS`]: from a cached non-durable
-/// commit to a stalled disk.
+/// Bucket bounds of [`RAFT_LOG_WRITE_RECORDS`]: the writer packs up to
+/// 1024 jobs, each with one or more records.
+pub const RAFT_LOG_WRITE_RECORDS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+/// Bucket bounds of [`STORAGE_COMMIT_SECONDS`] and
+/// [`RAFT_LOG_WRITE_SECONDS`]: from a cached non-durable commit to a
+/// stalled disk.
 pub const STORAGE_COMMIT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
@@ -113,6 +130,18 @@ pub fn builder() -> Result<PrometheusBuilder, String> {
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full(STORAGE_COMMIT_SECONDS.into()),
+                STORAGE_COMMIT_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(RAFT_LOG_WRITE_RECORDS.into()),
+                RAFT_LOG_WRITE_RECORDS_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(RAFT_LOG_WRITE_SECONDS.into()),
                 STORAGE_COMMIT_BUCKETS,
             )
         })
@@ -152,17 +181,37 @@ pub fn describe() {
     describe_counter!(
         STORAGE_COMMITS_TOTAL,
         Unit::Count,
-        "redb transactions the storage writer committed, by durability (immediate = fsynced, none = persisted by the next immediate one)."
+        "redb (state machine) transactions the storage writer committed, by durability (immediate = fsynced checkpoint, none = persisted by the next immediate one)."
     );
     describe_histogram!(
         STORAGE_COMMIT_JOBS,
         Unit::Count,
-        "Writer jobs (log appends, applies, votes, cursor writes) packed into one committed transaction."
+        "Writer jobs (applies, snapshot installs, checkpoints) packed into one committed transaction."
     );
     describe_histogram!(
         STORAGE_COMMIT_SECONDS,
         Unit::Seconds,
         "Time to run and commit one storage writer transaction, fsync included."
+    );
+    describe_counter!(
+        RAFT_LOG_WRITES_TOTAL,
+        Unit::Count,
+        "Writes of the Raft log writer, by synced (true = followed by fdatasync)."
+    );
+    describe_histogram!(
+        RAFT_LOG_WRITE_RECORDS,
+        Unit::Count,
+        "Raft log records of all partitions written with one write (group commit)."
+    );
+    describe_histogram!(
+        RAFT_LOG_WRITE_SECONDS,
+        Unit::Seconds,
+        "Time to write one batch of Raft log records, fdatasync included."
+    );
+    describe_gauge!(
+        RAFT_LOG_SEGMENTS,
+        Unit::Count,
+        "Raft log segment files on this node."
     );
     describe_gauge!(
         PARTITION_LEADER,

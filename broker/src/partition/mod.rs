@@ -4,9 +4,12 @@
 //! - [`types`]: the openraft type configuration and the log payload.
 //! - [`runtime`]: the async runtime seam with a seedable RNG.
 //! - [`apply`]: the pure state-machine logic (offsets, hashes, dedup).
+//! - [`compaction`]: asks quiet partitions to purge so old Raft log
+//!   segments can go.
 
 pub mod actor;
 pub mod apply;
+pub mod compaction;
 pub mod runtime;
 pub mod types;
 

@@ -41,6 +41,10 @@ pub enum StoreError {
         /// The encoder's complaint.
         reason: String,
     },
+    /// The Raft log could not be read or written (I/O error, full disk),
+    /// or stopped taking writes after such an error.
+    #[error("raft log: {0}")]
+    Log(String),
     /// The writer thread has stopped (the node is shutting down, or a
     /// previous write failed fatally).
     #[error("storage writer stopped")]
@@ -71,6 +75,7 @@ impl StoreError {
     pub(crate) fn shared(&self) -> StoreError {
         match self {
             StoreError::WriterStopped => StoreError::WriterStopped,
+            StoreError::Log(reason) => StoreError::Log(reason.clone()),
             other => StoreError::Corrupt {
                 what: "transaction".into(),
                 reason: other.to_string(),

@@ -1,14 +1,15 @@
-//! The Raft log of one partition (openraft `RaftLogStorage`, storage v2).
+//! The Raft log of one partition (openraft `RaftLogStorage`, storage v2),
+//! over the node's segmented [`RaftLog`].
 //!
 //! `append` must make entries readable when it returns but may report them
 //! durable later. Entries are kept in an in-memory cache from the moment
-//! they are queued: until their transaction committed (`pending`), so the
+//! they are queued: until their write was synced (`pending`), so the
 //! leader can replicate them while its own fsync is still running (the
 //! leader's disk write and the followers' overlap instead of adding up),
 //! and for a while after (`flushed`, bounded), because replication and the
 //! state machine read back what was just appended, and decoding it from
-//! redb again was a visible share of a node's CPU.
-//! Vote, truncation and purge wait for their commit before returning.
+//! disk again was a visible share of a node's CPU.
+//! Vote, truncation and purge wait for their sync before returning.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -17,9 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
-use redb::{Database, ReadableDatabase};
 
-use super::tables::{self, KEY_COMMITTED, KEY_PURGED, KEY_VOTE, RAFT_LOG, RAFT_META};
+use super::raft_log::{Framed, RaftLog, Record};
 use super::writer::StorageWriter;
 use super::StoreError;
 use crate::partition::types::{Entry, LogId, StorageError, TypeConfig, Vote};
@@ -28,8 +28,10 @@ use crate::partition::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 #[derive(Clone)]
 pub struct LogStore {
     partition: u32,
-    db: Arc<Database>,
-    writer: StorageWriter,
+    log: RaftLog,
+    /// The state machine's writer: a purge first makes the applied state
+    /// durable, so the log never drops what a crash would need again.
+    sm_writer: StorageWriter,
     /// Recent entries, by index.
     cache: Arc<Mutex<EntryCache>>,
 }
@@ -99,42 +101,13 @@ pub(crate) fn raft_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: StoreErro
 }
 
 impl LogStore {
-    pub(crate) fn new(partition: u32, db: Arc<Database>, writer: StorageWriter) -> LogStore {
+    pub(crate) fn new(partition: u32, log: RaftLog, sm_writer: StorageWriter) -> LogStore {
         LogStore {
             partition,
-            db,
-            writer,
+            log,
+            sm_writer,
             cache: Arc::default(),
         }
-    }
-
-    fn read_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(RAFT_META)?;
-        match table.get((self.partition, key))? {
-            Some(v) => Ok(Some(tables::decode(v.value(), key)?)),
-            None => Ok(None),
-        }
-    }
-
-    async fn write_meta<T: serde::Serialize>(
-        &self,
-        key: &'static str,
-        value: &T,
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        let bytes = tables::encode(value, key)?;
-        let p = self.partition;
-        self.writer
-            .write(durable, move |txn| {
-                let mut table = txn.open_table(RAFT_META)?;
-                table.insert((p, key), bytes.as_slice())?;
-                Ok(())
-            })
-            .await
     }
 
     fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
@@ -155,34 +128,14 @@ impl LogStore {
         }
         let covered = end.is_some_and(|e| out.len() as u64 == e - start);
         if !covered {
-            // Only what the cache lacks is decoded.
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(RAFT_LOG)?;
-            for row in table.range((self.partition, start)..(self.partition, hi))? {
-                let (k, v) = row?;
-                let index = k.value().1;
-                if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(index) {
-                    slot.insert(tables::decode(v.value(), "raft log entry")?);
-                }
-            }
+            // Only what the cache lacks is read and decoded.
+            self.log.read_into(self.partition, start, hi, &mut out)?;
         }
         Ok(out.into_values().collect())
     }
 
-    fn last_committed_entry(&self) -> Result<Option<LogId>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(RAFT_LOG)?;
-        let last = table
-            .range((self.partition, 0)..=(self.partition, u64::MAX))?
-            .next_back();
-        match last {
-            Some(row) => {
-                let (_, v) = row?;
-                let e: Entry = tables::decode(v.value(), "raft log entry")?;
-                Ok(Some(*e.get_log_id()))
-            }
-            None => Ok(None),
-        }
+    async fn write_meta(&self, record: Record, durable: bool) -> Result<(), StoreError> {
+        self.log.write(vec![Framed::meta(record)?], durable).await
     }
 }
 
@@ -210,21 +163,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let err = |e| raft_err(ErrorSubject::Logs, ErrorVerb::Read, e);
-        let purged: Option<LogId> = self
-            .read_meta::<Option<LogId>>(KEY_PURGED)
-            .map_err(err)?
-            .flatten();
-        let stored = self.last_committed_entry().map_err(err)?;
+        let meta = self.log.meta(self.partition);
         let pending = lock(&self.cache)
             .pending
             .values()
             .next_back()
             .map(|e| *e.get_log_id());
-        let last = pending.or(stored).or(purged);
         Ok(LogState {
-            last_purged_log_id: purged,
-            last_log_id: last,
+            last_purged_log_id: meta.purged,
+            last_log_id: pending.or(meta.last).or(meta.purged),
         })
     }
 
@@ -233,29 +180,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.write_meta(KEY_VOTE, vote, true)
+        let record = Record::Vote {
+            partition: self.partition,
+            vote: *vote,
+        };
+        self.write_meta(record, true)
             .await
             .map_err(|e| raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.read_meta(KEY_VOTE)
-            .map_err(|e| raft_err(ErrorSubject::Vote, ErrorVerb::Read, e))
+        Ok(self.log.meta(self.partition).vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not durable: it only lets a restarted node apply what it already
+        // Not synced: it only lets a restarted node apply what it already
         // has sooner; losing it costs waiting for the leader's next message.
-        self.write_meta(KEY_COMMITTED, &committed, false)
+        let record = Record::Committed {
+            partition: self.partition,
+            committed,
+        };
+        self.write_meta(record, false)
             .await
             .map_err(|e| raft_err(ErrorSubject::Store, ErrorVerb::Write, e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .read_meta::<Option<LogId>>(KEY_COMMITTED)
-            .map_err(|e| raft_err(ErrorSubject::Store, ErrorVerb::Read, e))?
-            .flatten())
+        Ok(self.log.meta(self.partition).committed)
     }
 
     async fn append<I>(
@@ -268,34 +219,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let mut rows = Vec::with_capacity(entries.len());
+        let mut records = Vec::with_capacity(entries.len());
+        let mut ids = Vec::with_capacity(entries.len());
         for e in &entries {
-            let bytes = tables::encode(e, "raft log entry").map_err(|err| {
+            let framed = Framed::entry(self.partition, e).map_err(|err| {
                 raft_err(ErrorSubject::Log(*e.get_log_id()), ErrorVerb::Write, err)
             })?;
-            rows.push((e.get_log_id().index, bytes));
+            ids.push((*e.get_log_id(), framed.len()));
+            records.push(framed);
         }
-        let ids: Vec<(LogId, usize)> = entries
-            .iter()
-            .zip(&rows)
-            .map(|(e, (_, bytes))| (*e.get_log_id(), bytes.len()))
-            .collect();
         {
             let mut cache = lock(&self.cache);
             for e in entries {
                 cache.pending.insert(e.get_log_id().index, e);
             }
         }
-        let p = self.partition;
         let done = self
-            .writer
-            .submit(true, move |txn| {
-                let mut table = txn.open_table(RAFT_LOG)?;
-                for (index, bytes) in &rows {
-                    table.insert((p, *index), bytes.as_slice())?;
-                }
-                Ok(())
-            })
+            .log
+            .submit(records, true)
             .await
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         let cache = Arc::clone(&self.cache);
@@ -303,7 +244,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let result = match done.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-                Err(_) => Err(std::io::Error::other("storage writer stopped")),
+                Err(_) => Err(std::io::Error::other("raft log writer stopped")),
             };
             if result.is_ok() {
                 lock(&cache).committed(&ids);
@@ -316,36 +257,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let from = log_id.index;
         lock(&self.cache).retain(|i| i < from);
-        let p = self.partition;
-        self.writer
-            .write(true, move |txn| {
-                let mut table = txn.open_table(RAFT_LOG)?;
-                table.retain_in((p, from)..=(p, u64::MAX), |_, _| false)?;
-                Ok(())
-            })
+        let record = Record::Truncate {
+            partition: self.partition,
+            from,
+        };
+        self.write_meta(record, true)
             .await
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let upto = log_id.index;
-        lock(&self.cache).retain(|i| i > upto);
-        let p = self.partition;
-        let marker = tables::encode(&Some(log_id), KEY_PURGED)
-            .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        // Not durable: losing a purge brings back entries that are still
-        // valid; the marker and the deletion commit together.
-        self.writer
-            .write(false, move |txn| {
-                {
-                    let mut meta = txn.open_table(RAFT_META)?;
-                    meta.insert((p, KEY_PURGED), marker.as_slice())?;
-                }
-                let mut table = txn.open_table(RAFT_LOG)?;
-                table.retain_in((p, 0)..=(p, upto), |_, _| false)?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        let err = |e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
+        // openraft purges only applied entries, whose state machine
+        // commits are done but may not be durable: make them durable
+        // first, or a crash would roll the state machine back past what
+        // the log still holds.
+        self.sm_writer.write(true, |_| Ok(())).await.map_err(err)?;
+        lock(&self.cache).retain(|i| i > log_id.index);
+        let record = Record::Purge {
+            partition: self.partition,
+            upto: log_id,
+        };
+        // Synced, because the segments it frees are deleted right after.
+        self.write_meta(record, true).await.map_err(err)
     }
 }

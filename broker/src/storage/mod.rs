@@ -1,20 +1,26 @@
-//! Storage: one redb database per node holding every partition's Raft log
-//! and state machine.
+//! Storage: per node, one Raft log in segment files and one redb database
+//! holding every partition's state machine.
 //!
-//! - [`tables`]: the table layout and value codec.
-//! - [`writer`]: the single writer thread that group-commits every write.
+//! - [`raft_log`]: the node's Raft log, group-committed segment files.
+//! - [`log_dir`]: where the segments live (the log's disk seam).
+//! - [`tables`]: the redb table layout and value codec.
+//! - [`writer`]: the single writer thread that group-commits every redb
+//!   write.
 //! - [`log_store`]: openraft's log storage for one partition.
 //! - [`state_machine`]: openraft's state machine for one partition, over
 //!   the pure apply logic.
 //! - [`PartitionReader`]: what the client API reads (stored events, the
 //!   head, a watch for long polls).
 //!
-//! The disk is a seam (DESIGN.md §4): [`Store::open`] uses a file,
-//! [`Store::with_backend`] any redb `StorageBackend`, such as the
-//! simulator's in-memory disk that loses unsynced writes on a crash.
+//! The disk is a seam (DESIGN.md §4): [`Store::open`] uses files,
+//! [`Store::with_backend`] any redb `StorageBackend` and [`LogDir`], such
+//! as the simulator's in-memory disk that loses unsynced writes on a
+//! crash.
 
 mod error;
+pub mod log_dir;
 pub mod log_store;
+pub mod raft_log;
 pub mod state_machine;
 pub mod tables;
 pub mod writer;
@@ -28,14 +34,14 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::watch;
 
 pub use error::StoreError;
+pub use log_dir::{FsLogDir, LogDir};
 pub use log_store::LogStore;
+pub use raft_log::{LogUsage, RaftLog};
 pub use state_machine::StateMachine;
 pub use writer::{StorageWriter, WriterMode};
 
 use crate::partition::apply::PartitionHead;
-use tables::{
-    CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, RAFT_LOG, RAFT_META, SM_META,
-};
+use tables::{CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, SM_META};
 
 /// redb's page cache per node. redb's default is 1 GiB, which a node would
 /// fill as its log grows (a delivery backlog looked like a leak); the hot
@@ -43,19 +49,27 @@ use tables::{
 /// in far less, and the OS page cache still holds the rest.
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
-/// A node's database; cheap to clone.
+/// A node's storage (Raft log and state machine database); cheap to
+/// clone.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
     writer: StorageWriter,
+    log: RaftLog,
     heads: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<u64>>>>>,
 }
 
 impl Store {
-    /// Opens (or creates) the database file at `path`. A file that is not
-    /// a valid redb database of this layout is refused with an error
-    /// naming it; nothing is written to it.
+    /// Opens (or creates) the database file at `path` and the Raft log in
+    /// the directory beside it ([`Store::log_dir_of`]). A file that is not
+    /// a valid redb database of this layout, or a damaged log segment, is
+    /// refused with an error naming it; nothing is written to it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with_segments(path, raft_log::SEGMENT_BYTES)
+    }
+
+    /// [`Store::open`] with Raft log segments of `segment_bytes`.
+    pub fn open_with_segments(path: &Path, segment_bytes: u64) -> Result<Store, StoreError> {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)
@@ -63,12 +77,29 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Self::init(db, path.to_path_buf(), WriterMode::Thread)
+        let log_path = Self::log_dir_of(path);
+        let log_dir = FsLogDir::create(&log_path, segment_bytes).map_err(|e| {
+            StoreError::Log(format!("create log directory {}: {e}", log_path.display()))
+        })?;
+        Self::init(
+            db,
+            Box::new(log_dir),
+            path.to_path_buf(),
+            WriterMode::Thread,
+        )
     }
 
-    /// Opens a database over any redb backend (the simulator's disk).
+    /// Where [`Store::open`] keeps the Raft log of the database at `path`:
+    /// the same name with the extension `raftlog`.
+    pub fn log_dir_of(path: &Path) -> PathBuf {
+        path.with_extension("raftlog")
+    }
+
+    /// Opens a store over any redb backend and log directory (the
+    /// simulator's disk).
     pub fn with_backend(
         backend: impl redb::StorageBackend,
+        log_dir: impl LogDir,
         name: &str,
         mode: WriterMode,
     ) -> Result<Store, StoreError> {
@@ -79,11 +110,17 @@ impl Store {
                 path: PathBuf::from(name),
                 source,
             })?;
-        Self::init(db, PathBuf::from(name), mode)
+        Self::init(db, Box::new(log_dir), PathBuf::from(name), mode)
     }
 
-    fn init(db: Database, path: PathBuf, mode: WriterMode) -> Result<Store, StoreError> {
+    fn init(
+        db: Database,
+        log_dir: Box<dyn LogDir>,
+        path: PathBuf,
+        mode: WriterMode,
+    ) -> Result<Store, StoreError> {
         check_format(&db, &path)?;
+        let log = RaftLog::open(log_dir, mode)?;
         let db = Arc::new(db);
         let writer = match mode {
             WriterMode::Thread => {
@@ -97,6 +134,7 @@ impl Store {
         Ok(Store {
             db,
             writer,
+            log,
             heads: Arc::default(),
         })
     }
@@ -113,7 +151,12 @@ impl Store {
 
     /// The Raft log of `partition`.
     pub fn log_store(&self, partition: u32) -> LogStore {
-        LogStore::new(partition, Arc::clone(&self.db), self.writer.clone())
+        LogStore::new(partition, self.log.clone(), self.writer.clone())
+    }
+
+    /// Which partitions keep old Raft log segments alive.
+    pub fn log_usage(&self) -> LogUsage {
+        self.log.usage()
     }
 
     /// The state machine of `partition`, remembering ids of the last
@@ -150,15 +193,16 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
             Some(v) => {
                 return Err(StoreError::Incompatible {
                     path: path.to_path_buf(),
-                    reason: format!("layout version {v}, this build reads {FORMAT_VERSION}"),
+                    reason: format!(
+                        "layout version {v}, this build reads {FORMAT_VERSION} (version 2 moved \
+                         the Raft log out of the database; start from an empty data directory)"
+                    ),
                 })
             }
             None => {
                 format.insert("version", FORMAT_VERSION)?;
             }
         }
-        txn.open_table(RAFT_LOG)?;
-        txn.open_table(RAFT_META)?;
         txn.open_table(EVENTS)?;
         txn.open_table(DEDUP)?;
         txn.open_table(SM_META)?;

@@ -7,13 +7,13 @@
 //! | table       | key                   | value                                  |
 //! |-------------|-----------------------|----------------------------------------|
 //! | `format`    | `&str`                | format version (`u64`)                 |
-//! | `raft_log`  | `(partition, index)`  | bincode `Entry`                        |
-//! | `raft_meta` | `(partition, name)`   | bincode: `vote`, `purged`, `committed` |
 //! | `events`    | `(partition, offset)` | bincode `StoredEvent`                  |
 //! | `dedup`     | `(partition, id)`     | bincode `DedupEntry`                   |
 //! | `sm_meta`   | `(partition, name)`   | bincode: `applied`, `membership`, `head` |
 //! | `cursors`   | `(partition, dest)`   | next offset to deliver (`u64`)         |
 //! | `dlq`       | `(partition, dest, offset)` | bincode `DlqEntry`               |
+//!
+//! The Raft log is not here: it is in segment files ([`super::raft_log`]).
 //!
 //! Values are bincode 2 (`standard` configuration) through serde, the same
 //! codec as the wire.
@@ -25,14 +25,11 @@ use serde::Serialize;
 use super::StoreError;
 
 /// Version of this layout; a database with another is refused at open.
-pub const FORMAT_VERSION: u64 = 1;
+/// Version 2 moved the Raft log out of redb.
+pub const FORMAT_VERSION: u64 = 2;
 
 /// Format marker.
 pub const FORMAT: TableDefinition<&str, u64> = TableDefinition::new("format");
-/// Raft log entries.
-pub const RAFT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("raft_log");
-/// Raft vote, purge point and commit point.
-pub const RAFT_META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_meta");
 /// Stored events by offset.
 pub const EVENTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("events");
 /// Dedup index: event id to where it is stored.
@@ -45,12 +42,6 @@ pub const CURSORS: TableDefinition<(u32, &str), u64> = TableDefinition::new("cur
 /// Dead-letter queues.
 pub const DLQ: TableDefinition<(u32, &str, u64), &[u8]> = TableDefinition::new("dlq");
 
-/// `raft_meta` key of the vote.
-pub const KEY_VOTE: &str = "vote";
-/// `raft_meta` key of the last purged log id.
-pub const KEY_PURGED: &str = "purged";
-/// `raft_meta` key of the last known committed log id.
-pub const KEY_COMMITTED: &str = "committed";
 /// `sm_meta` key of the last applied log id.
 pub const KEY_APPLIED: &str = "applied";
 /// `sm_meta` key of the last applied membership.

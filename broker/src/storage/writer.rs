@@ -10,6 +10,11 @@
 //! persists, in order (redb never persists a later commit without the
 //! earlier ones, so what a crash loses is always a suffix).
 //!
+//! The state machine's commits are not durable (the Raft log is), so the
+//! writer makes every [`CHECKPOINT_EVERY`]th commit durable: that bounds
+//! what a crash makes a node re-apply from its log, and lets redb reuse
+//! the pages earlier commits freed (it cannot before a durable commit).
+//!
 //! Jobs run in the order they were submitted, so openraft's rule that log
 //! and vote I/O are serialized holds. If one job fails, the transaction is
 //! aborted and each job of the batch is re-run in its own transaction, so
@@ -29,6 +34,26 @@ use crate::admin::metrics::{STORAGE_COMMITS_TOTAL, STORAGE_COMMIT_JOBS, STORAGE_
 const QUEUE_CAPACITY: usize = 4096;
 /// Most jobs packed into one transaction, so one commit stays bounded.
 const MAX_JOBS_PER_TXN: usize = 1024;
+/// Every this many commits one is durable even if no job asked.
+pub const CHECKPOINT_EVERY: u64 = 128;
+
+/// Counts commits since the last durable one.
+#[derive(Default)]
+struct Checkpoints(std::sync::atomic::AtomicU64);
+
+impl Checkpoints {
+    /// Whether the next commit must be durable, given what its jobs ask.
+    fn durable(&self, asked: bool) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.0.fetch_add(1, Relaxed) + 1;
+        if asked || n >= CHECKPOINT_EVERY {
+            self.0.store(0, Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+}
 
 type Run = Box<dyn FnMut(&WriteTransaction) -> Result<(), StoreError> + Send>;
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -53,7 +78,7 @@ enum Mode {
     Thread(mpsc::Sender<Job>, #[allow(dead_code)] Arc<JoinOnDrop>),
     /// Simulation: each job runs at once on the caller's thread in its own
     /// transaction (the simulator may not start threads, DESIGN.md §6).
-    Inline(Arc<Database>),
+    Inline(Arc<Database>, Arc<Checkpoints>),
 }
 
 /// How the writer runs.
@@ -68,7 +93,13 @@ pub enum WriterMode {
 /// Joins the writer thread when the last handle goes, so that once a
 /// [`super::Store`] and everything opened from it are dropped the database
 /// file is closed and can be reopened at once.
-struct JoinOnDrop(Option<std::thread::JoinHandle<()>>);
+pub(crate) struct JoinOnDrop(Option<std::thread::JoinHandle<()>>);
+
+impl JoinOnDrop {
+    pub(crate) fn new(handle: std::thread::JoinHandle<()>) -> JoinOnDrop {
+        JoinOnDrop(Some(handle))
+    }
+}
 
 impl Drop for JoinOnDrop {
     fn drop(&mut self) {
@@ -96,7 +127,7 @@ impl StorageWriter {
     /// A writer that runs each job on the caller's thread (simulator).
     pub fn inline(db: Arc<Database>) -> StorageWriter {
         StorageWriter {
-            mode: Mode::Inline(db),
+            mode: Mode::Inline(db, Arc::default()),
         }
     }
 
@@ -134,8 +165,9 @@ impl StorageWriter {
         };
         match &self.mode {
             Mode::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
-            Mode::Inline(db) => {
+            Mode::Inline(db, checkpoints) => {
                 let mut job = job;
+                job.durable = checkpoints.durable(job.durable);
                 let result = run_one(db, &mut job);
                 (job.finish)(result);
             }
@@ -161,6 +193,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
+    let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -171,7 +204,7 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let started = std::time::Instant::now();
-        let durable = batch.iter().any(|j| j.durable);
+        let durable = checkpoints.durable(batch.iter().any(|j| j.durable));
         let jobs = batch.len();
         match run_batch(db, &mut batch, durable) {
             Ok(()) => {
