@@ -15,7 +15,7 @@ pub struct NodeArgs {
     pub config: PathBuf,
     /// Worker threads for networking and Raft (the partition actors run on
     /// the main thread).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "AUDITFLOW_NODE_THREADS", default_value_t = 2)]
     pub threads: usize,
 }
 

@@ -194,15 +194,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not synced: it only lets a restarted node apply what it already
-        // has sooner; losing it costs waiting for the leader's next message.
-        let record = Record::Committed {
-            partition: self.partition,
-            committed,
-        };
-        self.write_meta(record, false)
-            .await
-            .map_err(|e| raft_err(ErrorSubject::Store, ErrorVerb::Write, e))
+        // Not synced, nor even written at once: it only lets a restarted
+        // node apply what it already has sooner; losing it costs waiting
+        // for the leader's next message.
+        self.log.set_committed(self.partition, committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

@@ -232,6 +232,11 @@ struct State {
     active_len: u64,
     /// Why writing stopped, after a failed write or sync.
     failed: Option<String>,
+    /// Commit points set since the last write, already in `partitions`:
+    /// written ahead of the next write's records instead of in a write of
+    /// their own (openraft saves one at every commit of every partition
+    /// and waits for it).
+    unsaved_committed: BTreeMap<u32, Option<LogId>>,
 }
 
 impl State {
@@ -420,6 +425,15 @@ impl RaftLog {
         done.await.map_err(|_| StoreError::WriterStopped)?
     }
 
+    /// Sets the partition's commit point without writing it now: it goes
+    /// to disk ahead of the next write (not synced by itself: losing it
+    /// only makes a restarted node wait for the leader to learn it again).
+    pub fn set_committed(&self, partition: u32, committed: Option<LogId>) {
+        let mut state = lock(&self.shared.state);
+        state.partitions.entry(partition).or_default().committed = committed;
+        state.unsaved_committed.insert(partition, committed);
+    }
+
     /// The partition's metadata and last stored entry.
     pub fn meta(&self, partition: u32) -> LogMeta {
         let state = lock(&self.shared.state);
@@ -588,7 +602,7 @@ fn write_batch(shared: &Shared, jobs: Vec<Job>) {
 fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
     let started = std::time::Instant::now();
     let durable = jobs.iter().any(|j| j.durable);
-    let (file, segment, start) = {
+    let (file, segment, start, mut buf) = {
         let mut state = lock(&shared.state);
         if let Some(reason) = &state.failed {
             return Err(format!(
@@ -603,11 +617,23 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
                 return Err(reason);
             }
         }
+        let total: usize = jobs.iter().flat_map(|j| &j.records).map(Framed::len).sum();
+        let mut buf = Vec::with_capacity(total + 32 * state.unsaved_committed.len());
+        // Not indexed again after the write: the state already holds these
+        // (or newer) values.
+        for (partition, committed) in std::mem::take(&mut state.unsaved_committed) {
+            let record = Record::Committed {
+                partition,
+                committed,
+            };
+            if let Ok(framed) = Framed::meta(record) {
+                buf.extend_from_slice(&framed.frame);
+            }
+        }
         let seg = &state.segments[&state.active];
-        (Arc::clone(&seg.file), state.active, state.active_len)
+        (Arc::clone(&seg.file), state.active, state.active_len, buf)
     };
-    let total: usize = jobs.iter().flat_map(|j| &j.records).map(Framed::len).sum();
-    let mut buf = Vec::with_capacity(total);
+    let prefix = buf.len() as u64;
     for r in jobs.iter().flat_map(|j| &j.records) {
         buf.extend_from_slice(&r.frame);
     }
@@ -627,7 +653,7 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
     metrics::counter!(RAFT_LOG_WRITES_TOTAL, "synced" => synced).increment(1);
     metrics::histogram!(RAFT_LOG_WRITE_RECORDS).record(records as f64);
     metrics::histogram!(RAFT_LOG_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-    let mut pos = start;
+    let mut pos = start + prefix;
     let mut purged = false;
     for r in jobs.iter().flat_map(|j| &j.records) {
         state.apply(&r.record, segment, pos, r.len());
@@ -695,6 +721,7 @@ fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
         active: 0,
         active_len: 0,
         failed: None,
+        unsaved_committed: BTreeMap::new(),
     };
     if seqs.is_empty() {
         roll(dir, &mut state)
@@ -830,6 +857,9 @@ mod tests {
             )
             .await
             .unwrap();
+            // Written ahead of the next write, not on its own.
+            log.set_committed(1, Some(id(1, 170)));
+            assert_eq!(log.meta(1).committed, Some(id(1, 170)));
             // Replace the tail of partition 1 with a newer term.
             log.write(
                 vec![meta(Record::Truncate {
@@ -885,6 +915,7 @@ mod tests {
         );
         let m1 = log.meta(1);
         assert_eq!(m1.vote, None);
+        assert_eq!(m1.committed, Some(id(1, 170)));
         assert_eq!(m1.last, Some(id(2, 185)));
         let mut want: Vec<LogId> = (151..=180).map(|i| id(1, i)).collect();
         want.extend((181..=185).map(|i| id(2, i)));
