@@ -12,7 +12,7 @@ use auditflow_broker::config::RaftTuning;
 use auditflow_broker::partition::compaction::MAX_SEGMENTS;
 use common::*;
 
-const EVENTS: u64 = 12_000;
+const EVENTS: u64 = 30_000;
 const BATCH: u64 = 100;
 
 fn segments(dir: &Path, node: u64) -> usize {

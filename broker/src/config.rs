@@ -92,7 +92,7 @@ pub struct RaftTuning {
     /// Entries kept in the log after a snapshot, so that briefly lagging
     /// followers catch up from the log rather than a full snapshot.
     pub max_in_snapshot_log_to_keep: u64,
-    /// Size of a Raft log segment file; the node keeps about eight
+    /// Size of a Raft log segment file; the node keeps up to 32
     /// (`partition::compaction::MAX_SEGMENTS`) before it asks quiet
     /// partitions to compact.
     pub log_segment_bytes: u64,

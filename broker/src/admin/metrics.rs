@@ -66,9 +66,7 @@ pub const STORAGE_COMMITS_TOTAL: &str = "auditflow_storage_commits_total";
 pub const STORAGE_COMMIT_JOBS: &str = "auditflow_storage_commit_jobs";
 /// Time to run and commit one writer transaction, fsync included.
 pub const STORAGE_COMMIT_SECONDS: &str = "auditflow_storage_commit_seconds";
-/// Writes of the Raft log writer, by `synced` (`true`: followed by
-/// fdatasync; `false`: only commit points, persisted by the next synced
-/// write).
+/// Writes of the Raft log writer, each followed by fdatasync.
 pub const RAFT_LOG_WRITES_TOTAL: &str = "auditflow_raft_log_writes_total";
 /// Records (entries, votes, commit points, truncations, purges) of all
 /// partitions written with one write: how well group commit is batching.
@@ -196,7 +194,7 @@ pub fn describe() {
     describe_counter!(
         RAFT_LOG_WRITES_TOTAL,
         Unit::Count,
-        "Writes of the Raft log writer, by synced (true = followed by fdatasync)."
+        "Writes of the Raft log writer, each followed by fdatasync (group commit: many records per write)."
     );
     describe_histogram!(
         RAFT_LOG_WRITE_RECORDS,

@@ -134,8 +134,8 @@ impl LogStore {
         Ok(out.into_values().collect())
     }
 
-    async fn write_meta(&self, record: Record, durable: bool) -> Result<(), StoreError> {
-        self.log.write(vec![Framed::meta(record)?], durable).await
+    async fn write_meta(&self, record: Record) -> Result<(), StoreError> {
+        self.log.write(vec![Framed::meta(record)?]).await
     }
 }
 
@@ -184,7 +184,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             partition: self.partition,
             vote: *vote,
         };
-        self.write_meta(record, true)
+        self.write_meta(record)
             .await
             .map_err(|e| raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
@@ -232,7 +232,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let done = self
             .log
-            .submit(records, true)
+            .submit(records)
             .await
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         let cache = Arc::clone(&self.cache);
@@ -257,7 +257,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             partition: self.partition,
             from,
         };
-        self.write_meta(record, true)
+        self.write_meta(record)
             .await
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
@@ -275,6 +275,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             upto: log_id,
         };
         // Synced, because the segments it frees are deleted right after.
-        self.write_meta(record, true).await.map_err(err)
+        self.write_meta(record).await.map_err(err)
     }
 }

@@ -16,12 +16,15 @@
 //! them is purged (oldest first: a truncation recorded in a newer segment
 //! must never outlive the entries it removed).
 //!
-//! Opening replays every segment into an in-memory index (entry index to
-//! position). A frame that is cut short or fails its checksum at the end
-//! of the newest segment, with no intact frame after it, is a write the
-//! crash interrupted, never acknowledged: it is cut off. Anywhere else it
-//! is corruption (acknowledged records follow it) and the log refuses to
-//! open.
+//! Every write is one batch, opened by a [`Record::Batch`] marker and
+//! synced before the next batch is written. Opening replays every segment
+//! into an in-memory index (entry index to position). A frame that is cut
+//! short or fails its checksum in the newest segment with no intact batch
+//! marker after it belongs to the last batch, whose sync the crash
+//! interrupted (its pages may have reached the disk in any order): it was
+//! never acknowledged and is cut off there. A damaged frame followed by a
+//! later batch, or in an older segment, is corruption of synced records:
+//! the log refuses to open.
 //!
 //! Writes go through one writer (a thread in production, the caller in
 //! the simulator) in submission order, so openraft's rule that log and
@@ -62,6 +65,8 @@ const MAX_JOBS_PER_WRITE: usize = 1024;
 /// What a record says; an entry record's body is the encoded entry.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Record {
+    /// Opens each write (see the module documentation).
+    Batch,
     /// A log entry (the body).
     Entry {
         /// The partition.
@@ -193,12 +198,21 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
     }
 }
 
-/// The first position after `bad` where an intact frame starts, if any.
-/// Only called on a damaged frame; a torn tail is short, and damage
-/// inside the log is followed by an intact frame within one frame's
-/// length, so the scan stays short either way.
-fn intact_frame_after(buf: &[u8], bad: usize) -> Option<usize> {
-    (bad + 1..buf.len()).find(|&q| matches!(parse(&buf[q..]), Parsed::Record(..)))
+/// The first position after `bad` where an intact batch marker starts,
+/// if any: proof that the damaged frame was synced (a batch is written
+/// only after the previous one was synced). Only called on a damaged
+/// frame; a torn tail is at most one batch long, and damage inside the log
+/// is followed by the next batch, so the scan stays short either way.
+fn batch_after(buf: &[u8], bad: usize) -> Option<usize> {
+    (bad + 1..buf.len()).find(|&q| matches!(parse(&buf[q..]), Parsed::Record(Record::Batch, _, _)))
+}
+
+/// The frame that opens every write.
+fn batch_marker() -> Vec<u8> {
+    // Cannot fail: a unit record with no body.
+    Framed::meta(Record::Batch)
+        .map(|f| f.frame)
+        .unwrap_or_default()
 }
 
 /// Where an entry's frame is.
@@ -274,6 +288,7 @@ impl State {
                 let p = self.partitions.entry(partition).or_default();
                 p.entries.split_off(&from);
             }
+            Record::Batch => {}
             Record::Purge { partition, upto } => {
                 let p = self.partitions.entry(partition).or_default();
                 if p.purged.is_some_and(|purged| purged.index >= upto.index) {
@@ -338,7 +353,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct Job {
     records: Vec<Framed>,
-    durable: bool,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -399,19 +413,13 @@ impl RaftLog {
     }
 
     /// Queues `records` and returns a receiver that resolves once they are
-    /// written (and synced if `durable`). Jobs are written in submission
-    /// order.
+    /// written and synced. Jobs are written in submission order.
     pub async fn submit(
         &self,
         records: Vec<Framed>,
-        durable: bool,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (done, rx) = oneshot::channel();
-        let job = Job {
-            records,
-            durable,
-            done,
-        };
+        let job = Job { records, done };
         match &self.writer {
             Writer::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
             Writer::Inline => write_batch(&self.shared, vec![job]),
@@ -419,9 +427,9 @@ impl RaftLog {
         Ok(rx)
     }
 
-    /// Writes `records` and waits for them.
-    pub async fn write(&self, records: Vec<Framed>, durable: bool) -> Result<(), StoreError> {
-        let done = self.submit(records, durable).await?;
+    /// Writes and syncs `records` and waits for them.
+    pub async fn write(&self, records: Vec<Framed>) -> Result<(), StoreError> {
+        let done = self.submit(records).await?;
         done.await.map_err(|_| StoreError::WriterStopped)?
     }
 
@@ -601,7 +609,6 @@ fn write_batch(shared: &Shared, jobs: Vec<Job>) {
 
 fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let durable = jobs.iter().any(|j| j.durable);
     let (file, segment, start, mut buf) = {
         let mut state = lock(&shared.state);
         if let Some(reason) = &state.failed {
@@ -618,7 +625,8 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
             }
         }
         let total: usize = jobs.iter().flat_map(|j| &j.records).map(Framed::len).sum();
-        let mut buf = Vec::with_capacity(total + 32 * state.unsaved_committed.len());
+        let mut buf = Vec::with_capacity(total + 32 * (1 + state.unsaved_committed.len()));
+        buf.extend_from_slice(&batch_marker());
         // Not indexed again after the write: the state already holds these
         // (or newer) values.
         for (partition, committed) in std::mem::take(&mut state.unsaved_committed) {
@@ -637,9 +645,7 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
     for r in jobs.iter().flat_map(|j| &j.records) {
         buf.extend_from_slice(&r.frame);
     }
-    let io = file
-        .write(start, &buf)
-        .and_then(|()| if durable { file.sync_data() } else { Ok(()) });
+    let io = file.write(start, &buf).and_then(|()| file.sync_data());
     let mut state = lock(&shared.state);
     if let Err(e) = io {
         let reason = format!("write segment {segment}: {e}");
@@ -649,8 +655,7 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
     }
     state.active_len = start + buf.len() as u64;
     let records = jobs.iter().map(|j| j.records.len()).sum::<usize>();
-    let synced = if durable { "true" } else { "false" };
-    metrics::counter!(RAFT_LOG_WRITES_TOTAL, "synced" => synced).increment(1);
+    metrics::counter!(RAFT_LOG_WRITES_TOTAL).increment(1);
     metrics::histogram!(RAFT_LOG_WRITE_RECORDS).record(records as f64);
     metrics::histogram!(RAFT_LOG_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
     let mut pos = start + prefix;
@@ -660,9 +665,9 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
         purged |= matches!(r.record, Record::Purge { .. });
         pos += r.len() as u64;
     }
-    // A purge is always durable (`LogStore::purge`), so the segments it
-    // frees may go: replay never needs them again.
-    if purged && durable {
+    // The purge is synced, so the segments it frees may go: replay never
+    // needs them again.
+    if purged {
         let dead = state.purgeable();
         for seq in dead {
             state.segments.remove(&seq);
@@ -688,6 +693,7 @@ fn roll(dir: &dyn LogDir, state: &mut State) -> std::io::Result<()> {
     let seq = state.active + 1;
     let file: Arc<dyn StorageBackend> = Arc::from(dir.open(seq)?);
     let mut buf = MAGIC.to_vec();
+    buf.extend_from_slice(&batch_marker());
     for record in state.metadata() {
         let framed = Framed::meta(record).map_err(|e| std::io::Error::other(e.to_string()))?;
         buf.extend_from_slice(&framed.frame);
@@ -767,7 +773,7 @@ fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
                     state.apply(&record, seq, pos as u64, used);
                     pos += used;
                 }
-                Parsed::Bad(reason) if seq == newest && intact_frame_after(&buf, pos).is_none() => {
+                Parsed::Bad(reason) if seq == newest && batch_after(&buf, pos).is_none() => {
                     warn!(
                         "{}: cutting off {} bytes at offset {pos} ({reason}): a write the last \
                          stop interrupted",
@@ -819,7 +825,7 @@ mod tests {
         let records = indexes
             .map(|i| Framed::entry(partition, &entry(term, i)).unwrap())
             .collect();
-        log.write(records, true).await.unwrap();
+        log.write(records).await.unwrap();
     }
 
     fn read(log: &RaftLog, partition: u32, range: std::ops::Range<u64>) -> Vec<LogId> {
@@ -845,29 +851,23 @@ mod tests {
                 append(&log, 1, 1, chunk * 10 + 1..chunk * 10 + 11).await;
             }
             let meta = |record| Framed::meta(record).unwrap();
-            log.write(vec![meta(Record::Vote { partition: 0, vote })], true)
+            log.write(vec![meta(Record::Vote { partition: 0, vote })])
                 .await
                 .unwrap();
-            log.write(
-                vec![meta(Record::Committed {
-                    partition: 0,
-                    committed: Some(id(1, 190)),
-                })],
-                false,
-            )
+            log.write(vec![meta(Record::Committed {
+                partition: 0,
+                committed: Some(id(1, 190)),
+            })])
             .await
             .unwrap();
             // Written ahead of the next write, not on its own.
             log.set_committed(1, Some(id(1, 170)));
             assert_eq!(log.meta(1).committed, Some(id(1, 170)));
             // Replace the tail of partition 1 with a newer term.
-            log.write(
-                vec![meta(Record::Truncate {
-                    partition: 1,
-                    from: 181,
-                })],
-                true,
-            )
+            log.write(vec![meta(Record::Truncate {
+                partition: 1,
+                from: 181,
+            })])
             .await
             .unwrap();
             append(&log, 1, 2, 181..186).await;
@@ -875,23 +875,17 @@ mod tests {
             assert!(before > 5, "small segments roll: {before}");
             // Partition 0 alone purged: partition 1 still pins every
             // segment.
-            log.write(
-                vec![meta(Record::Purge {
-                    partition: 0,
-                    upto: id(1, 150),
-                })],
-                true,
-            )
+            log.write(vec![meta(Record::Purge {
+                partition: 0,
+                upto: id(1, 150),
+            })])
             .await
             .unwrap();
             assert_eq!(log.segments(), before);
-            log.write(
-                vec![meta(Record::Purge {
-                    partition: 1,
-                    upto: id(1, 150),
-                })],
-                true,
-            )
+            log.write(vec![meta(Record::Purge {
+                partition: 1,
+                upto: id(1, 150),
+            })])
             .await
             .unwrap();
             assert!(log.segments() < before, "purged segments are deleted");
@@ -945,6 +939,33 @@ mod tests {
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), good);
         append(&log, 0, 1, 11..12).await;
         assert_eq!(read(&log, 0, 1..100).len(), 11);
+    }
+
+    #[tokio::test]
+    async fn a_last_batch_torn_out_of_order_is_cut_at_its_first_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        {
+            let log = open(&dir, SEGMENT_BYTES).unwrap();
+            append(&log, 0, 1, 1..11).await;
+        }
+        // The last batch, as a crash during its sync can leave it: its
+        // second frame never reached the disk (zeros), its third did.
+        let seg = segment_path(&dir, 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.extend_from_slice(&batch_marker());
+        let frames: Vec<Framed> = (11..14)
+            .map(|i| Framed::entry(0, &entry(1, i)).unwrap())
+            .collect();
+        bytes.extend_from_slice(&frames[0].frame);
+        let hole = bytes.len();
+        bytes.extend(std::iter::repeat_n(0u8, frames[1].len()));
+        bytes.extend_from_slice(&frames[2].frame);
+        std::fs::write(&seg, &bytes).unwrap();
+
+        let log = open(&dir, SEGMENT_BYTES).unwrap();
+        assert_eq!(log.meta(0).last, Some(id(1, 11)), "cut at the hole");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), hole as u64);
     }
 
     #[tokio::test]
