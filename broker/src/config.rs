@@ -124,7 +124,8 @@ pub struct NodeConfig {
     /// network, it has no authentication.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
-    /// Directory holding `auditflow.redb`.
+    /// Directory holding `auditflow.redb` (the state machine) and
+    /// `auditflow.raftlog/` (the Raft log).
     pub data_dir: PathBuf,
     /// Partition count, fixed at cluster init.
     #[serde(default = "default_partitions")]

@@ -4,8 +4,9 @@
 //!   and readiness probes, status JSON and a status page.
 //! - [`partition`]: openraft groups per partition, the pure apply logic and
 //!   the partition actor that group-commits appends.
-//! - [`storage`]: one redb database per node holding every partition's Raft
-//!   log and state machine, written by a single group-committing writer.
+//! - [`storage`]: per node, one Raft log in segment files and one redb
+//!   database holding every partition's state machine, each written by a
+//!   single group-committing writer.
 //! - [`delivery`]: delivery actors per (destination, partition), DLQ,
 //!   filters, masking, backoff.
 //! - [`sinks`]: the delivery endpoints behind one `Sink` trait.

@@ -3,7 +3,7 @@
 //!
 //! [`start`] wires a node from its seams (store, Raft transport, clock) and
 //! is what the simulator calls; [`run_quic_node`] adds the real ones: a redb
-//! file, a QUIC endpoint and the system clock.
+//! file and Raft log segment files, a QUIC endpoint and the system clock.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -391,7 +391,8 @@ impl RunningNode {
     }
 }
 
-/// Starts a node with the production seams: redb file, QUIC, system clock.
+/// Starts a node with the production seams: redb file and log segments,
+/// QUIC, system clock.
 pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, NodeError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io {
         what: format!("create data directory {}", config.data_dir.display()),
