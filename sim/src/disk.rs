@@ -84,11 +84,7 @@ fn segment_file(segment: u64) -> String {
 
 impl SimLogDir {
     fn live(&self) -> io::Result<MutexGuard<'_, State>> {
-        let s = self.disk.lock();
-        if s.generation != self.generation {
-            return Err(io::Error::other("simulated node crashed"));
-        }
-        Ok(s)
+        self.disk.live(self.generation)
     }
 }
 
@@ -141,6 +137,16 @@ impl SimDisk {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The disk, if incarnation `generation` is still alive: a crashed
+    /// one fails every operation, as a dead process would.
+    fn live(&self, generation: u64) -> io::Result<MutexGuard<'_, State>> {
+        let s = self.lock();
+        if s.generation != generation {
+            return Err(io::Error::other("simulated node crashed"));
+        }
+        Ok(s)
     }
 
     /// The database backend and log directory of a new incarnation; older
@@ -202,11 +208,7 @@ impl SimDisk {
 
 impl DiskHandle {
     fn live(&self) -> io::Result<MutexGuard<'_, State>> {
-        let s = self.disk.lock();
-        if s.generation != self.generation {
-            return Err(io::Error::other("simulated node crashed"));
-        }
-        Ok(s)
+        self.disk.live(self.generation)
     }
 }
 

@@ -114,34 +114,17 @@ static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// The exporter configuration: histogram buckets and gauge idle timeout.
 pub fn builder() -> Result<PrometheusBuilder, String> {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(APPEND_BATCH_SECONDS.into()),
-            APPEND_BATCH_BUCKETS,
-        )
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(STORAGE_COMMIT_JOBS.into()),
-                STORAGE_COMMIT_JOBS_BUCKETS,
-            )
-        })
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(STORAGE_COMMIT_SECONDS.into()),
-                STORAGE_COMMIT_BUCKETS,
-            )
-        })
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(RAFT_LOG_WRITE_RECORDS.into()),
-                RAFT_LOG_WRITE_RECORDS_BUCKETS,
-            )
-        })
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(RAFT_LOG_WRITE_SECONDS.into()),
-                STORAGE_COMMIT_BUCKETS,
-            )
+    let buckets: [(&str, &[f64]); 5] = [
+        (APPEND_BATCH_SECONDS, APPEND_BATCH_BUCKETS),
+        (STORAGE_COMMIT_JOBS, STORAGE_COMMIT_JOBS_BUCKETS),
+        (STORAGE_COMMIT_SECONDS, STORAGE_COMMIT_BUCKETS),
+        (RAFT_LOG_WRITE_RECORDS, RAFT_LOG_WRITE_RECORDS_BUCKETS),
+        (RAFT_LOG_WRITE_SECONDS, STORAGE_COMMIT_BUCKETS),
+    ];
+    buckets
+        .into_iter()
+        .try_fold(PrometheusBuilder::new(), |b, (name, bounds)| {
+            b.set_buckets_for_metric(Matcher::Full(name.into()), bounds)
         })
         .map(|b| b.idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT)))
         .map_err(|e| e.to_string())

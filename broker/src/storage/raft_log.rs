@@ -239,6 +239,7 @@ struct Segment {
     max_index: BTreeMap<u32, u64>,
 }
 
+#[derive(Default)]
 struct State {
     partitions: BTreeMap<u32, PartitionLog>,
     segments: BTreeMap<u64, Segment>,
@@ -583,20 +584,13 @@ impl LogUsage {
 
 fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_JOBS_PER_WRITE);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_JOBS_PER_WRITE {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while super::writer::next_batch(&mut rx, &mut batch, MAX_JOBS_PER_WRITE) {
         write_batch(shared, std::mem::take(&mut batch));
     }
 }
 
 /// Writes the jobs' records at the end of the active segment with one
-/// write and (if any job asked) one sync, then updates the index.
+/// write and one sync, then updates the index.
 fn write_batch(shared: &Shared, jobs: Vec<Job>) {
     let result = write_records(shared, &jobs);
     for job in jobs {
@@ -684,9 +678,10 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
 /// Closes the active segment and starts the next one with every
 /// partition's metadata.
 fn roll(dir: &dyn LogDir, state: &mut State) -> std::io::Result<()> {
-    // Everything in the closing segment must be on disk before records
-    // go to the next: replay treats damage in any but the newest segment
-    // as corruption.
+    // Every write of this process was synced, but the closing segment may
+    // end in bytes an earlier process wrote and never synced (its sync
+    // failed): replay treats damage in any but the newest segment as
+    // corruption, so it must be on disk before the next one starts.
     if let Some(old) = state.segments.get(&state.active) {
         old.file.sync_data()?;
     }
@@ -721,14 +716,7 @@ fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
         .list()
         .map_err(|e| io_err(format!("list {}", dir.describe()), e))?;
     seqs.sort_unstable();
-    let mut state = State {
-        partitions: BTreeMap::new(),
-        segments: BTreeMap::new(),
-        active: 0,
-        active_len: 0,
-        failed: None,
-        unsaved_committed: BTreeMap::new(),
-    };
+    let mut state = State::default();
     if seqs.is_empty() {
         roll(dir, &mut state)
             .map_err(|e| io_err(format!("create a segment in {}", dir.describe()), e))?;
@@ -835,6 +823,12 @@ mod tests {
         out.values().map(|e| e.log_id).collect()
     }
 
+    /// A closed log holding entries 1..=10 of partition 0 in one segment.
+    async fn ten_entries(dir: &std::path::Path) {
+        let log = open(dir, SEGMENT_BYTES).unwrap();
+        append(&log, 0, 1, 1..11).await;
+    }
+
     fn segment_path(dir: &std::path::Path, seq: u64) -> std::path::PathBuf {
         dir.join(format!("{seq:020}.seg"))
     }
@@ -922,10 +916,7 @@ mod tests {
     async fn a_write_cut_short_at_the_end_is_dropped() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
-        {
-            let log = open(&dir, SEGMENT_BYTES).unwrap();
-            append(&log, 0, 1, 1..11).await;
-        }
+        ten_entries(&dir).await;
         let seg = segment_path(&dir, 1);
         let good = std::fs::metadata(&seg).unwrap().len();
         // Half of the next frame, as a crash during its write leaves it.
@@ -945,10 +936,7 @@ mod tests {
     async fn a_last_batch_torn_out_of_order_is_cut_at_its_first_damage() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
-        {
-            let log = open(&dir, SEGMENT_BYTES).unwrap();
-            append(&log, 0, 1, 1..11).await;
-        }
+        ten_entries(&dir).await;
         // The last batch, as a crash during its sync can leave it: its
         // second frame never reached the disk (zeros), its third did.
         let seg = segment_path(&dir, 1);

@@ -192,17 +192,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Waits for a job, then adds whatever else is queued to `batch`, up to
+/// `max` jobs in all: group commit takes what arrived while the last
+/// commit ran, never waiting for more. `false` once the queue is closed
+/// and empty.
+pub(crate) fn next_batch<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max: usize) -> bool {
+    let Some(first) = rx.blocking_recv() else {
+        return false;
+    };
+    batch.push(first);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
 fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
     let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_JOBS_PER_TXN {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut rx, &mut batch, MAX_JOBS_PER_TXN) {
         let started = std::time::Instant::now();
         let durable = checkpoints.durable(batch.iter().any(|j| j.durable));
         let jobs = batch.len();
