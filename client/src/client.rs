@@ -72,7 +72,7 @@ pub fn split_batches(events: &[Event], indexes: &[usize], limits: &Limits) -> Ve
     let mut current: Vec<usize> = Vec::new();
     let mut bytes = 0usize;
     for &i in indexes {
-        let size = canonical::encode_event(&events[i]).len();
+        let size = canonical::encoded_len(&events[i]);
         if !current.is_empty() && (current.len() >= max_events || bytes + size > max_bytes) {
             out.push(std::mem::take(&mut current));
             bytes = 0;
@@ -418,7 +418,7 @@ impl Client {
                 let mut batch = Vec::new();
                 let mut bytes = 0;
                 while let Some((e, _)) = b.queue.front() {
-                    let size = canonical::encode_event(e).len();
+                    let size = canonical::encoded_len(e);
                     if !batch.is_empty() && (batch.len() >= max_events || bytes + size > max_bytes)
                     {
                         break;
@@ -1006,10 +1006,7 @@ Af8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIFwrQjHcseiLTwlErah9LJbavxXu
         assert_eq!(flat, indexes);
         for c in &chunks {
             assert!(c.len() <= 7);
-            let bytes: usize = c
-                .iter()
-                .map(|&i| canonical::encode_event(&events[i]).len())
-                .sum();
+            let bytes: usize = c.iter().map(|&i| canonical::encoded_len(&events[i])).sum();
             assert!(c.len() == 1 || bytes <= 1024);
         }
     }

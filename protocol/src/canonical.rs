@@ -61,6 +61,45 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
     out
 }
 
+/// `encode_event(event).len()` without building the encoding: size limits
+/// and batch budgets are checked on every event at several points of the
+/// write path.
+pub fn encoded_len(event: &Event) -> usize {
+    fn str_len(s: &str) -> usize {
+        4 + s.len()
+    }
+    fn opt_len(s: Option<&str>) -> usize {
+        1 + s.map_or(0, str_len)
+    }
+    let source = match &event.source {
+        None => 1,
+        Some(s) => 1 + opt_len(s.service.as_deref()) + opt_len(s.host.as_deref()),
+    };
+    let context: usize = event
+        .context
+        .iter()
+        .map(|(k, v)| str_len(k) + str_len(v))
+        .sum();
+    CANONICAL_PREFIX.len()
+        + str_len(&event.id)
+        + str_len(&event.tenant)
+        + 8
+        + str_len(&event.actor.id)
+        + str_len(&event.actor.kind)
+        + opt_len(event.actor.name.as_deref())
+        + opt_len(event.actor.ip.as_deref())
+        + str_len(&event.action)
+        + str_len(&event.target.kind)
+        + str_len(&event.target.id)
+        + str_len(event.outcome.as_str())
+        + source
+        + 4
+        + context
+        + opt_len(event.data.as_ref().map(|d| d.as_str()))
+        + opt_len(event.schema_version.as_deref())
+        + opt_len(event.partition_key.as_deref())
+}
+
 fn put_u32(out: &mut Vec<u8>, n: usize) {
     // Validation bounds every length far below u32::MAX; saturate rather than
     // wrap so that an unvalidated giant can never alias a short value.

@@ -56,7 +56,13 @@ pub fn chain_hash_canonical(
 /// SHA-256 of the canonical encoding: identifies an event's content, used by
 /// the dedup index to tell a retry from a reused id.
 pub fn content_digest(event: &Event) -> Hash32 {
-    Hash32(Sha256::digest(canonical::encode_event(event)).into())
+    content_digest_canonical(&canonical::encode_event(event))
+}
+
+/// As [`content_digest`], for a caller that already holds the canonical
+/// bytes.
+pub fn content_digest_canonical(canonical_event: &[u8]) -> Hash32 {
+    Hash32(Sha256::digest(canonical_event).into())
 }
 
 /// Why a sequence of stored events does not form an intact chain.

@@ -335,3 +335,20 @@ pub struct StoredEvent {
     /// The event itself.
     pub event: Event,
 }
+
+/// A [`StoredEvent`] whose event is borrowed. It serializes to the same
+/// bytes as the owned form (same fields, same order), so the store can
+/// encode an event it does not own without copying it first.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StoredEventRef<'a> {
+    /// Partition the event lives in.
+    pub partition: u32,
+    /// Position in the partition.
+    pub offset: u64,
+    /// Broker time at which the partition leader accepted the event.
+    pub received_at: Timestamp,
+    /// Chain hash of this event.
+    pub hash: Hash32,
+    /// The event itself.
+    pub event: &'a Event,
+}

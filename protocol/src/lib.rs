@@ -22,6 +22,7 @@ pub mod validate;
 pub mod wire;
 
 pub use event::{
-    Actor, Event, Hash32, JsonObject, Outcome, Source, StoredEvent, Target, Timestamp,
+    Actor, Event, Hash32, JsonObject, Outcome, Source, StoredEvent, StoredEventRef, Target,
+    Timestamp,
 };
 pub use validate::{Limits, ValidationError};

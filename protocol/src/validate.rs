@@ -160,7 +160,7 @@ pub fn validate_event(event: &Event, limits: &Limits) -> Result<(), ValidationEr
     if let Some(k) = &event.partition_key {
         check_text("partition_key", k, MAX_TEXT_BYTES)?;
     }
-    let size = canonical::encode_event(event).len();
+    let size = canonical::encoded_len(event);
     if size > limits.max_event_bytes {
         return Err(ValidationError::new(
             "event",

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use auditflow_protocol::frame::{self, DEFAULT_MAX_FRAME_BYTES};
 use auditflow_protocol::validate::{canonicalize_event, validate_event, Limits};
 use auditflow_protocol::wire::{Request, PROTOCOL_VERSION};
-use auditflow_protocol::{canonical, Actor, Event, JsonObject, Outcome, Source, Target, Timestamp};
+use auditflow_protocol::{
+    canonical, Actor, Event, Hash32, JsonObject, Outcome, Source, StoredEvent, StoredEventRef,
+    Target, Timestamp,
+};
 use proptest::prelude::*;
 
 fn ident() -> impl Strategy<Value = String> {
@@ -110,6 +113,30 @@ proptest! {
         let back: Event = serde_json::from_str(&text).unwrap();
         prop_assert_eq!(canonical::encode_event(&back), canonical::encode_event(&e));
         prop_assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_borrowed_stored_event_encodes_as_the_owned_one(e in valid_event(), offset in any::<u64>(), at in any::<i64>()) {
+        // The store writes the borrowed form and reads the owned one back.
+        let owned = StoredEvent { partition: 5, offset, received_at: Timestamp(at), hash: Hash32([7; 32]), event: e };
+        let borrowed = StoredEventRef {
+            partition: owned.partition,
+            offset: owned.offset,
+            received_at: owned.received_at,
+            hash: owned.hash,
+            event: &owned.event,
+        };
+        let config = bincode::config::standard();
+        prop_assert_eq!(
+            bincode::serde::encode_to_vec(borrowed, config).unwrap(),
+            bincode::serde::encode_to_vec(&owned, config).unwrap()
+        );
+        prop_assert_eq!(serde_json::to_string(&borrowed).unwrap(), serde_json::to_string(&owned).unwrap());
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding(e in valid_event()) {
+        prop_assert_eq!(canonical::encoded_len(&e), canonical::encode_event(&e).len());
     }
 
     #[test]

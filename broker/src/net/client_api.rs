@@ -82,10 +82,7 @@ async fn append_events(
             ),
         });
     }
-    let bytes: usize = events
-        .iter()
-        .map(|e| canonical::encode_event(e).len())
-        .sum();
+    let bytes: usize = events.iter().map(canonical::encoded_len).sum();
     if bytes > limits.max_batch_bytes {
         return Err(RequestError::BatchTooLarge {
             reason: format!(
@@ -194,7 +191,7 @@ fn within_budget(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
     let mut total = 0usize;
     let mut keep = 0usize;
     for e in &events {
-        total += canonical::encode_event(&e.event).len();
+        total += canonical::encoded_len(&e.event);
         if keep > 0 && total > MAX_READ_BYTES {
             break;
         }

@@ -117,7 +117,7 @@ impl PartitionActor {
             let raft = self.raft.clone();
             let cmd = Command::Append {
                 received_at: self.clock.now(),
-                events,
+                events: events.into(),
             };
             let write =
                 async move { tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(cmd)).await };
@@ -217,11 +217,7 @@ impl Handler<Append> for PartitionActor {
                 })
             });
         }
-        let bytes = msg
-            .events
-            .iter()
-            .map(|e| canonical::encode_event(e).len())
-            .sum();
+        let bytes = msg.events.iter().map(canonical::encoded_len).sum();
         let (tx, rx) = oneshot::channel();
         self.queued_events += msg.events.len();
         self.queue.push_back(Waiter {

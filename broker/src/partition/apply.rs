@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use auditflow_protocol::chain::{chain_hash_canonical, content_digest};
+use auditflow_protocol::chain::{chain_hash_canonical, content_digest_canonical};
 use auditflow_protocol::wire::{Ack, AppendResult, EventError};
-use auditflow_protocol::{canonical, Event, Hash32, StoredEvent, Timestamp};
+use auditflow_protocol::{canonical, Event, Hash32, StoredEventRef, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Where a partition's log ends.
@@ -44,13 +44,15 @@ pub struct DedupEntry {
     pub hash: Hash32,
 }
 
-/// What applying one append batch asks the store to do.
+/// What applying one append batch asks the store to do. It borrows the
+/// batch's events rather than owning copies: a Raft entry is applied on
+/// every node and its events are only read here.
 #[derive(Debug, Default)]
-pub struct AppendEffects {
+pub struct AppendEffects<'a> {
     /// One result per input event, in order.
     pub results: Vec<AppendResult>,
     /// Newly stored events with their dedup entries, in offset order.
-    pub stored: Vec<(StoredEvent, DedupEntry)>,
+    pub stored: Vec<(StoredEventRef<'a>, DedupEntry)>,
     /// Offsets whose ids fall out of the dedup window with this batch: the
     /// store forgets the ids of the events at these offsets.
     pub evict: Range<u64>,
@@ -61,23 +63,25 @@ pub struct AppendEffects {
 /// `lookup` reads the dedup index as it was before this batch; ids repeated
 /// inside the batch are handled here. `dedup_window` is how many most recent
 /// offsets keep their ids in the index.
-pub fn apply_append<E>(
+pub fn apply_append<'a, E>(
     head: &mut PartitionHead,
     partition: u32,
     received_at: Timestamp,
-    events: Vec<Event>,
+    events: &'a [Event],
     dedup_window: u64,
     mut lookup: impl FnMut(&str) -> Result<Option<DedupEntry>, E>,
-) -> Result<AppendEffects, E> {
+) -> Result<AppendEffects<'a>, E> {
     let start = head.next_offset;
     let mut effects = AppendEffects {
         results: Vec::with_capacity(events.len()),
         ..AppendEffects::default()
     };
-    let mut in_batch: BTreeMap<String, DedupEntry> = BTreeMap::new();
+    let mut in_batch: BTreeMap<&str, DedupEntry> = BTreeMap::new();
     for event in events {
-        let digest = content_digest(&event);
-        let known = match in_batch.get(&event.id) {
+        // Encoded once for both hashes: the content digest and the chain.
+        let canonical = canonical::encode_event(event);
+        let digest = content_digest_canonical(&canonical);
+        let known = match in_batch.get(event.id.as_str()) {
             Some(e) => Some(*e),
             None => lookup(&event.id)?,
         };
@@ -98,19 +102,14 @@ pub fn apply_append<E>(
             continue;
         }
         let offset = head.next_offset;
-        let hash = chain_hash_canonical(
-            &head.last_hash,
-            partition,
-            offset,
-            received_at,
-            &canonical::encode_event(&event),
-        );
+        let hash =
+            chain_hash_canonical(&head.last_hash, partition, offset, received_at, &canonical);
         let entry = DedupEntry {
             offset,
             digest,
             hash,
         };
-        in_batch.insert(event.id.clone(), entry);
+        in_batch.insert(&event.id, entry);
         effects.results.push(AppendResult::Stored(Ack {
             partition,
             offset,
@@ -118,7 +117,7 @@ pub fn apply_append<E>(
             duplicate: false,
         }));
         effects.stored.push((
-            StoredEvent {
+            StoredEventRef {
                 partition,
                 offset,
                 received_at,
@@ -140,7 +139,7 @@ mod tests {
     use std::convert::Infallible;
 
     use auditflow_protocol::chain::ChainVerifier;
-    use auditflow_protocol::{Actor, Outcome, Target};
+    use auditflow_protocol::{Actor, Outcome, StoredEvent, Target};
     use proptest::prelude::*;
 
     use super::*;
@@ -181,14 +180,20 @@ mod tests {
                 &mut head,
                 3,
                 Timestamp(i as i64 + 1),
-                batch,
+                &batch,
                 window,
                 |id| Ok(index.get(id).copied()),
             )
             .unwrap();
             for (e, d) in fx.stored {
                 index.insert(e.event.id.clone(), d);
-                log.push(e);
+                log.push(StoredEvent {
+                    partition: e.partition,
+                    offset: e.offset,
+                    received_at: e.received_at,
+                    hash: e.hash,
+                    event: e.event.clone(),
+                });
             }
             for off in fx.evict {
                 let id = &log[off as usize].event.id;

@@ -1,6 +1,7 @@
 //! openraft type configuration and the Raft log payload.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use auditflow_protocol::wire::AppendResult;
 use auditflow_protocol::{Event, Timestamp};
@@ -21,8 +22,11 @@ pub enum Command {
     Append {
         /// Leader clock at proposal time.
         received_at: Timestamp,
-        /// The events, in the order their offsets will be assigned.
-        events: Vec<Event>,
+        /// The events, in the order their offsets will be assigned. Shared,
+        /// because openraft clones an entry each time it reads one back
+        /// (to replicate it to each follower and to apply it); encoded as
+        /// a plain sequence.
+        events: Arc<[Event]>,
     },
     /// Change delivery state: cursors and the dead-letter queue.
     Delivery(DeliveryCommand),

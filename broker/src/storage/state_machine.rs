@@ -9,7 +9,6 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
-use auditflow_protocol::StoredEvent;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
@@ -131,7 +130,7 @@ fn apply_entries(
                         &mut head,
                         partition,
                         *received_at,
-                        events.clone(),
+                        events,
                         dedup_window,
                         |id| match dedup.get((partition, id))? {
                             Some(v) => Ok(Some(tables::decode::<DedupEntry>(
@@ -145,6 +144,7 @@ fn apply_entries(
                 let mut events_t = txn.open_table(EVENTS)?;
                 let mut dedup = txn.open_table(DEDUP)?;
                 for (stored, entry) in &effects.stored {
+                    // The same bytes as the owned `StoredEvent` (read back as one).
                     let bytes = tables::encode(stored, "stored event")?;
                     events_t.insert((partition, stored.offset), bytes.as_slice())?;
                     let d = tables::encode(entry, "dedup entry")?;
@@ -153,16 +153,16 @@ fn apply_entries(
                 // Forget ids that leave the window, unless the id now
                 // belongs to a newer offset.
                 for offset in effects.evict.clone() {
-                    let stored = match events_t.get((partition, offset))? {
-                        Some(v) => tables::decode::<StoredEvent>(v.value(), "stored event")?,
+                    let id = match events_t.get((partition, offset))? {
+                        Some(v) => tables::decode_stored_event_id(v.value())?,
                         None => continue,
                     };
-                    let owner = match dedup.get((partition, stored.event.id.as_str()))? {
+                    let owner = match dedup.get((partition, id.as_str()))? {
                         Some(v) => Some(tables::decode::<DedupEntry>(v.value(), "dedup entry")?),
                         None => None,
                     };
                     if owner.map(|o| o.offset) == Some(offset) {
-                        dedup.remove((partition, stored.event.id.as_str()))?;
+                        dedup.remove((partition, id.as_str()))?;
                     }
                 }
                 responses.push(CommandResponse::Appended(effects.results));

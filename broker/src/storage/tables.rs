@@ -79,3 +79,60 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreE
         }),
     }
 }
+
+/// The event id of a stored event (an `events` value), decoding only the
+/// fields before it: forgetting ids that leave the dedup window needs the
+/// id of one old event per new one, not the whole event.
+pub fn decode_stored_event_id(bytes: &[u8]) -> Result<String, StoreError> {
+    // Positional, like every bincode value: the same leading fields as
+    // `StoredEvent`, and of its `event` only the first, `id`.
+    #[derive(serde::Deserialize)]
+    struct Prefix {
+        _partition: u32,
+        _offset: u64,
+        _received_at: auditflow_protocol::Timestamp,
+        _hash: auditflow_protocol::Hash32,
+        event: EventId,
+    }
+    #[derive(serde::Deserialize)]
+    struct EventId {
+        id: String,
+    }
+    bincode::serde::decode_from_slice::<Prefix, _>(bytes, bincode::config::standard())
+        .map(|(prefix, _)| prefix.event.id)
+        .map_err(|e| StoreError::Corrupt {
+            what: "stored event".into(),
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use auditflow_protocol::{Event, Hash32, StoredEvent, Timestamp};
+
+    use super::*;
+
+    #[test]
+    fn the_id_of_a_stored_event_decodes_alone() {
+        let event: Event = serde_json::from_value(serde_json::json!({
+            "id": "evt-42", "tenant": "acme", "time": "2026-11-24T10:00:00Z",
+            "actor": {"id": "u1", "type": "user"}, "action": "user.login",
+            "target": {"type": "session", "id": "s1"}, "outcome": "success",
+            "context": {"k": "v"}, "data": {"a": [1, 2]},
+        }))
+        .unwrap();
+        let stored = StoredEvent {
+            partition: 3,
+            offset: u64::MAX,
+            received_at: Timestamp(-5),
+            hash: Hash32([9; 32]),
+            event,
+        };
+        let bytes = encode(&stored, "stored event").unwrap();
+        assert_eq!(decode_stored_event_id(&bytes).unwrap(), "evt-42");
+        assert!(matches!(
+            decode_stored_event_id(&bytes[..20]),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

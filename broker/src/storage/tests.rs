@@ -56,7 +56,7 @@ fn append_entry(index: u64, ids: &[&str]) -> Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Command::Append {
             received_at: auditflow_protocol::Timestamp(1_700_000_000_000_000_000),
-            events: ids.iter().map(|id| event(id)).collect(),
+            events: ids.iter().map(|id| event(id)).collect::<Vec<_>>().into(),
         }),
     }
 }
