@@ -57,7 +57,7 @@ pub struct BenchArgs {
 
 pub(crate) fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Event {
     let mut e = Event {
-        id: format!("bench-{run}-{n}"),
+        id: format!("bench-{run}-{n:012}"),
         tenant: format!("tenant-{}", n % tenants.max(1)),
         time: Timestamp(1_764_000_000_000_000_000 + n as i64),
         actor: Actor {
@@ -78,7 +78,7 @@ pub(crate) fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Ev
         schema_version: None,
         partition_key: None,
     };
-    let base = canonical::encode_event(&e).len();
+    let base = canonical::encoded_len(&e);
     let pad = size.saturating_sub(base + 16);
     if pad > 0 {
         let v = serde_json::json!({ "pad": "x".repeat(pad) });
@@ -181,10 +181,7 @@ pub(crate) async fn measure(
     warmup: usize,
     op: Op,
 ) -> anyhow::Result<Report> {
-    let bytes: usize = events[warmup..]
-        .iter()
-        .map(|e| canonical::encode_event(e).len())
-        .sum();
+    let bytes: usize = events[warmup..].iter().map(canonical::encoded_len).sum();
     // Warm-up: connections, leaders, and the expected service time.
     let mut warm = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let warm_results = drive(op.clone(), 0..warmup, args.window, None).await;
