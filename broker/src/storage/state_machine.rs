@@ -335,24 +335,57 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Only the metadata, with no data: openraft builds a snapshot to purge
+    /// the log up to it and keeps nothing of it but its metadata (0.9's
+    /// state machine worker drops the data), while a follower that needs
+    /// one is sent [`RaftStateMachine::get_current_snapshot`], read then.
+    /// The state it describes is already durable in redb (every purge
+    /// makes it so first). Reading every event of the partition here made
+    /// each periodic snapshot cost as much as the whole partition.
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, bytes) = build(&self.db, self.partition)
+        let meta = self
+            .db
+            .begin_read()
+            .map_err(StoreError::from)
+            .and_then(|txn| snapshot_meta(&txn, self.partition).map(|(meta, _)| meta))
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
+}
+
+/// The metadata of a snapshot of the partition's current state, and its
+/// head.
+fn snapshot_meta(
+    txn: &ReadTransaction,
+    partition: u32,
+) -> Result<(SnapshotMeta, PartitionHead), StoreError> {
+    let applied: Option<LogId> =
+        read_sm_meta::<Option<LogId>>(txn, partition, KEY_APPLIED)?.flatten();
+    let membership: StoredMembership =
+        read_sm_meta(txn, partition, KEY_MEMBERSHIP)?.unwrap_or_default();
+    let head: PartitionHead = read_sm_meta(txn, partition, KEY_HEAD)?.unwrap_or_default();
+    let snapshot_id = match applied {
+        Some(l) => format!(
+            "p{partition}-{}-{}-{}",
+            l.leader_id.term, l.index, head.next_offset
+        ),
+        None => format!("p{partition}-empty"),
+    };
+    let meta = SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        snapshot_id,
+    };
+    Ok((meta, head))
 }
 
 /// Reads a consistent snapshot of the partition from one read transaction.
 fn build(db: &Database, partition: u32) -> Result<(SnapshotMeta, Vec<u8>), StoreError> {
     let txn = db.begin_read()?;
-    let applied: Option<LogId> =
-        read_sm_meta::<Option<LogId>>(&txn, partition, KEY_APPLIED)?.flatten();
-    let membership: StoredMembership =
-        read_sm_meta(&txn, partition, KEY_MEMBERSHIP)?.unwrap_or_default();
-    let head: PartitionHead = read_sm_meta(&txn, partition, KEY_HEAD)?.unwrap_or_default();
+    let (meta, head) = snapshot_meta(&txn, partition)?;
     let mut body = SnapshotBody {
         head,
         events: Vec::new(),
@@ -394,18 +427,6 @@ fn build(db: &Database, partition: u32) -> Result<(SnapshotMeta, Vec<u8>), Store
         body.dedup
             .push((k.value().1.to_string(), v.value().to_vec()));
     }
-    let snapshot_id = match applied {
-        Some(l) => format!(
-            "p{partition}-{}-{}-{}",
-            l.leader_id.term, l.index, head.next_offset
-        ),
-        None => format!("p{partition}-empty"),
-    };
-    let meta = SnapshotMeta {
-        last_log_id: applied,
-        last_membership: membership,
-        snapshot_id,
-    };
     Ok((meta, tables::encode(&body, "snapshot")?))
 }
 

@@ -83,14 +83,24 @@ async fn applied_events_survive_reopen_and_snapshot_round_trips() {
     let ids: Vec<_> = events.iter().map(|e| e.event.id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
 
-    // Snapshot of partition 0 installed into partition 1 of another store.
+    // A built snapshot (what openraft purges the log up to) carries only
+    // metadata; what a follower is sent is the current snapshot, read when
+    // needed, with the same metadata.
     let mut sm = store.state_machine(0, 1000);
-    let snap = sm
+    let built = sm
         .get_snapshot_builder()
         .await
         .build_snapshot()
         .await
         .unwrap();
+    assert!(built.snapshot.get_ref().is_empty(), "no events were read");
+    let snap = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot");
+    assert_eq!(snap.meta, built.meta);
+    // Snapshot of partition 0 installed into another store.
     let other = Store::open(&dir.path().join("other.redb")).unwrap();
     let mut sm1 = other.state_machine(0, 1000);
     sm1.install_snapshot(&snap.meta, snap.snapshot)
@@ -249,11 +259,10 @@ async fn replay_windows_are_clamped_to_the_cursor_and_ignore_stale_advances() {
 
     // Snapshots carry windows.
     let snap = sm
-        .get_snapshot_builder()
+        .get_current_snapshot()
         .await
-        .build_snapshot()
-        .await
-        .unwrap();
+        .unwrap()
+        .expect("a snapshot");
     let other = Store::open(&dir.path().join("other.redb")).unwrap();
     let mut sm1 = other.state_machine(0, 1000);
     sm1.install_snapshot(&snap.meta, snap.snapshot)
