@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use auditflow_broker::partition::types::{Command, Entry, LogId};
 use auditflow_broker::storage::Store;
-use auditflow_protocol::{Actor, Event, JsonObject, Outcome, Target, Timestamp};
+use auditflow_protocol::{sample, Event, Timestamp};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload};
 
@@ -35,29 +35,7 @@ fn event(n: usize, random_ids: bool) -> Event {
     } else {
         format!("{n:016}")
     };
-    let data = serde_json::json!({ "pad": "x".repeat(330) });
-    Event {
-        id,
-        tenant: format!("tenant-{}", n % 64),
-        time: Timestamp(1_764_000_000_000_000_000 + n as i64),
-        actor: Actor {
-            id: format!("user-{}", n % 1000),
-            kind: "user".into(),
-            name: None,
-            ip: Some("10.1.2.3".into()),
-        },
-        action: "document.read".into(),
-        target: Target {
-            kind: "document".into(),
-            id: format!("doc-{n}"),
-        },
-        outcome: Outcome::Success,
-        source: None,
-        context: Default::default(),
-        data: JsonObject::from_value(&data).ok(),
-        schema_version: None,
-        partition_key: None,
-    }
+    sample::sized_event(id, n, 64, 512)
 }
 
 fn main() {

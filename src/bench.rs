@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use auditflow_client::Client;
-use auditflow_protocol::{canonical, Actor, Event, JsonObject, Outcome, Target, Timestamp};
+use auditflow_protocol::{canonical, sample, Event};
 use hdrhistogram::Histogram;
 
 use crate::client_cmds::ConfigArg;
@@ -55,36 +55,12 @@ pub struct BenchArgs {
     pub(crate) compare_nats: bool,
 }
 
+/// Event `n` of a benchmark run: ids are the run's name and a zero-padded
+/// sequence number, ordered like the client's UUIDv7 ids (the dedup index
+/// takes ordered ids at about half the cost of unordered ones: see
+/// `benches/state_machine.rs`).
 pub(crate) fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Event {
-    let mut e = Event {
-        id: format!("bench-{run}-{n:012}"),
-        tenant: format!("tenant-{}", n % tenants.max(1)),
-        time: Timestamp(1_764_000_000_000_000_000 + n as i64),
-        actor: Actor {
-            id: format!("user-{}", n % 1000),
-            kind: "user".into(),
-            name: None,
-            ip: Some("10.1.2.3".into()),
-        },
-        action: "document.read".into(),
-        target: Target {
-            kind: "document".into(),
-            id: format!("doc-{n}"),
-        },
-        outcome: Outcome::Success,
-        source: None,
-        context: Default::default(),
-        data: None,
-        schema_version: None,
-        partition_key: None,
-    };
-    let base = canonical::encoded_len(&e);
-    let pad = size.saturating_sub(base + 16);
-    if pad > 0 {
-        let v = serde_json::json!({ "pad": "x".repeat(pad) });
-        e.data = JsonObject::from_value(&v).ok();
-    }
-    e
+    sample::sized_event(format!("bench-{run}-{n:012}"), n, tenants, size)
 }
 
 /// Runs the benchmark.

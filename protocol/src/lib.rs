@@ -18,6 +18,7 @@ pub mod delivery;
 pub mod event;
 pub mod frame;
 pub mod partition;
+pub mod sample;
 pub mod validate;
 pub mod wire;
 
