@@ -34,7 +34,18 @@ pub struct LogStore {
     sm_writer: StorageWriter,
     /// Recent entries, by index.
     cache: Arc<Mutex<EntryCache>>,
+    /// Whether the state machine is receiving or installing a snapshot.
+    installing: Arc<tokio::sync::watch::Sender<bool>>,
 }
+
+/// How long a purge waits for a snapshot install to finish: long enough
+/// for a large partition's install, since a failed purge stops the Raft
+/// group (shorter in unit tests, which wait it out).
+const PURGE_WAITS_FOR_INSTALL: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_secs(1)
+} else {
+    std::time::Duration::from_secs(120)
+};
 
 /// Most committed entries kept in memory per partition.
 const CACHE_MAX_ENTRIES: usize = 1024;
@@ -101,13 +112,30 @@ pub(crate) fn raft_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: StoreErro
 }
 
 impl LogStore {
-    pub(crate) fn new(partition: u32, log: RaftLog, sm_writer: StorageWriter) -> LogStore {
+    pub(crate) fn new(
+        partition: u32,
+        log: RaftLog,
+        sm_writer: StorageWriter,
+        installing: Arc<tokio::sync::watch::Sender<bool>>,
+    ) -> LogStore {
         LogStore {
             partition,
             log,
             sm_writer,
             cache: Arc::default(),
+            installing,
         }
+    }
+
+    /// Makes the state machine's commits durable and returns what it has
+    /// applied.
+    async fn durable_applied(&self) -> Result<Option<LogId>, StoreError> {
+        let partition = self.partition;
+        self.sm_writer
+            .write(true, move |txn| {
+                super::state_machine::applied_in(txn, partition)
+            })
+            .await
     }
 
     fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
@@ -264,11 +292,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let err = |e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
-        // openraft purges only applied entries, whose state machine
-        // commits are done but may not be durable: make them durable
-        // first, or a crash would roll the state machine back past what
-        // the log still holds.
-        self.sm_writer.write(true, |_| Ok(())).await.map_err(err)?;
+        // The state machine must hold, durably, everything the purge drops,
+        // or a crash leaves a log that starts after the state machine's
+        // state, and openraft refuses to start the node, for good. Its
+        // commits are not durable, so one is forced here. After a snapshot
+        // is built, openraft purges only applied entries; but it asks to
+        // purge up to an installed snapshot before the state machine has
+        // installed it (the simulator found it: the install then failed on
+        // a disk error). So a purge past the applied state waits for a
+        // pending install, and fails without purging if the state machine
+        // still does not reach it.
+        let covers = |applied: Option<LogId>| applied.is_some_and(|a| a.index >= log_id.index);
+        let mut applied = self.durable_applied().await.map_err(err)?;
+        if !covers(applied) && *self.installing.borrow() {
+            let mut rx = self.installing.subscribe();
+            let _ = tokio::time::timeout(PURGE_WAITS_FOR_INSTALL, rx.wait_for(|i| !*i)).await;
+            applied = self.durable_applied().await.map_err(err)?;
+            if !covers(applied) {
+                return Err(err(StoreError::Log(format!(
+                    "not purging up to {log_id}: the state machine holds only up to {}",
+                    applied.map_or_else(|| "nothing".to_string(), |a| a.to_string())
+                ))));
+            }
+        }
         lock(&self.cache).retain(|i| i > log_id.index);
         let record = Record::Purge {
             partition: self.partition,

@@ -57,6 +57,9 @@ pub struct Store {
     writer: StorageWriter,
     log: RaftLog,
     heads: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<u64>>>>>,
+    /// Per partition: whether a snapshot is being received or installed
+    /// (set by its state machine, read by its log store's purge).
+    installs: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<bool>>>>>,
 }
 
 impl Store {
@@ -136,7 +139,17 @@ impl Store {
             writer,
             log,
             heads: Arc::default(),
+            installs: Arc::default(),
         })
+    }
+
+    fn install_gate(&self, partition: u32) -> Arc<watch::Sender<bool>> {
+        let mut installs = self.installs.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            installs
+                .entry(partition)
+                .or_insert_with(|| Arc::new(watch::Sender::new(false))),
+        )
     }
 
     fn head_sender(&self, partition: u32) -> Arc<watch::Sender<u64>> {
@@ -151,7 +164,12 @@ impl Store {
 
     /// The Raft log of `partition`.
     pub fn log_store(&self, partition: u32) -> LogStore {
-        LogStore::new(partition, self.log.clone(), self.writer.clone())
+        LogStore::new(
+            partition,
+            self.log.clone(),
+            self.writer.clone(),
+            self.install_gate(partition),
+        )
     }
 
     /// Which partitions keep old Raft log segments alive.
@@ -168,6 +186,7 @@ impl Store {
             self.writer.clone(),
             dedup_window,
             self.head_sender(partition),
+            self.install_gate(partition),
         )
     }
 

@@ -54,6 +54,9 @@ pub struct StateMachine {
     writer: StorageWriter,
     dedup_window: u64,
     head: Arc<watch::Sender<u64>>,
+    /// Set while a snapshot is received or installed, cleared once one is
+    /// installed durably: the log store's purge waits on it.
+    installing: Arc<watch::Sender<bool>>,
 }
 
 /// Builds snapshots of one partition.
@@ -98,6 +101,15 @@ fn get_sm_meta<T: serde::de::DeserializeOwned>(
         Some(v) => Ok(Some(tables::decode(v.value(), key)?)),
         None => Ok(None),
     }
+}
+
+/// The last log id the state machine of `partition` applied, as `txn`
+/// sees it.
+pub(crate) fn applied_in(
+    txn: &WriteTransaction,
+    partition: u32,
+) -> Result<Option<LogId>, StoreError> {
+    Ok(get_sm_meta::<Option<LogId>>(txn, partition, KEY_APPLIED)?.flatten())
 }
 
 /// Applies a run of committed entries in one write transaction; returns
@@ -315,6 +327,7 @@ impl StateMachine {
         writer: StorageWriter,
         dedup_window: u64,
         head: Arc<watch::Sender<u64>>,
+        installing: Arc<watch::Sender<bool>>,
     ) -> StateMachine {
         StateMachine {
             partition,
@@ -322,6 +335,7 @@ impl StateMachine {
             writer,
             dedup_window,
             head,
+            installing,
         }
     }
 
@@ -466,6 +480,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        self.installing.send_replace(true);
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -529,6 +544,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(err)?;
         self.head.send_replace(next_offset);
+        // Only once installed durably; a failed install leaves it set, so
+        // no purge goes past what this state machine holds.
+        self.installing.send_replace(false);
         Ok(())
     }
 

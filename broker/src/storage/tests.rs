@@ -295,3 +295,56 @@ async fn replay_windows_are_clamped_to_the_cursor_and_ignore_stale_advances() {
     assert_eq!(reader.replay("siem").unwrap(), None);
     assert_eq!(reader.cursor("siem").unwrap(), 6);
 }
+
+#[tokio::test]
+async fn a_purge_never_passes_what_the_state_machine_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+    // A snapshot at index 8, taken from another store.
+    let source = Store::open(&dir.path().join("source.redb")).unwrap();
+    let mut source_sm = source.state_machine(0, 1000);
+    let names: Vec<String> = (1..=8).map(|i| format!("e{i}")).collect();
+    source_sm
+        .apply((1..=8u64).map(|i| append_entry(i, &[names[i as usize - 1].as_str()])))
+        .await
+        .unwrap();
+    let snapshot = source_sm.get_current_snapshot().await.unwrap().unwrap();
+
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let mut log = store.log_store(0);
+    let mut sm = store.state_machine(0, 1000);
+    for i in 1..=12 {
+        log.blocking_append([append_entry(i, &["x"])])
+            .await
+            .unwrap();
+    }
+    sm.apply([append_entry(1, &["e1"])]).await.unwrap();
+
+    // openraft asks to purge up to a snapshot it is still installing: the
+    // purge waits for the install instead of dropping entries the state
+    // machine does not hold yet.
+    let _ = sm.begin_receiving_snapshot().await.unwrap();
+    let mut purge = tokio::spawn({
+        let mut log = log.clone();
+        async move { log.purge(id(8)).await }
+    });
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), &mut purge)
+            .await
+            .is_err(),
+        "the purge waits while the install is pending"
+    );
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    purge.await.unwrap().unwrap();
+    let purged = |state: openraft::storage::LogState<TypeConfig>| state.last_purged_log_id;
+    assert_eq!(purged(log.get_log_state().await.unwrap()), Some(id(8)));
+
+    // An install that never completes: the purge fails and purges nothing.
+    let _ = sm.begin_receiving_snapshot().await.unwrap();
+    assert!(log.purge(id(11)).await.is_err());
+    assert_eq!(purged(log.get_log_state().await.unwrap()), Some(id(8)));
+    let entries = log.try_get_log_entries(9..13).await.unwrap();
+    assert_eq!(entries.len(), 4, "entries past the state machine are kept");
+}
