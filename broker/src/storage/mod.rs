@@ -144,22 +144,15 @@ impl Store {
     }
 
     fn install_gate(&self, partition: u32) -> Arc<watch::Sender<bool>> {
-        let mut installs = self.installs.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            installs
-                .entry(partition)
-                .or_insert_with(|| Arc::new(watch::Sender::new(false))),
-        )
+        per_partition(&self.installs, partition, || false)
     }
 
     fn head_sender(&self, partition: u32) -> Arc<watch::Sender<u64>> {
-        let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(heads.entry(partition).or_insert_with(|| {
-            let next = read_head(&self.db, partition)
+        per_partition(&self.heads, partition, || {
+            read_head(&self.db, partition)
                 .map(|h| h.next_offset)
-                .unwrap_or(0);
-            Arc::new(watch::Sender::new(next))
-        }))
+                .unwrap_or(0)
+        })
     }
 
     /// The Raft log of `partition`.
@@ -198,6 +191,21 @@ impl Store {
             head: self.head_sender(partition).subscribe(),
         }
     }
+}
+
+/// The watch of `partition` in `map`, created with `init()` the first time:
+/// every handle of a partition (state machine, log store, readers) shares
+/// one.
+fn per_partition<T>(
+    map: &Mutex<BTreeMap<u32, Arc<watch::Sender<T>>>>,
+    partition: u32,
+    init: impl FnOnce() -> T,
+) -> Arc<watch::Sender<T>> {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    Arc::clone(
+        map.entry(partition)
+            .or_insert_with(|| Arc::new(watch::Sender::new(init()))),
+    )
 }
 
 /// Creates the tables of a new database, or checks the format marker of an
