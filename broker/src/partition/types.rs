@@ -1,6 +1,5 @@
 //! openraft type configuration and the Raft log payload.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use auditflow_protocol::wire::AppendResult;
@@ -58,7 +57,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::storage::snapshot::SnapshotData,
         AsyncRuntime = SeededRuntime,
 );
 

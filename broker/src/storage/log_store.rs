@@ -21,7 +21,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
 
 use super::raft_log::{Framed, RaftLog, Record};
 use super::writer::StorageWriter;
-use super::StoreError;
+use super::{InstallState, StoreError};
 use crate::partition::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// The Raft log of one partition; clones share state.
@@ -34,8 +34,8 @@ pub struct LogStore {
     sm_writer: StorageWriter,
     /// Recent entries, by index.
     cache: Arc<Mutex<EntryCache>>,
-    /// Whether the state machine is receiving or installing a snapshot.
-    installing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Where the state machine's snapshot install stands.
+    installing: Arc<tokio::sync::watch::Sender<InstallState>>,
 }
 
 /// How long a purge waits for a snapshot install to finish: long enough
@@ -116,7 +116,7 @@ impl LogStore {
         partition: u32,
         log: RaftLog,
         sm_writer: StorageWriter,
-        installing: Arc<tokio::sync::watch::Sender<bool>>,
+        installing: Arc<tokio::sync::watch::Sender<InstallState>>,
     ) -> LogStore {
         LogStore {
             partition,
@@ -299,15 +299,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // is built, openraft purges only applied entries; but it asks to
         // purge up to an installed snapshot before the state machine has
         // installed it (the simulator found it: the install then failed on
-        // a disk error). So a purge past the applied state waits for a
-        // pending install, and fails without purging if the state machine
-        // still does not reach it.
+        // a disk error). So a purge past the applied state waits while an
+        // install is pending, and fails without purging if the state
+        // machine still does not reach it, at once if the install failed.
+        // (With no install, openraft's contract lets the log be purged on
+        // its own, as its storage suite does.)
         let covers = |applied: Option<LogId>| applied.is_some_and(|a| a.index >= log_id.index);
         let mut applied = self.durable_applied().await.map_err(err)?;
-        if !covers(applied) && *self.installing.borrow() {
-            let mut rx = self.installing.subscribe();
-            let _ = tokio::time::timeout(PURGE_WAITS_FOR_INSTALL, rx.wait_for(|i| !*i)).await;
-            applied = self.durable_applied().await.map_err(err)?;
+        let install = *self.installing.borrow();
+        if !covers(applied) && install != InstallState::Idle {
+            if install == InstallState::Pending {
+                let mut rx = self.installing.subscribe();
+                let wait = rx.wait_for(|s| *s != InstallState::Pending);
+                let _ = tokio::time::timeout(PURGE_WAITS_FOR_INSTALL, wait).await;
+                applied = self.durable_applied().await.map_err(err)?;
+            }
             if !covers(applied) {
                 return Err(err(StoreError::Log(format!(
                     "not purging up to {log_id}: the state machine holds only up to {}",

@@ -9,6 +9,8 @@
 //! - [`log_store`]: openraft's log storage for one partition.
 //! - [`state_machine`]: openraft's state machine for one partition, over
 //!   the pure apply logic.
+//! - [`snapshot`]: a partition's snapshot as a stream, read from redb as
+//!   it is sent and staged in redb as it is received.
 //! - [`PartitionReader`]: what the client API reads (stored events, the
 //!   head, a watch for long polls).
 //!
@@ -21,6 +23,7 @@ mod error;
 pub mod log_dir;
 pub mod log_store;
 pub mod raft_log;
+pub mod snapshot;
 pub mod state_machine;
 pub mod tables;
 pub mod writer;
@@ -41,7 +44,9 @@ pub use state_machine::StateMachine;
 pub use writer::{StorageWriter, WriterMode};
 
 use crate::partition::apply::PartitionHead;
-use tables::{CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, SM_META};
+use tables::{
+    CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, SM_META, SNAPSHOT_STAGING,
+};
 
 /// redb's page cache per node. redb's default is 1 GiB, which a node would
 /// fill as its log grows (a delivery backlog looked like a leak); the hot
@@ -57,9 +62,9 @@ pub struct Store {
     writer: StorageWriter,
     log: RaftLog,
     heads: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<u64>>>>>,
-    /// Per partition: whether a snapshot is being received or installed
-    /// (set by its state machine, read by its log store's purge).
-    installs: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<bool>>>>>,
+    /// Per partition: where a snapshot install stands (set by its state
+    /// machine, read by its log store's purge).
+    installs: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<InstallState>>>>>,
 }
 
 impl Store {
@@ -143,8 +148,8 @@ impl Store {
         })
     }
 
-    fn install_gate(&self, partition: u32) -> Arc<watch::Sender<bool>> {
-        per_partition(&self.installs, partition, || false)
+    fn install_gate(&self, partition: u32) -> Arc<watch::Sender<InstallState>> {
+        per_partition(&self.installs, partition, || InstallState::Idle)
     }
 
     fn head_sender(&self, partition: u32) -> Arc<watch::Sender<u64>> {
@@ -193,6 +198,20 @@ impl Store {
     }
 }
 
+/// Where a partition's snapshot install stands, as its log store's purge
+/// needs to know: openraft 0.9 asks to purge up to a received snapshot
+/// while the state machine may still be installing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallState {
+    /// No install since the last one that completed (or since start-up).
+    Idle,
+    /// A snapshot is being received or installed.
+    Pending,
+    /// The last install failed: the state machine holds less than the
+    /// snapshot, and a purge up to it must not happen.
+    Failed,
+}
+
 /// The watch of `partition` in `map`, created with `init()` the first time:
 /// every handle of a partition (state machine, log store, readers) shares
 /// one.
@@ -235,6 +254,8 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
         txn.open_table(SM_META)?;
         txn.open_table(CURSORS)?;
         txn.open_table(DLQ)?;
+        // What a snapshot transfer cut short by a stop left behind.
+        txn.open_table(SNAPSHOT_STAGING)?.retain(|_, _| false)?;
     }
     txn.commit()?;
     Ok(())

@@ -4,48 +4,31 @@
 //! `apply` runs the pure [`apply_append`] inside a writer job and commits
 //! without fsync: the Raft log is already durable on a quorum, and a crash
 //! can only lose a suffix of applied entries, which openraft re-applies
-//! from the log. Snapshots are a consistent read of the partition's rows.
+//! from the log. Snapshots are a consistent read of the partition's rows,
+//! streamed ([`super::snapshot`]).
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::watch;
 
 use super::log_store::raft_err;
+use super::snapshot::{self, SnapshotData};
 use super::tables::{
     self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_HEAD, KEY_MEMBERSHIP,
     KEY_REPLAYS, SM_META,
 };
 use super::writer::StorageWriter;
-use super::StoreError;
+use super::{InstallState, StoreError};
 use crate::delivery::dlq::{DeliveryCommand, DlqEntry, ReplayWindows};
 use crate::partition::apply::{apply_append, DedupEntry, PartitionHead};
 use crate::partition::types::{
     Command, CommandResponse, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
 };
-
-/// What a snapshot carries besides openraft's metadata.
-#[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    head: PartitionHead,
-    /// Stored events as their stored bytes, in offset order.
-    events: Vec<(u64, Vec<u8>)>,
-    /// Dedup index rows as stored.
-    dedup: Vec<(String, Vec<u8>)>,
-    /// Delivery cursors by destination.
-    cursors: Vec<(String, u64)>,
-    /// DLQ rows: destination, offset, stored entry.
-    dlq: Vec<(String, u64, Vec<u8>)>,
-    /// The run-time destination catalog (catalog partition; else empty).
-    catalog: Vec<(String, String)>,
-    /// Replay windows in progress.
-    replays: ReplayWindows,
-}
 
 /// The state machine of one partition.
 pub struct StateMachine {
@@ -54,9 +37,9 @@ pub struct StateMachine {
     writer: StorageWriter,
     dedup_window: u64,
     head: Arc<watch::Sender<u64>>,
-    /// Set while a snapshot is received or installed, cleared once one is
-    /// installed durably: the log store's purge waits on it.
-    installing: Arc<watch::Sender<bool>>,
+    /// Where a snapshot install stands: the log store's purge waits on
+    /// it.
+    installing: Arc<watch::Sender<InstallState>>,
 }
 
 /// Builds snapshots of one partition.
@@ -327,7 +310,7 @@ impl StateMachine {
         writer: StorageWriter,
         dedup_window: u64,
         head: Arc<watch::Sender<u64>>,
-        installing: Arc<watch::Sender<bool>>,
+        installing: Arc<watch::Sender<InstallState>>,
     ) -> StateMachine {
         StateMachine {
             partition,
@@ -349,33 +332,31 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    /// Only the metadata, with no data: openraft builds a snapshot to purge
-    /// the log up to it and keeps nothing of it but its metadata (0.9's
-    /// state machine worker drops the data), while a follower that needs
-    /// one is sent [`RaftStateMachine::get_current_snapshot`], read then.
-    /// The state it describes is already durable in redb (every purge
-    /// makes it so first). Reading every event of the partition here made
-    /// each periodic snapshot cost as much as the whole partition.
+    /// The current state, read only if the data is read: openraft builds
+    /// a snapshot to purge the log up to it and keeps nothing of it but
+    /// its metadata (0.9's state machine worker drops the data), while a
+    /// follower that needs one is sent
+    /// [`RaftStateMachine::get_current_snapshot`]. The state it describes
+    /// is already durable in redb (every purge makes it so first).
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let meta = self
-            .db
-            .begin_read()
-            .map_err(StoreError::from)
-            .and_then(|txn| snapshot_meta(&txn, self.partition).map(|(meta, _)| meta))
-            .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
-        })
+        current(&self.db, self.partition)
+            .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
     }
 }
 
-/// The metadata of a snapshot of the partition's current state, and its
-/// head.
-fn snapshot_meta(
-    txn: &ReadTransaction,
-    partition: u32,
-) -> Result<(SnapshotMeta, PartitionHead), StoreError> {
+/// A snapshot of the partition's current state: its metadata, read now,
+/// and its rows, read from the same read transaction as they are sent.
+fn current(db: &Database, partition: u32) -> Result<Snapshot, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = snapshot_meta(&txn, partition)?;
+    Ok(Snapshot {
+        meta,
+        snapshot: Box::new(SnapshotData::source(Arc::new(txn), partition)),
+    })
+}
+
+/// The metadata of a snapshot of the partition's current state.
+fn snapshot_meta(txn: &ReadTransaction, partition: u32) -> Result<SnapshotMeta, StoreError> {
     let applied: Option<LogId> =
         read_sm_meta::<Option<LogId>>(txn, partition, KEY_APPLIED)?.flatten();
     let membership: StoredMembership =
@@ -393,55 +374,7 @@ fn snapshot_meta(
         last_membership: membership,
         snapshot_id,
     };
-    Ok((meta, head))
-}
-
-/// Reads a consistent snapshot of the partition from one read transaction.
-fn build(db: &Database, partition: u32) -> Result<(SnapshotMeta, Vec<u8>), StoreError> {
-    let txn = db.begin_read()?;
-    let (meta, head) = snapshot_meta(&txn, partition)?;
-    let mut body = SnapshotBody {
-        head,
-        events: Vec::new(),
-        dedup: Vec::new(),
-        cursors: Vec::new(),
-        dlq: Vec::new(),
-        catalog: read_sm_meta(&txn, partition, KEY_CATALOG)?.unwrap_or_default(),
-        replays: read_sm_meta(&txn, partition, KEY_REPLAYS)?.unwrap_or_default(),
-    };
-    let cursors = txn.open_table(CURSORS)?;
-    for row in cursors.range((partition, "")..(partition + 1, ""))? {
-        let (k, v) = row?;
-        body.cursors.push((k.value().1.to_string(), v.value()));
-    }
-    let dlq = txn.open_table(DLQ)?;
-    for row in dlq.range((partition, "", 0)..(partition + 1, "", 0))? {
-        let (k, v) = row?;
-        let (_, dest, offset) = k.value();
-        body.dlq
-            .push((dest.to_string(), offset, v.value().to_vec()));
-    }
-    for row in txn
-        .open_table(EVENTS)?
-        .range((partition, 0)..=(partition, u64::MAX))?
-    {
-        let (k, v) = row?;
-        body.events.push((k.value().1, v.value().to_vec()));
-    }
-    // Every id of this partition: keys (partition, id) sort after
-    // (partition, "") and before (partition + 1, "").
-    let dedup = txn.open_table(DEDUP)?;
-    let rows = if partition < u32::MAX {
-        dedup.range((partition, "")..(partition + 1, ""))?
-    } else {
-        dedup.range((partition, "")..)?
-    };
-    for row in rows {
-        let (k, v) = row?;
-        body.dedup
-            .push((k.value().1.to_string(), v.value().to_vec()));
-    }
-    Ok((meta, tables::encode(&body, "snapshot")?))
+    Ok(meta)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -479,15 +412,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        self.installing.send_replace(true);
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        self.installing.send_replace(InstallState::Pending);
+        let p = self.partition;
+        self.writer
+            .write(false, move |txn| snapshot::clear_staged(txn, p))
+            .await
+            .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Box::new(SnapshotData::staging(
+            self.writer.clone(),
+            Arc::clone(&self.db),
+            p,
+        )))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let err = |e| {
             raft_err(
@@ -496,74 +438,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 e,
             )
         };
-        let bytes = snapshot.into_inner();
-        let body: SnapshotBody = tables::decode(&bytes, "snapshot").map_err(err)?;
-        let next_offset = body.head.next_offset;
         let p = self.partition;
         let applied = meta.last_log_id;
         let membership = meta.last_membership.clone();
-        self.writer
-            .write(true, move |txn| {
-                {
-                    let mut events = txn.open_table(EVENTS)?;
-                    events.retain_in((p, 0)..=(p, u64::MAX), |_, _| false)?;
-                    for (offset, v) in &body.events {
-                        events.insert((p, *offset), v.as_slice())?;
-                    }
-                }
-                {
-                    let mut dedup = txn.open_table(DEDUP)?;
-                    if p < u32::MAX {
-                        dedup.retain_in((p, "")..(p + 1, ""), |_, _| false)?;
-                    } else {
-                        dedup.retain_in((p, "")..(p, "\u{10FFFF}\u{10FFFF}"), |_, _| false)?;
-                    }
-                    for (id, v) in &body.dedup {
-                        dedup.insert((p, id.as_str()), v.as_slice())?;
-                    }
-                }
-                {
-                    let mut cursors = txn.open_table(CURSORS)?;
-                    cursors.retain_in((p, "")..(p + 1, ""), |_, _| false)?;
-                    for (dest, c) in &body.cursors {
-                        cursors.insert((p, dest.as_str()), *c)?;
-                    }
-                    let mut dlq = txn.open_table(DLQ)?;
-                    dlq.retain_in((p, "", 0)..(p + 1, "", 0), |_, _| false)?;
-                    for (dest, offset, v) in &body.dlq {
-                        dlq.insert((p, dest.as_str(), *offset), v.as_slice())?;
-                    }
-                }
-                put_sm_meta(txn, p, KEY_HEAD, &body.head)?;
-                put_sm_meta(txn, p, KEY_CATALOG, &body.catalog)?;
-                put_sm_meta(txn, p, KEY_REPLAYS, &body.replays)?;
-                put_sm_meta(txn, p, KEY_APPLIED, &applied)?;
-                put_sm_meta(txn, p, KEY_MEMBERSHIP, &membership)?;
-                Ok(())
-            })
-            .await
-            .map_err(err)?;
-        self.head.send_replace(next_offset);
-        // Only once installed durably; a failed install leaves it set, so
-        // no purge goes past what this state machine holds.
-        self.installing.send_replace(false);
+        let writer = self.writer.clone();
+        let installed = async move {
+            let source = snapshot.into_install_source().await?;
+            writer
+                .write(true, move |txn| {
+                    let installed = snapshot::install(txn, p, &source)?;
+                    put_sm_meta(txn, p, KEY_HEAD, &installed.head)?;
+                    put_sm_meta(txn, p, KEY_CATALOG, &installed.catalog)?;
+                    put_sm_meta(txn, p, KEY_REPLAYS, &installed.replays)?;
+                    put_sm_meta(txn, p, KEY_APPLIED, &applied)?;
+                    put_sm_meta(txn, p, KEY_MEMBERSHIP, &membership)?;
+                    Ok(installed.head.next_offset)
+                })
+                .await
+        }
+        .await;
+        // No longer pending either way; a purge waiting for a failed
+        // install fails now rather than wait it out, and any later purge
+        // up to it fails too, until another install completes.
+        self.installing.send_replace(match installed {
+            Ok(_) => InstallState::Idle,
+            Err(_) => InstallState::Failed,
+        });
+        self.head.send_replace(installed.map_err(err)?);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        // Built on demand from the current state rather than kept: a
-        // snapshot holds the partition's events, and keeping one per
-        // partition made a node's memory grow with everything it stored.
-        // A fresher snapshot than the last one built is still a snapshot
-        // of this state machine, and its metadata matches what it holds.
-        let (meta, bytes) = build(&self.db, self.partition)
+        // Made on demand from the current state rather than kept, and read
+        // only as it is sent: openraft asks for it at every start-up, for
+        // its metadata. A fresher snapshot than the last one built is still
+        // a snapshot of this state machine, and its metadata matches what
+        // it holds.
+        let snapshot = current(&self.db, self.partition)
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        if meta.last_log_id.is_none() {
+        if snapshot.meta.last_log_id.is_none() {
             return Ok(None);
         }
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        }))
+        Ok(Some(snapshot))
     }
 }

@@ -12,6 +12,7 @@
 //! | `sm_meta`   | `(partition, name)`   | bincode: `applied`, `membership`, `head` |
 //! | `cursors`   | `(partition, dest)`   | next offset to deliver (`u64`)         |
 //! | `dlq`       | `(partition, dest, offset)` | bincode `DlqEntry`               |
+//! | `snapshot_staging` | `(partition, byte offset)` | part of a snapshot being received |
 //!
 //! The Raft log is not here: it is in segment files ([`super::raft_log`]).
 //!
@@ -41,6 +42,11 @@ pub const SM_META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("s
 pub const CURSORS: TableDefinition<(u32, &str), u64> = TableDefinition::new("cursors");
 /// Dead-letter queues.
 pub const DLQ: TableDefinition<(u32, &str, u64), &[u8]> = TableDefinition::new("dlq");
+
+/// A snapshot being received, in rows keyed by their position in its
+/// stream ([`super::snapshot`]); emptied at start-up and once installed.
+pub const SNAPSHOT_STAGING: TableDefinition<(u32, u64), &[u8]> =
+    TableDefinition::new("snapshot_staging");
 
 /// `sm_meta` key of the last applied log id.
 pub const KEY_APPLIED: &str = "applied";

@@ -7,7 +7,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 
 use super::*;
-use crate::partition::types::{Command, Entry, LogId, StorageError, TypeConfig};
+use crate::partition::types::{Command, Entry, LogId, Snapshot, StorageError, TypeConfig};
 
 struct Builder;
 
@@ -93,7 +93,7 @@ async fn applied_events_survive_reopen_and_snapshot_round_trips() {
         .build_snapshot()
         .await
         .unwrap();
-    assert!(built.snapshot.get_ref().is_empty(), "no events were read");
+    assert_eq!(built.snapshot.buffered_bytes(), 0, "no events were read");
     let snap = sm
         .get_current_snapshot()
         .await
@@ -347,4 +347,237 @@ async fn a_purge_never_passes_what_the_state_machine_holds() {
     assert_eq!(purged(log.get_log_state().await.unwrap()), Some(id(8)));
     let entries = log.try_get_log_entries(9..13).await.unwrap();
     assert_eq!(entries.len(), 4, "entries past the state machine are kept");
+
+    // An install that fails (a cut snapshot) ends the wait: the purge
+    // fails and purges nothing.
+    let mut received = sm.begin_receiving_snapshot().await.unwrap();
+    let purge = tokio::spawn({
+        let mut log = log.clone();
+        async move { log.purge(id(11)).await }
+    });
+    {
+        use tokio::io::AsyncWriteExt;
+        received.write_all(b"\x05\0\0\0ab").await.unwrap();
+        received.shutdown().await.unwrap();
+    }
+    let meta = snapshot.meta.clone();
+    assert!(sm.install_snapshot(&meta, received).await.is_err());
+    assert!(purge.await.unwrap().is_err());
+    // Until another install completes, a purge past the state machine
+    // fails at once.
+    assert!(log.purge(id(12)).await.is_err());
+    assert_eq!(purged(log.get_log_state().await.unwrap()), Some(id(8)));
+    let entries = log.try_get_log_entries(9..13).await.unwrap();
+    assert_eq!(entries.len(), 4, "entries past the state machine are kept");
+}
+
+/// An entry appending events `numbers` of about 1 KiB each.
+fn sized_entry(index: u64, numbers: std::ops::Range<usize>) -> Entry {
+    let events: Vec<_> = numbers
+        .map(|i| auditflow_protocol::sample::sized_event(format!("ev-{i:08}"), i, 4, 1024))
+        .collect();
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::Append {
+            received_at: auditflow_protocol::Timestamp(1_700_000_000_000_000_000),
+            events: events.into(),
+        }),
+    }
+}
+
+/// A partition with `n` events of about 1 KiB, a cursor and a parked
+/// event, applied to partition 0 of a new store at `path`.
+async fn filled_store(path: &std::path::Path, n: usize) -> Store {
+    use crate::delivery::dlq::DeliveryCommand as D;
+    let store = Store::open(path).unwrap();
+    let mut sm = store.state_machine(0, 1_000_000);
+    let mut index = 0;
+    for start in (0..n).step_by(100) {
+        index += 1;
+        sm.apply([sized_entry(index, start..n.min(start + 100))])
+            .await
+            .unwrap();
+    }
+    let parked = auditflow_protocol::delivery::DlqEntry {
+        event_id: "ev-00000003".into(),
+        parked_at: auditflow_protocol::Timestamp(5),
+        reason: "HTTP 400".into(),
+        attempts: Vec::new(),
+        redrive: false,
+    };
+    sm.apply([
+        delivery_entry(
+            index + 1,
+            D::Park {
+                dest: "siem".into(),
+                entries: vec![(3, parked)],
+                next_offset: Some(7),
+            },
+        ),
+        delivery_entry(
+            index + 2,
+            D::Advance {
+                dest: "archive".into(),
+                next_offset: 40,
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    store
+}
+
+/// Moves `snap` into `into`'s partition 0 the way openraft's chunked
+/// transport does: the sender measures it, then sends chunks of
+/// `chunk` bytes, each after seeking to its offset; every third chunk is
+/// sent twice (its answer was lost), so both sides seek back. `damage`
+/// may change each chunk on the way. Returns the most the sending and the
+/// receiving side held in memory at once.
+async fn transfer(
+    snap: Snapshot,
+    into: &Store,
+    chunk: usize,
+    mut damage: impl FnMut(u64, &mut Vec<u8>),
+) -> (Result<(), StorageError>, (usize, usize)) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    let Snapshot { meta, snapshot } = snap;
+    let mut data = snapshot;
+    let mut sm = into.state_machine(0, 1_000_000);
+    let mut received = sm.begin_receiving_snapshot().await.unwrap();
+    let end = data.seek(std::io::SeekFrom::End(0)).await.unwrap();
+    let mut most = (0, 0);
+    let mut offset = 0;
+    let mut n_chunk = 0;
+    while offset < end {
+        for _ in 0..(1 + usize::from(n_chunk % 3 == 2)) {
+            data.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
+            let mut buf = Vec::with_capacity(chunk);
+            while buf.len() < chunk {
+                if (&mut data)
+                    .take((chunk - buf.len()) as u64)
+                    .read_to_end(&mut buf)
+                    .await
+                    .unwrap()
+                    == 0
+                {
+                    break;
+                }
+            }
+            damage(offset, &mut buf);
+            received
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .unwrap();
+            received.write_all(&buf).await.unwrap();
+            most.0 = most.0.max(data.buffered_bytes());
+            most.1 = most.1.max(received.buffered_bytes());
+            if offset + buf.len() as u64 == end {
+                break;
+            }
+        }
+        let mut probe = Vec::new();
+        data.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
+        (&mut data)
+            .take(chunk as u64)
+            .read_to_end(&mut probe)
+            .await
+            .unwrap();
+        offset += probe.len() as u64;
+        n_chunk += 1;
+    }
+    received.shutdown().await.unwrap();
+    (sm.install_snapshot(&meta, received).await, most)
+}
+
+#[tokio::test]
+async fn a_snapshot_streams_through_retried_chunks_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = filled_store(&dir.path().join("source.redb"), 3000).await;
+    let mut sm = source.state_machine(0, 1_000_000);
+    let snap = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot");
+    assert_eq!(
+        snap.snapshot.buffered_bytes(),
+        0,
+        "nothing read before it is sent"
+    );
+    // Events applied after the snapshot was taken are not in it.
+    let expected = source.reader(0).read(0, 10_000).unwrap();
+    let expected_head = source.reader(0).head().unwrap();
+    sm.apply([append_entry(1000, &["late"])]).await.unwrap();
+
+    let target = Store::open(&dir.path().join("target.redb")).unwrap();
+    let (installed, most) = transfer(snap, &target, 300 * 1024, |_, _| {}).await;
+    installed.unwrap();
+    // The encoder's buffer and the copy kept for a resent chunk, each at
+    // most one record past FILL_BYTES; one staging row.
+    assert!(
+        most.0 <= 2 * (snapshot::FILL_BYTES + 2048) && most.1 <= snapshot::STAGE_ROW_BYTES,
+        "held {most:?} bytes of a {} byte partition",
+        expected.len() * 1024
+    );
+    let reader = target.reader(0);
+    assert_eq!(reader.read(0, 10_000).unwrap(), expected);
+    assert_eq!(reader.head().unwrap(), expected_head);
+    assert_eq!(reader.cursor("siem").unwrap(), 7);
+    assert_eq!(reader.cursor("archive").unwrap(), 40);
+    assert_eq!(reader.dlq("siem", 0, 10).unwrap()[0].0, 3);
+    // The dedup index came along; nothing is left staged.
+    let mut sm1 = target.state_machine(0, 1_000_000);
+    let out = sm1.apply([sized_entry(2000, 10..11)]).await.unwrap();
+    match &out[0] {
+        crate::partition::CommandResponse::Appended(r) => assert!(
+            matches!(r[0], auditflow_protocol::wire::AppendResult::Stored(ref a) if a.duplicate && a.offset == 10)
+        ),
+        other => panic!("{other:?}"),
+    }
+    let txn = target.db.begin_read().unwrap();
+    let staged = txn.open_table(tables::SNAPSHOT_STAGING).unwrap();
+    assert_eq!(staged.iter().unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn a_damaged_or_cut_snapshot_is_refused_and_the_old_state_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = filled_store(&dir.path().join("source.redb"), 500).await;
+    let target = filled_store(&dir.path().join("target.redb"), 20).await;
+    let before = target.reader(0).read(0, 1000).unwrap();
+    let current = || async {
+        source
+            .state_machine(0, 1_000_000)
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    // One bit flipped inside an event (in its id).
+    let (flipped, _) = transfer(current().await, &target, 64 * 1024, |_, buf| {
+        if let Some(at) = buf.windows(11).position(|w| w == b"ev-00000200") {
+            buf[at + 3] ^= 1;
+        }
+    })
+    .await;
+    let err = flipped
+        .expect_err("a damaged snapshot is refused")
+        .to_string();
+    assert!(err.contains("digest"), "{err}");
+    // The end of the last chunk lost.
+    let end = {
+        use tokio::io::AsyncSeekExt;
+        let mut data = current().await.snapshot;
+        data.seek(std::io::SeekFrom::End(0)).await.unwrap()
+    };
+    let (cut, _) = transfer(current().await, &target, 64 * 1024, |offset, buf| {
+        if offset + buf.len() as u64 == end {
+            buf.truncate(buf.len() - 10);
+        }
+    })
+    .await;
+    let err = cut.expect_err("a cut snapshot is refused").to_string();
+    assert!(err.contains("record"), "{err}");
+    assert_eq!(target.reader(0).read(0, 1000).unwrap(), before);
+    assert_eq!(target.reader(0).head().unwrap().next_offset, 20);
 }
