@@ -65,6 +65,7 @@ pub struct Store {
     /// Per partition: where a snapshot install stands (set by its state
     /// machine, read by its log store's purge).
     installs: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<InstallState>>>>>,
+    snapshot_lengths: snapshot::MeasuredLengths,
 }
 
 impl Store {
@@ -145,6 +146,7 @@ impl Store {
             log,
             heads: Arc::default(),
             installs: Arc::default(),
+            snapshot_lengths: snapshot::MeasuredLengths::default(),
         })
     }
 
@@ -185,6 +187,7 @@ impl Store {
             dedup_window,
             self.head_sender(partition),
             self.install_gate(partition),
+            self.snapshot_lengths.clone(),
         )
     }
 

@@ -26,11 +26,12 @@
 //! stream is refused rather than installed.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{self, Read, SeekFrom};
 use std::ops::Bound;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
@@ -594,10 +595,35 @@ pub(crate) fn clear_staged(txn: &WriteTransaction, partition: u32) -> Result<(),
 
 type WriteFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// The last measured stream length of each partition, with the id of the
+/// snapshot it belongs to. openraft measures a snapshot at every attempt
+/// to send one; a partition that applied nothing since has the same
+/// snapshot (its id fixes the applied log id, so the same id means the
+/// same bytes on this node), and is not read again.
+#[derive(Clone, Default)]
+pub struct MeasuredLengths(Arc<Mutex<BTreeMap<u32, (String, u64)>>>);
+
+impl MeasuredLengths {
+    fn get(&self, partition: u32, id: &str) -> Option<u64> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&partition)
+            .filter(|(known, _)| known == id)
+            .map(|(_, len)| *len)
+    }
+
+    fn put(&self, partition: u32, id: String, len: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(partition, (id, len));
+    }
+}
+
 /// A snapshot read from the database as it is sent.
 struct Source {
     txn: Arc<ReadTransaction>,
     partition: u32,
+    /// The snapshot's id, and lengths measured before.
+    id: String,
+    lengths: MeasuredLengths,
     /// Where the next read starts (seeks only move this).
     pos: u64,
     /// The encoder and how many bytes of the stream it has given out.
@@ -647,6 +673,10 @@ impl Source {
         if let Some(len) = self.len {
             return Poll::Ready(Ok(len));
         }
+        if let Some(len) = self.lengths.get(self.partition, &self.id) {
+            self.len = Some(len);
+            return Poll::Ready(Ok(len));
+        }
         let (mut enc, mut counted) = self.measuring.take().unwrap_or_else(|| {
             let mut enc = Encoder::new(Arc::clone(&self.txn), self.partition);
             enc.digest = None;
@@ -657,6 +687,7 @@ impl Source {
             let n = enc.out.len() - enc.out_pos;
             if n == 0 {
                 self.len = Some(counted);
+                self.lengths.put(self.partition, self.id.clone(), counted);
                 return Poll::Ready(Ok(counted));
             }
             counted += n as u64;
@@ -769,13 +800,21 @@ impl std::fmt::Debug for SnapshotData {
 }
 
 impl SnapshotData {
-    /// The snapshot of `partition` as `txn` sees it; reads nothing yet.
-    pub(crate) fn source(txn: Arc<ReadTransaction>, partition: u32) -> SnapshotData {
+    /// The snapshot `id` of `partition` as `txn` sees it; reads nothing
+    /// yet.
+    pub(crate) fn source(
+        txn: Arc<ReadTransaction>,
+        partition: u32,
+        id: String,
+        lengths: MeasuredLengths,
+    ) -> SnapshotData {
         SnapshotData {
             mode: Mode::Source(Box::new(Source {
                 enc: Encoder::new(Arc::clone(&txn), partition),
                 txn,
                 partition,
+                id,
+                lengths,
                 pos: 0,
                 enc_pos: 0,
                 mark: None,

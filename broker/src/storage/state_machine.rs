@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::log_store::raft_err;
-use super::snapshot::{self, SnapshotData};
+use super::snapshot::{self, MeasuredLengths, SnapshotData};
 use super::tables::{
     self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_HEAD, KEY_MEMBERSHIP,
     KEY_REPLAYS, SM_META,
@@ -40,12 +40,14 @@ pub struct StateMachine {
     /// Where a snapshot install stands: the log store's purge waits on
     /// it.
     installing: Arc<watch::Sender<InstallState>>,
+    lengths: MeasuredLengths,
 }
 
 /// Builds snapshots of one partition.
 pub struct SnapshotBuilder {
     partition: u32,
     db: Arc<Database>,
+    lengths: MeasuredLengths,
 }
 
 /// Reads a `sm_meta` value in a read transaction.
@@ -311,6 +313,7 @@ impl StateMachine {
         dedup_window: u64,
         head: Arc<watch::Sender<u64>>,
         installing: Arc<watch::Sender<InstallState>>,
+        lengths: MeasuredLengths,
     ) -> StateMachine {
         StateMachine {
             partition,
@@ -319,6 +322,7 @@ impl StateMachine {
             dedup_window,
             head,
             installing,
+            lengths,
         }
     }
 
@@ -339,19 +343,29 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     /// [`RaftStateMachine::get_current_snapshot`]. The state it describes
     /// is already durable in redb (every purge makes it so first).
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        current(&self.db, self.partition)
+        current(&self.db, self.partition, &self.lengths)
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
     }
 }
 
 /// A snapshot of the partition's current state: its metadata, read now,
 /// and its rows, read from the same read transaction as they are sent.
-fn current(db: &Database, partition: u32) -> Result<Snapshot, StoreError> {
+fn current(
+    db: &Database,
+    partition: u32,
+    lengths: &MeasuredLengths,
+) -> Result<Snapshot, StoreError> {
     let txn = db.begin_read()?;
     let meta = snapshot_meta(&txn, partition)?;
+    let data = SnapshotData::source(
+        Arc::new(txn),
+        partition,
+        meta.snapshot_id.clone(),
+        lengths.clone(),
+    );
     Ok(Snapshot {
         meta,
-        snapshot: Box::new(SnapshotData::source(Arc::new(txn), partition)),
+        snapshot: Box::new(data),
     })
 }
 
@@ -409,6 +423,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             partition: self.partition,
             db: Arc::clone(&self.db),
+            lengths: self.lengths.clone(),
         }
     }
 
@@ -474,7 +489,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // its metadata. A fresher snapshot than the last one built is still
         // a snapshot of this state machine, and its metadata matches what
         // it holds.
-        let snapshot = current(&self.db, self.partition)
+        let snapshot = current(&self.db, self.partition, &self.lengths)
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         if snapshot.meta.last_log_id.is_none() {
             return Ok(None);

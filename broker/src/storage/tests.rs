@@ -581,3 +581,40 @@ async fn a_damaged_or_cut_snapshot_is_refused_and_the_old_state_kept() {
     assert_eq!(target.reader(0).read(0, 1000).unwrap(), before);
     assert_eq!(target.reader(0).head().unwrap().next_offset, 20);
 }
+
+#[tokio::test]
+async fn a_snapshot_of_an_unchanged_partition_is_measured_once() {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let dir = tempfile::tempdir().unwrap();
+    let store = filled_store(&dir.path().join("db.redb"), 300).await;
+    let mut sm = store.state_machine(0, 1_000_000);
+    // Measured length and, read to the end, the real one.
+    async fn lengths(snap: Snapshot) -> (u64, u64) {
+        let mut data = snap.snapshot;
+        let measured = data.seek(std::io::SeekFrom::End(0)).await.unwrap();
+        data.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+        let mut bytes = Vec::new();
+        data.read_to_end(&mut bytes).await.unwrap();
+        (measured, bytes.len() as u64)
+    }
+    let (first, real) = lengths(sm.get_current_snapshot().await.unwrap().unwrap()).await;
+    assert_eq!(first, real);
+    // A row written behind the state machine's back keeps the snapshot id
+    // (nothing was applied): the length comes from the last measurement.
+    {
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(tables::EVENTS)
+            .unwrap()
+            .insert((0, 10_000), [0u8; 100].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let (second, real) = lengths(sm.get_current_snapshot().await.unwrap().unwrap()).await;
+    assert_eq!(second, first, "not measured again");
+    assert!(real > first);
+    // An applied entry makes a new snapshot, measured afresh.
+    sm.apply([sized_entry(1000, 300..301)]).await.unwrap();
+    let (third, real) = lengths(sm.get_current_snapshot().await.unwrap().unwrap()).await;
+    assert_eq!(third, real);
+    assert!(third > first + 1024);
+}
