@@ -427,16 +427,36 @@ async fn filled_store(path: &std::path::Path, n: usize) -> Store {
     store
 }
 
+/// What the sender does with chunk `n` in [`transfer`].
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Step {
+    Once,
+    /// Sent twice: its answer was lost, so both sides seek back.
+    Twice,
+    /// Sent once, then the stream starts over from offset 0, as openraft
+    /// does on a snapshot mismatch (honoured once per transfer).
+    FromStart,
+}
+
+/// Every third chunk sent twice.
+fn every_third_twice(n: u64) -> Step {
+    if n % 3 == 2 {
+        Step::Twice
+    } else {
+        Step::Once
+    }
+}
+
 /// Moves `snap` into `into`'s partition 0 the way openraft's chunked
 /// transport does: the sender measures it, then sends chunks of
-/// `chunk` bytes, each after seeking to its offset; every third chunk is
-/// sent twice (its answer was lost), so both sides seek back. `damage`
-/// may change each chunk on the way. Returns the most the sending and the
-/// receiving side held in memory at once.
+/// `chunk` bytes, each after seeking to its offset, as `plan` says.
+/// `damage` may change each chunk on the way. Returns the most the sending
+/// and the receiving side held in memory at once.
 async fn transfer(
     snap: Snapshot,
     into: &Store,
     chunk: usize,
+    mut plan: impl FnMut(u64) -> Step,
     mut damage: impl FnMut(u64, &mut Vec<u8>),
 ) -> (Result<(), StorageError>, (usize, usize)) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -448,8 +468,10 @@ async fn transfer(
     let mut most = (0, 0);
     let mut offset = 0;
     let mut n_chunk = 0;
+    let mut restarted = false;
     while offset < end {
-        for _ in 0..(1 + usize::from(n_chunk % 3 == 2)) {
+        let step = plan(n_chunk);
+        for _ in 0..(1 + usize::from(step == Step::Twice)) {
             data.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
             let mut buf = Vec::with_capacity(chunk);
             while buf.len() < chunk {
@@ -484,6 +506,10 @@ async fn transfer(
             .unwrap();
         offset += probe.len() as u64;
         n_chunk += 1;
+        if step == Step::FromStart && !restarted {
+            restarted = true;
+            offset = 0;
+        }
     }
     received.shutdown().await.unwrap();
     (sm.install_snapshot(&meta, received).await, most)
@@ -510,7 +536,7 @@ async fn a_snapshot_streams_through_retried_chunks_in_bounded_memory() {
     sm.apply([append_entry(1000, &["late"])]).await.unwrap();
 
     let target = Store::open(&dir.path().join("target.redb")).unwrap();
-    let (installed, most) = transfer(snap, &target, 300 * 1024, |_, _| {}).await;
+    let (installed, most) = transfer(snap, &target, 300 * 1024, every_third_twice, |_, _| {}).await;
     installed.unwrap();
     // The encoder's buffer and the copy kept for a resent chunk, each at
     // most one record past FILL_BYTES; one staging row.
@@ -554,11 +580,17 @@ async fn a_damaged_or_cut_snapshot_is_refused_and_the_old_state_kept() {
             .unwrap()
     };
     // One bit flipped inside an event (in its id).
-    let (flipped, _) = transfer(current().await, &target, 64 * 1024, |_, buf| {
-        if let Some(at) = buf.windows(11).position(|w| w == b"ev-00000200") {
-            buf[at + 3] ^= 1;
-        }
-    })
+    let (flipped, _) = transfer(
+        current().await,
+        &target,
+        64 * 1024,
+        every_third_twice,
+        |_, buf| {
+            if let Some(at) = buf.windows(11).position(|w| w == b"ev-00000200") {
+                buf[at + 3] ^= 1;
+            }
+        },
+    )
     .await;
     let err = flipped
         .expect_err("a damaged snapshot is refused")
@@ -570,11 +602,17 @@ async fn a_damaged_or_cut_snapshot_is_refused_and_the_old_state_kept() {
         let mut data = current().await.snapshot;
         data.seek(std::io::SeekFrom::End(0)).await.unwrap()
     };
-    let (cut, _) = transfer(current().await, &target, 64 * 1024, |offset, buf| {
-        if offset + buf.len() as u64 == end {
-            buf.truncate(buf.len() - 10);
-        }
-    })
+    let (cut, _) = transfer(
+        current().await,
+        &target,
+        64 * 1024,
+        every_third_twice,
+        |offset, buf| {
+            if offset + buf.len() as u64 == end {
+                buf.truncate(buf.len() - 10);
+            }
+        },
+    )
     .await;
     let err = cut.expect_err("a cut snapshot is refused").to_string();
     assert!(err.contains("record"), "{err}");
@@ -617,4 +655,39 @@ async fn a_snapshot_of_an_unchanged_partition_is_measured_once() {
     let (third, real) = lengths(sm.get_current_snapshot().await.unwrap().unwrap()).await;
     assert_eq!(third, real);
     assert!(third > first + 1024);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+
+    /// Whatever the partition's size, the chunk size, and which chunks are
+    /// resent or restart the stream, the install holds what was sent.
+    #[test]
+    fn any_chunking_and_resending_installs_the_same_partition(
+        events in 0usize..1500,
+        chunk in 1024usize..400_000,
+        plan in proptest::collection::vec(0u8..4, 1..16),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let source = filled_store(&dir.path().join("source.redb"), events).await;
+            let snap = source.state_machine(0, 1_000_000).get_current_snapshot().await.unwrap().unwrap();
+            let target = filled_store(&dir.path().join("target.redb"), 7).await;
+            let step = |n: u64| match plan[n as usize % plan.len()] {
+                0 => Step::Twice,
+                1 => Step::FromStart,
+                _ => Step::Once,
+            };
+            let (installed, _) = transfer(snap, &target, chunk, step, |_, _| {}).await;
+            installed.unwrap();
+            let (from, to) = (source.reader(0), target.reader(0));
+            assert_eq!(to.read(0, 1000).unwrap(), from.read(0, 1000).unwrap());
+            assert_eq!(to.head().unwrap(), from.head().unwrap());
+            for dest in ["siem", "archive"] {
+                assert_eq!(to.cursor(dest).unwrap(), from.cursor(dest).unwrap());
+                assert_eq!(to.dlq(dest, 0, 10).unwrap(), from.dlq(dest, 0, 10).unwrap());
+            }
+        });
+    }
 }
