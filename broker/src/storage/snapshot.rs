@@ -615,6 +615,13 @@ impl MeasuredLengths {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(partition, (id, len));
     }
+
+    /// Forgets `partition`'s length: an installed snapshot replaced its
+    /// rows wholesale, so nothing measured before is trusted.
+    pub(crate) fn forget(&self, partition: u32) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&partition);
+    }
 }
 
 /// A snapshot read from the database as it is sent.

@@ -472,6 +472,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .await
         }
         .await;
+        self.lengths.forget(p);
         // No longer pending either way; a purge waiting for a failed
         // install fails now rather than wait it out, and any later purge
         // up to it fails too, until another install completes.
