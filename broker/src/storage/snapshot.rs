@@ -875,16 +875,16 @@ impl SnapshotData {
                 partition: s.partition,
             }),
             Mode::Staging(mut s) => {
-                std::future::poll_fn(|cx| {
-                    std::task::ready!(s.poll_pending(cx))?;
-                    s.start_flush();
-                    s.poll_pending(cx)
-                })
-                .await
-                .map_err(|e| StoreError::Corrupt {
-                    what: "staged snapshot".into(),
-                    reason: e.to_string(),
-                })?;
+                // Awaited here rather than through the io::Error of
+                // AsyncWrite, so a failed write keeps its own error (it is
+                // not damage to the snapshot).
+                if let Some(pending) = s.pending.take() {
+                    pending.await?;
+                }
+                s.start_flush();
+                if let Some(flush) = s.pending.take() {
+                    flush.await?;
+                }
                 Ok(InstallSource::Staged {
                     db: s.db,
                     partition: s.partition,
