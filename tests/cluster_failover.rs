@@ -128,30 +128,3 @@ async fn appends_survive_leader_kill_and_every_replica_converges() {
     assert_eq!(replicas[0], replicas[1], "node 1 and 2 hold identical data");
     assert_eq!(replicas[0], replicas[2], "node 1 and 3 hold identical data");
 }
-
-/// Reads partition `p` from one node until it holds `want` events.
-async fn read_all(
-    client: &auditflow_client::Client,
-    addr: &str,
-    p: u32,
-    want: u64,
-) -> Vec<StoredEvent> {
-    wait_until(
-        &format!("{addr} to hold {want} events in partition {p}"),
-        Duration::from_secs(120),
-        || async move {
-            let mut out = Vec::new();
-            let mut from = 0;
-            loop {
-                let page = client.read_from(addr, p, from, 1000, 0).await.ok()?;
-                if page.events.is_empty() {
-                    break;
-                }
-                from = page.next_offset;
-                out.extend(page.events);
-            }
-            (out.len() as u64 >= want).then_some(out)
-        },
-    )
-    .await
-}

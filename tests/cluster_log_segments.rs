@@ -39,6 +39,7 @@ async fn quiet_partitions_are_compacted_so_old_segments_go() {
             max_in_snapshot_log_to_keep: 0,
             // The smallest segment the configuration accepts.
             log_segment_bytes: auditflow_broker::config::MIN_SEGMENT_BYTES,
+            ..RaftTuning::default()
         },
         ..ClusterOptions::default()
     };

@@ -96,6 +96,11 @@ pub struct RaftTuning {
     /// (`partition::compaction::MAX_SEGMENTS`) before it asks quiet
     /// partitions to compact.
     pub log_segment_bytes: u64,
+    /// How often a node hands the partitions it leads back to their
+    /// preferred node once that node is back and caught up
+    /// (`partition::rebalance`); 0 turns rebalancing off, and leaders then
+    /// stay wherever failovers put them.
+    pub rebalance_leaders_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -107,6 +112,7 @@ impl Default for RaftTuning {
             snapshot_logs_since_last: 20_000,
             max_in_snapshot_log_to_keep: 1_000,
             log_segment_bytes: crate::storage::raft_log::SEGMENT_BYTES,
+            rebalance_leaders_ms: 10_000,
         }
     }
 }

@@ -270,6 +270,23 @@ pub async fn start(
             reader: store.reader(p),
         });
     }
+    if config.raft.rebalance_leaders_ms > 0 {
+        use crate::partition::rebalance::{rebalance_leaders, Group};
+        actix_rt::spawn(rebalance_leaders(
+            config.id,
+            config.peers.iter().map(|p| p.id).collect(),
+            partitions
+                .iter()
+                .map(|h| Group {
+                    raft: h.raft.clone(),
+                    actor: h.actor.clone(),
+                })
+                .collect(),
+            Arc::clone(&transport),
+            Duration::from_millis(config.raft.rebalance_leaders_ms),
+            Duration::from_millis(config.raft.election_timeout_max_ms),
+        ));
+    }
     actix_rt::spawn(crate::partition::compaction::compact_quiet_partitions(
         store.log_usage(),
         partitions.iter().map(|h| h.raft.clone()).collect(),
@@ -334,9 +351,8 @@ pub async fn initialize_partitions(node: Arc<NodeShared>) {
         .map(|p| (p.id, BasicNode::new(p.addr.clone())))
         .collect();
     let ids: Vec<NodeId> = members.keys().copied().collect();
-    let preferred = |p: u32| ids[p as usize % ids.len()];
     for (p, handle) in node.partitions.iter().enumerate() {
-        if preferred(p as u32) == node.id {
+        if crate::partition::rebalance::preferred_leader(p as u32, &ids) == Some(node.id) {
             let _ = handle.raft.initialize(members.clone()).await;
         }
     }

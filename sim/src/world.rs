@@ -373,6 +373,8 @@ fn node_config(id: NodeId, partitions: u32) -> NodeConfig {
             // Small, so runs exercise snapshots and log purges.
             snapshot_logs_since_last: 100,
             max_in_snapshot_log_to_keep: 20,
+            // Often, so runs exercise leadership handovers.
+            rebalance_leaders_ms: 2_000,
             ..RaftTuning::default()
         },
         limits: Limits::default(),

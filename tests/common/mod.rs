@@ -378,3 +378,30 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
+
+/// Reads partition `p` from one node until it holds `want` events.
+pub async fn read_all(
+    client: &Client,
+    addr: &str,
+    p: u32,
+    want: u64,
+) -> Vec<auditflow_protocol::StoredEvent> {
+    wait_until(
+        &format!("{addr} to hold {want} events in partition {p}"),
+        Duration::from_secs(120),
+        || async move {
+            let mut out = Vec::new();
+            let mut from = 0;
+            loop {
+                let page = client.read_from(addr, p, from, 1000, 0).await.ok()?;
+                if page.events.is_empty() {
+                    break;
+                }
+                from = page.next_offset;
+                out.extend(page.events);
+            }
+            (out.len() as u64 >= want).then_some(out)
+        },
+    )
+    .await
+}

@@ -56,6 +56,14 @@ pub enum PeerRequest {
         /// The RPC.
         rpc: InstallSnapshotRequest<TypeConfig>,
     },
+    /// The leader hands the group over: the receiver campaigns at once
+    /// (Raft's TimeoutNow). Sent only once the receiver holds the
+    /// leader's whole log, so the leader grants it its vote
+    /// (`partition::rebalance`).
+    Campaign {
+        /// Target group.
+        partition: u32,
+    },
 }
 
 impl PeerRequest {
@@ -64,7 +72,8 @@ impl PeerRequest {
         match self {
             PeerRequest::Vote { partition, .. }
             | PeerRequest::AppendEntries { partition, .. }
-            | PeerRequest::InstallSnapshot { partition, .. } => *partition,
+            | PeerRequest::InstallSnapshot { partition, .. }
+            | PeerRequest::Campaign { partition } => *partition,
         }
     }
 }
@@ -78,6 +87,9 @@ pub enum PeerResponse {
     AppendEntries(AppendEntriesResponse<NodeId>),
     /// Answer to `InstallSnapshot`.
     InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    /// Answer to `Campaign`: the election has started (not that it was
+    /// won).
+    Campaigning,
     /// The receiver could not handle the request (unknown partition, group
     /// shut down, snapshot mismatch); the sender retries later.
     Failed(String),

@@ -23,5 +23,9 @@ pub async fn handle(node: &NodeShared, request: PeerRequest) -> PeerResponse {
             Ok(r) => PeerResponse::InstallSnapshot(r),
             Err(e) => PeerResponse::Failed(e.to_string()),
         },
+        PeerRequest::Campaign { .. } => match raft.trigger().elect().await {
+            Ok(()) => PeerResponse::Campaigning,
+            Err(e) => PeerResponse::Failed(e.to_string()),
+        },
     }
 }

@@ -70,6 +70,14 @@ pub struct PartitionActor {
     in_flight: usize,
     /// Node addresses, to turn openraft's leader hint into a redirect.
     nodes: Arc<Vec<NodeAddr>>,
+    /// Set while leadership is being handed over (`Hold`): appends queue
+    /// instead of being proposed, so the log stops growing and the next
+    /// leader can hold all of it. Cleared by `Release` or when the hold's
+    /// own deadline passes (the task that held it may have died).
+    held: Option<SpawnHandle>,
+    /// Told once no proposal of this actor is in flight, for a `Hold`
+    /// whose caller waits until the log stops growing.
+    drained: Vec<oneshot::Sender<()>>,
 }
 
 impl PartitionActor {
@@ -91,11 +99,14 @@ impl PartitionActor {
             queued_events: 0,
             in_flight: 0,
             nodes,
+            held: None,
+            drained: Vec::new(),
         }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        while self.in_flight < MAX_IN_FLIGHT_WRITES && !self.queue.is_empty() {
+        while self.held.is_none() && self.in_flight < MAX_IN_FLIGHT_WRITES && !self.queue.is_empty()
+        {
             let mut waiters: Vec<(usize, oneshot::Sender<_>)> = Vec::new();
             let mut events: Vec<Event> = Vec::new();
             let mut bytes = 0usize;
@@ -139,6 +150,11 @@ impl PartitionActor {
                     }),
                 };
                 distribute(outcome, waiters);
+                if act.in_flight == 0 {
+                    for tx in act.drained.drain(..) {
+                        let _ = tx.send(());
+                    }
+                }
                 act.flush(ctx);
             }));
         }
@@ -233,6 +249,58 @@ impl Handler<Append> for PartitionActor {
                 })
             })
         })
+    }
+}
+
+/// Stops proposing appends for at most `for_at_most` (they queue), while
+/// leadership is handed to another node (`partition::rebalance`). Answers
+/// once the appends already proposed have been answered, so that they are
+/// in the log (or failed) before the caller compares logs.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Hold {
+    /// When the hold ends by itself if no `Release` came.
+    pub for_at_most: Duration,
+}
+
+/// Ends a `Hold`: queued appends are proposed (and answered with a
+/// redirect if this node is no longer the leader).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Release;
+
+impl Handler<Hold> for PartitionActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Hold, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(previous) = self.held.take() {
+            ctx.cancel_future(previous);
+        }
+        self.held = Some(ctx.run_later(msg.for_at_most, |act, ctx| {
+            act.held = None;
+            act.drained.clear();
+            act.flush(ctx);
+        }));
+        if self.in_flight == 0 {
+            return Box::pin(async {});
+        }
+        let (tx, rx) = oneshot::channel();
+        self.drained.push(tx);
+        Box::pin(async move {
+            // A dropped sender (the hold expired) ends the wait as well.
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<Release> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Release, ctx: &mut Context<Self>) {
+        if let Some(held) = self.held.take() {
+            ctx.cancel_future(held);
+        }
+        self.flush(ctx);
     }
 }
 

@@ -1,0 +1,336 @@
+//! Leader rebalancing: hands each partition back to its preferred node once
+//! that node is back and caught up.
+//!
+//! A cluster starts with leaders spread (partition `p` prefers the
+//! `p mod n`-th node by id, see [`preferred_leader`]), but every failover
+//! moves leaders to the survivors and nothing moved them back: after a
+//! node restart one node could lead every partition, doing all client
+//! handling, replication and delivery while the others idle. So each node
+//! periodically looks at the partitions it leads and hands the ones it
+//! does not prefer to their preferred node, as Kafka's preferred-leader
+//! election does.
+//!
+//! openraft 0.9 has no leadership transfer. The handover builds one from
+//! what it has, in the order Raft's own transfer extension prescribes:
+//! 1. the partition actor holds new appends (they queue) and answers once
+//!    the ones it proposed are answered, so the log stops growing;
+//! 2. the leader waits until the target holds its whole log and it is
+//!    applied;
+//! 3. it asks the target to campaign at once (`PeerRequest::Campaign`, Raft's
+//!    TimeoutNow). The target's vote request carries a log as long as the
+//!    leader's, so the leader grants it (openraft's leader lease guards
+//!    followers that hear from a leader, not the leader's own vote), and
+//!    with its own vote that is a majority of three;
+//! 4. once another node leads, the hold ends and queued appends are
+//!    answered with a redirect to it, which clients follow.
+//!
+//! Delivery progress records are proposed by the delivery actors, not held
+//! here: one that lands between the check of step 2 and the vote makes
+//! the leader refuse the vote (its log is longer). That, like a handover
+//! that does not complete in time, ends the hold all the same, and the
+//! worst outcome is an ordinary election, as after any failure. A
+//! partition whose handover failed is left alone for [`COOL_DOWN_ROUNDS`]
+//! rounds, so a preferred node that is down or slow is not tried again at
+//! every round.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use openraft::{BasicNode, RaftMetrics};
+use tracing::{info, warn};
+
+use super::actor::{Hold, PartitionActor, Release};
+use super::types::{NodeId, Raft};
+use crate::net::peer::{PeerRequest, PeerResponse, RaftTransport};
+
+/// How far behind the leader's log (in entries) the preferred node may be
+/// for a handover to start; the hold then lets it catch up the rest.
+pub const MAX_LAG_ENTRIES: u64 = 64;
+/// Rounds a partition is skipped after a failed handover.
+pub const COOL_DOWN_ROUNDS: u32 = 6;
+/// Longest wait for the target to hold the whole log once appends are
+/// held.
+const CATCH_UP: Duration = Duration::from_secs(1);
+/// Longest wait for the `Campaign` RPC's answer.
+const CAMPAIGN_RPC: Duration = Duration::from_secs(1);
+
+/// The node that should lead `partition`: the `partition mod n`-th of
+/// `nodes` by id. The same rule spreads leaders at cluster init.
+pub fn preferred_leader(partition: u32, nodes: &[NodeId]) -> Option<NodeId> {
+    let mut ids = nodes.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return None;
+    }
+    Some(ids[partition as usize % ids.len()])
+}
+
+/// What a handover decision needs from a group's metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderView {
+    /// The group's current leader as this node sees it.
+    pub leader: Option<NodeId>,
+    /// Index of the last entry in this node's log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry this node has applied.
+    pub last_applied: Option<u64>,
+    /// Voters of the group.
+    pub voters: Vec<NodeId>,
+    /// For a leader: the last index each follower is known to hold.
+    pub matched: BTreeMap<NodeId, Option<u64>>,
+}
+
+impl LeaderView {
+    /// The view of a group's metrics.
+    pub fn of(m: &RaftMetrics<NodeId, BasicNode>) -> LeaderView {
+        LeaderView {
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, log)| (*id, log.map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Whether `me` should hand `partition` over, and to whom: only a leader
+/// that is not the partition's preferred node, to a preferred node that is
+/// a voter and at most [`MAX_LAG_ENTRIES`] behind.
+pub fn handover_target(me: NodeId, preferred: NodeId, view: &LeaderView) -> Option<NodeId> {
+    if view.leader != Some(me) || preferred == me || !view.voters.contains(&preferred) {
+        return None;
+    }
+    let last = view.last_log_index?;
+    let held = (*view.matched.get(&preferred)?)?;
+    (held.saturating_add(MAX_LAG_ENTRIES) >= last).then_some(preferred)
+}
+
+/// Whether `to` may campaign now: this node still leads, has applied its
+/// whole log and `to` holds all of it, so the leader's vote goes to it.
+pub fn ready_to_hand_over(me: NodeId, to: NodeId, view: &LeaderView) -> bool {
+    view.leader == Some(me)
+        && view.last_log_index.is_some()
+        && view.last_applied == view.last_log_index
+        && view.matched.get(&to).copied().flatten() == view.last_log_index
+}
+
+/// One partition as the rebalancer sees it.
+pub struct Group {
+    /// Its Raft group.
+    pub raft: Raft,
+    /// Its write path, which holds appends during a handover.
+    pub actor: Addr<PartitionActor>,
+}
+
+/// Every `every`, hands the partitions this node leads but does not prefer
+/// to their preferred node. Ends when the Raft groups have stopped.
+pub async fn rebalance_leaders(
+    me: NodeId,
+    nodes: Vec<NodeId>,
+    groups: Vec<Group>,
+    transport: Arc<dyn RaftTransport>,
+    every: Duration,
+    election_timeout_max: Duration,
+) {
+    let mut cool_down = vec![0u32; groups.len()];
+    loop {
+        tokio::time::sleep(every).await;
+        for (p, group) in groups.iter().enumerate() {
+            if group.raft.metrics().borrow().running_state.is_err() {
+                return;
+            }
+            if cool_down[p] > 0 {
+                cool_down[p] -= 1;
+                continue;
+            }
+            let partition = p as u32;
+            let Some(preferred) = preferred_leader(partition, &nodes) else {
+                return;
+            };
+            let Some(to) = handover_target(
+                me,
+                preferred,
+                &LeaderView::of(&group.raft.metrics().borrow()),
+            ) else {
+                continue;
+            };
+            match hand_over(me, partition, group, &transport, to, election_timeout_max).await {
+                Ok(()) => info!(partition, to, "handed leadership to the preferred node"),
+                Err(reason) => {
+                    warn!(partition, to, "leadership handover failed: {reason}");
+                    cool_down[p] = COOL_DOWN_ROUNDS;
+                }
+            }
+        }
+    }
+}
+
+/// Hands `group`'s leadership to `to` (see the module documentation).
+async fn hand_over(
+    me: NodeId,
+    partition: u32,
+    group: &Group,
+    transport: &Arc<dyn RaftTransport>,
+    to: NodeId,
+    election_timeout_max: Duration,
+) -> Result<(), String> {
+    let elected_within = election_timeout_max * 2;
+    let hold = CATCH_UP + CAMPAIGN_RPC + elected_within;
+    let held = tokio::time::timeout(CATCH_UP, group.actor.send(Hold { for_at_most: hold })).await;
+    let result = match held {
+        Ok(Ok(())) => campaign(me, partition, group, transport, to, elected_within).await,
+        Ok(Err(e)) => Err(format!("partition actor: {e}")),
+        Err(_) => Err(format!(
+            "appends in flight not answered within {CATCH_UP:?}"
+        )),
+    };
+    group.actor.do_send(Release);
+    result
+}
+
+async fn campaign(
+    me: NodeId,
+    partition: u32,
+    group: &Group,
+    transport: &Arc<dyn RaftTransport>,
+    to: NodeId,
+    elected_within: Duration,
+) -> Result<(), String> {
+    group
+        .raft
+        .wait(Some(CATCH_UP))
+        .metrics(
+            |m| ready_to_hand_over(me, to, &LeaderView::of(m)),
+            "preferred node holds the whole log",
+        )
+        .await
+        .map_err(|e| format!("node {to} did not catch up: {e}"))?;
+    match transport
+        .call(to, PeerRequest::Campaign { partition }, CAMPAIGN_RPC)
+        .await
+    {
+        Ok(PeerResponse::Campaigning) => {}
+        Ok(PeerResponse::Failed(reason)) => return Err(format!("node {to} refused: {reason}")),
+        Ok(other) => return Err(format!("node {to} answered {other:?}")),
+        Err(e) => return Err(e.to_string()),
+    }
+    group
+        .raft
+        .wait(Some(elected_within))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != me),
+            "another node leads",
+        )
+        .await
+        .map_err(|e| format!("no new leader: {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn view(leader: NodeId, last: u64, matched: &[(NodeId, Option<u64>)]) -> LeaderView {
+        LeaderView {
+            leader: Some(leader),
+            last_log_index: Some(last),
+            last_applied: Some(last),
+            voters: vec![1, 2, 3],
+            matched: matched.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn preferred_leaders_spread_like_init() {
+        let nodes = [3, 1, 2];
+        let leaders: Vec<_> = (0..8)
+            .map(|p| preferred_leader(p, &nodes).unwrap())
+            .collect();
+        assert_eq!(leaders, [1, 2, 3, 1, 2, 3, 1, 2]);
+        assert_eq!(preferred_leader(0, &[]), None);
+    }
+
+    #[test]
+    fn only_a_leader_that_is_not_preferred_hands_over() {
+        let v = view(1, 100, &[(2, Some(100)), (3, Some(100))]);
+        assert_eq!(handover_target(1, 2, &v), Some(2));
+        // Preferred already leads.
+        assert_eq!(handover_target(1, 1, &v), None);
+        // Not the leader.
+        assert_eq!(handover_target(2, 3, &v), None);
+        // The preferred node is not a voter.
+        assert_eq!(handover_target(1, 4, &v), None);
+    }
+
+    #[test]
+    fn a_lagging_or_unknown_preferred_node_is_not_handed_anything() {
+        let lag = view(1, 100 + MAX_LAG_ENTRIES + 1, &[(2, Some(100))]);
+        assert_eq!(handover_target(1, 2, &lag), None);
+        let edge = view(1, 100 + MAX_LAG_ENTRIES, &[(2, Some(100))]);
+        assert_eq!(handover_target(1, 2, &edge), Some(2));
+        let never = view(1, 10, &[(2, None)]);
+        assert_eq!(handover_target(1, 2, &never), None);
+        let absent = view(1, 10, &[(3, Some(10))]);
+        assert_eq!(handover_target(1, 2, &absent), None);
+    }
+
+    #[test]
+    fn campaign_waits_for_the_whole_log_applied_and_replicated() {
+        let mut v = view(1, 50, &[(2, Some(50))]);
+        assert!(ready_to_hand_over(1, 2, &v));
+        v.matched.insert(2, Some(49));
+        assert!(!ready_to_hand_over(1, 2, &v));
+        v.matched.insert(2, Some(50));
+        v.last_applied = Some(49);
+        assert!(!ready_to_hand_over(1, 2, &v));
+        v.last_applied = Some(50);
+        v.leader = Some(3);
+        assert!(!ready_to_hand_over(1, 2, &v));
+    }
+
+    proptest! {
+        /// Whatever the metrics say, a handover only ever goes to the
+        /// preferred node, from the leader, and only when campaigning is
+        /// safe for the log the leader has.
+        #[test]
+        fn handover_never_targets_anyone_but_a_caught_up_preferred_voter(
+            me in 1u64..4,
+            preferred in 1u64..5,
+            leader in proptest::option::of(1u64..4),
+            last in proptest::option::of(0u64..500),
+            matched in proptest::collection::btree_map(1u64..5, proptest::option::of(0u64..500), 0..4),
+        ) {
+            let v = LeaderView {
+                leader,
+                last_log_index: last,
+                last_applied: last,
+                voters: vec![1, 2, 3],
+                matched,
+            };
+            if let Some(to) = handover_target(me, preferred, &v) {
+                prop_assert_eq!(to, preferred);
+                prop_assert_ne!(to, me);
+                prop_assert_eq!(v.leader, Some(me));
+                prop_assert!(v.voters.contains(&to));
+                let held = v.matched[&to].unwrap();
+                prop_assert!(held + MAX_LAG_ENTRIES >= v.last_log_index.unwrap());
+            }
+            if ready_to_hand_over(me, preferred, &v) {
+                prop_assert_eq!(v.matched[&preferred], v.last_log_index);
+            }
+        }
+    }
+}

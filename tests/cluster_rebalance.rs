@@ -1,0 +1,185 @@
+//! Leaders go back to their preferred nodes after a failover (issue 3:
+//! "partition leaders spread over the nodes"), without losing or
+//! duplicating appends made while they move.
+//!
+//! Three real node processes; appends run throughout. The node preferred by
+//! partitions 0, 3 and 6 is killed with SIGKILL, so they fail over to the
+//! other two; it is restarted, and every partition must come back to its
+//! preferred node (`partition::rebalance`): no election moves them there
+//! by itself, since nothing fails after the restart. Every acknowledged
+//! event is then stored once, where its ack said, on every node.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use auditflow_broker::config::RaftTuning;
+use auditflow_broker::partition::rebalance::preferred_leader;
+use auditflow_client::Client;
+use auditflow_protocol::chain::ChainVerifier;
+use auditflow_protocol::wire::Ack;
+use common::*;
+
+const WINDOW: usize = 16;
+
+/// Each partition's leader, if every running node agrees on it.
+async fn agreed_leaders(client: &Client, partitions: u32) -> Option<Vec<u64>> {
+    let mut leaders: Vec<Option<u64>> = vec![None; partitions as usize];
+    for (_, status) in client.status_all().await {
+        let Ok(status) = status else { continue };
+        for p in status.partitions {
+            let l = p.leader?;
+            match leaders[p.partition as usize] {
+                None => leaders[p.partition as usize] = Some(l),
+                Some(prev) if prev != l => return None,
+                _ => {}
+            }
+        }
+    }
+    leaders.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
+    let opts = ClusterOptions {
+        raft: RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
+            rebalance_leaders_ms: 1_000,
+            ..RaftTuning::default()
+        },
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start(opts);
+    let client = cluster.client().await;
+    cluster.wait_ready(&client).await;
+    let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
+    let partitions = cluster.partitions;
+    let preferred: Vec<u64> = (0..partitions)
+        .map(|p| preferred_leader(p, &ids).expect("nodes"))
+        .collect();
+    wait_until("leaders spread as at init", Duration::from_secs(60), || {
+        let client = client.clone();
+        let preferred = preferred.clone();
+        async move { (agreed_leaders(&client, partitions).await? == preferred).then_some(()) }
+    })
+    .await;
+
+    // Appends run through the failover, the restart and the handovers.
+    let acked: Arc<tokio::sync::Mutex<BTreeMap<String, Ack>>> = Default::default();
+    let next = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..WINDOW {
+        let (client, acked, next, stop) = (
+            client.clone(),
+            Arc::clone(&acked),
+            Arc::clone(&next),
+            Arc::clone(&stop),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                let id = format!("evt-{n:06}");
+                let e = event(&id, &format!("tenant-{}", n % 13), n as u64);
+                match client.append(e).await {
+                    Ok(ack) => {
+                        acked.lock().await.insert(id, ack);
+                    }
+                    Err(err) => panic!("append {id} failed: {err}"),
+                }
+            }
+        }));
+    }
+    let acks = |at_least: usize| {
+        let acked = Arc::clone(&acked);
+        move || {
+            let acked = Arc::clone(&acked);
+            async move { (acked.lock().await.len() >= at_least).then_some(()) }
+        }
+    };
+    wait_until("appends to start", Duration::from_secs(60), acks(500)).await;
+
+    let victim = preferred[0];
+    let victim_idx = cluster.index_of(victim);
+    cluster.kill(victim_idx);
+    wait_until(
+        "the victim's partitions to fail over",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move {
+                let leaders = agreed_leaders(&client, partitions).await?;
+                (!leaders.contains(&victim)).then_some(())
+            }
+        },
+    )
+    .await;
+    let before_restart = acked.lock().await.len();
+    wait_until(
+        "appends to continue after failover",
+        Duration::from_secs(60),
+        acks(before_restart + 500),
+    )
+    .await;
+
+    cluster.spawn(victim_idx);
+    wait_until(
+        "every partition back on its preferred node",
+        Duration::from_secs(120),
+        || {
+            let client = client.clone();
+            let preferred = preferred.clone();
+            async move { (agreed_leaders(&client, partitions).await? == preferred).then_some(()) }
+        },
+    )
+    .await;
+    let after_handover = acked.lock().await.len();
+    wait_until(
+        "appends to continue after the handovers",
+        Duration::from_secs(60),
+        acks(after_handover + 500),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+
+    let acked = acked.lock().await.clone();
+    let mut heads: BTreeMap<u32, u64> = BTreeMap::new();
+    for ack in acked.values() {
+        let head = heads.entry(ack.partition).or_insert(0);
+        *head = (*head).max(ack.offset + 1);
+    }
+    for node in &cluster.nodes {
+        let mut ids = BTreeSet::new();
+        for p in 0..partitions {
+            let want = heads.get(&p).copied().unwrap_or(0);
+            let events = read_all(&client, &node.addr, p, want).await;
+            let mut chain = ChainVerifier::new(p);
+            for e in &events {
+                chain
+                    .push(e)
+                    .unwrap_or_else(|err| panic!("node {} partition {p}: {err}", node.id));
+                assert!(
+                    ids.insert(e.event.id.clone()),
+                    "node {}: id {} stored twice",
+                    node.id,
+                    e.event.id
+                );
+            }
+            for (id, ack) in acked.iter().filter(|(_, a)| a.partition == p) {
+                let stored = events
+                    .get(ack.offset as usize)
+                    .unwrap_or_else(|| panic!("node {}: acked {id} missing", node.id));
+                assert_eq!(&stored.event.id, id);
+                assert_eq!(stored.hash, ack.hash);
+            }
+        }
+    }
+}
