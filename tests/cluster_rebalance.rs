@@ -138,6 +138,27 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
         },
     )
     .await;
+    // The handovers are visible: the nodes that led the victim's
+    // partitions count one done handover per partition at least.
+    let mut handovers = 0.0;
+    for n in &cluster.nodes {
+        let text = reqwest::get(format!("http://{}/metrics", n.admin_addr))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        handovers += sum_metric(
+            &text,
+            "auditflow_leader_handovers_total",
+            &[("result", "done")],
+        );
+    }
+    let moved = preferred.iter().filter(|l| **l == victim).count();
+    assert!(
+        handovers >= moved as f64,
+        "{handovers} handovers counted for {moved} partitions moved back"
+    );
     let after_handover = acked.lock().await.len();
     wait_until(
         "appends to continue after the handovers",

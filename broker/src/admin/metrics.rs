@@ -75,6 +75,9 @@ pub const RAFT_LOG_WRITE_RECORDS: &str = "auditflow_raft_log_write_records";
 pub const RAFT_LOG_WRITE_SECONDS: &str = "auditflow_raft_log_write_seconds";
 /// Raft log segment files on this node.
 pub const RAFT_LOG_SEGMENTS: &str = "auditflow_raft_log_segments";
+/// Leadership handovers this node started (`partition::rebalance`), by
+/// partition and `result` (`done`, `failed`).
+pub const LEADER_HANDOVERS_TOTAL: &str = "auditflow_leader_handovers_total";
 
 /// How often [`run_sampler`] samples Raft and delivery state: well under
 /// a typical 10–15 s scrape interval, and cheap (a metrics borrow and a
@@ -193,6 +196,11 @@ pub fn describe() {
         RAFT_LOG_SEGMENTS,
         Unit::Count,
         "Raft log segment files on this node."
+    );
+    describe_counter!(
+        LEADER_HANDOVERS_TOTAL,
+        Unit::Count,
+        "Leadership handovers to a partition's preferred node this node started, by partition and result (done, failed)."
     );
     describe_gauge!(
         PARTITION_LEADER,

@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 use super::actor::{Hold, PartitionActor, Release};
 use super::types::{NodeId, Raft};
+use crate::admin::metrics::LEADER_HANDOVERS_TOTAL;
 use crate::net::peer::{PeerRequest, PeerResponse, RaftTransport};
 
 /// How far behind the leader's log (in entries) the preferred node may be
@@ -165,13 +166,24 @@ pub async fn rebalance_leaders(
             ) else {
                 continue;
             };
-            match hand_over(me, partition, group, &transport, to, election_timeout_max).await {
-                Ok(()) => info!(partition, to, "handed leadership to the preferred node"),
-                Err(reason) => {
-                    warn!(partition, to, "leadership handover failed: {reason}");
-                    cool_down[p] = COOL_DOWN_ROUNDS;
-                }
-            }
+            let result =
+                match hand_over(me, partition, group, &transport, to, election_timeout_max).await {
+                    Ok(()) => {
+                        info!(partition, to, "handed leadership to the preferred node");
+                        "done"
+                    }
+                    Err(reason) => {
+                        warn!(partition, to, "leadership handover failed: {reason}");
+                        cool_down[p] = COOL_DOWN_ROUNDS;
+                        "failed"
+                    }
+                };
+            metrics::counter!(
+                LEADER_HANDOVERS_TOTAL,
+                "partition" => partition.to_string(),
+                "result" => result
+            )
+            .increment(1);
         }
     }
 }
