@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
 
+use tracing::warn;
+
 use super::raft_log::{Framed, RaftLog, Record};
 use super::writer::StorageWriter;
 use super::{InstallState, StoreError};
@@ -185,6 +187,46 @@ impl RaftLogReader<TypeConfig> for LogStore {
         self.read_range(start, end)
             .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Read, e))
     }
+
+    /// What replication sends after `prev_log_id = start - 1`: only a run
+    /// of entries starting exactly at `start`, since AppendEntries asserts
+    /// the first entry follows its prev_log_id.
+    ///
+    /// A range with its start already purged does happen: a replication
+    /// task of a leader that has just been deposed can still read after
+    /// the node, now a follower, built a snapshot and purged its log (the
+    /// simulator found it: a stale T7 task sent prev_log_id 71 with entries
+    /// from 144, and the follower's debug assertion fired). Nothing is
+    /// returned then; openraft sends a heartbeat in its place, and the task
+    /// is dropped with its session.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let mut entries = self.try_get_log_entries(start..end).await?;
+        let run = contiguous_from(start, &entries);
+        if run < entries.len() {
+            warn!(
+                partition = self.partition,
+                start,
+                end,
+                first = entries.first().map(|e| e.log_id.index),
+                "raft log: entries from {start} are gone (purged); replication sends {run} of them"
+            );
+            entries.truncate(run);
+        }
+        Ok(entries)
+    }
+}
+
+/// How many of `entries` form an unbroken run of indexes from `start`.
+fn contiguous_from(start: u64, entries: &[Entry]) -> usize {
+    entries
+        .iter()
+        .zip(start..)
+        .take_while(|(e, index)| e.log_id.index == *index)
+        .count()
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {

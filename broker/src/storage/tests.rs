@@ -371,6 +371,41 @@ async fn a_purge_never_passes_what_the_state_machine_holds() {
     assert_eq!(entries.len(), 4, "entries past the state machine are kept");
 }
 
+/// A range whose start was purged (a deposed leader's replication task
+/// reading after its node purged as a follower) gives replication nothing,
+/// never a run that does not start where AppendEntries says it does.
+#[tokio::test]
+async fn replication_reads_only_an_unbroken_run_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let mut log = store.log_store(0);
+    let mut sm = store.state_machine(0, 1000);
+    for i in 1..=20 {
+        log.blocking_append([append_entry(i, &["x"])])
+            .await
+            .unwrap();
+    }
+    let names: Vec<String> = (1..=12).map(|i| format!("e{i}")).collect();
+    sm.apply((1..=12u64).map(|i| append_entry(i, &[names[i as usize - 1].as_str()])))
+        .await
+        .unwrap();
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 10))
+        .await
+        .unwrap();
+    let indexes = |entries: Vec<Entry>| entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    // What openraft's own reads may get: what is left of the range.
+    assert_eq!(
+        indexes(log.try_get_log_entries(5..15).await.unwrap()),
+        (11..15).collect::<Vec<_>>()
+    );
+    // What replication may send after prev_log_id 4: nothing.
+    assert!(log.limited_get_log_entries(5, 15).await.unwrap().is_empty());
+    assert_eq!(
+        indexes(log.limited_get_log_entries(11, 21).await.unwrap()),
+        (11..21).collect::<Vec<_>>()
+    );
+}
+
 /// An entry appending events `numbers` of about 1 KiB each.
 fn sized_entry(index: u64, numbers: std::ops::Range<usize>) -> Entry {
     let events: Vec<_> = numbers
