@@ -49,7 +49,7 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
             heartbeat_ms: 100,
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
-            rebalance_leaders_ms: 1_000,
+            rebalance_leaders_ms: 1_500,
             ..RaftTuning::default()
         },
         ..ClusterOptions::default()

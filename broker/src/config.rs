@@ -234,6 +234,14 @@ impl NodeConfig {
                 "need 0 < heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
             ));
         }
+        if r.rebalance_leaders_ms != 0 && r.rebalance_leaders_ms <= r.election_timeout_max_ms {
+            // A leader refuses votes for a lease of election_timeout_max_ms
+            // after it was elected; a handover waits one round beyond it.
+            return Err(ConfigError::Invalid(format!(
+                "raft.rebalance_leaders_ms must be 0 (off) or more than election_timeout_max_ms ({}), got {}",
+                r.election_timeout_max_ms, r.rebalance_leaders_ms
+            )));
+        }
         if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&r.log_segment_bytes) {
             return Err(ConfigError::Invalid(format!(
                 "raft.log_segment_bytes must be {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}, got {}",
@@ -249,5 +257,44 @@ impl NodeConfig {
             .iter()
             .find(|p| p.id == id)
             .map(|p| p.addr.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(raft: &str) -> NodeConfig {
+        let text = format!(
+            r#"
+id = 1
+listen = "127.0.0.1:7101"
+data_dir = "node1"
+peers = [{{ id = 1, addr = "127.0.0.1:7101" }}, {{ id = 2, addr = "127.0.0.1:7102" }}]
+[tls]
+ca_cert = "ca.pem"
+cert = "node1.pem"
+key = "node1.key"
+[raft]
+{raft}
+"#
+        );
+        toml::from_str(&text).expect("config parses")
+    }
+
+    #[test]
+    fn rebalancing_is_on_by_default_and_may_be_turned_off() {
+        let on = config("");
+        assert_eq!(on.raft.rebalance_leaders_ms, 10_000);
+        assert!(on.check().is_ok());
+        assert!(config("rebalance_leaders_ms = 0").check().is_ok());
+    }
+
+    #[test]
+    fn a_rebalance_round_within_the_leader_lease_is_refused() {
+        // The default election_timeout_max_ms is 2000.
+        let err = config("rebalance_leaders_ms = 2000").check().unwrap_err();
+        assert!(err.to_string().contains("rebalance_leaders_ms"), "{err}");
+        assert!(config("rebalance_leaders_ms = 2001").check().is_ok());
     }
 }

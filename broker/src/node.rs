@@ -246,6 +246,11 @@ pub async fn start(
             .collect(),
     );
     let mut partitions = Vec::with_capacity(config.partitions as usize);
+    // Per partition: raised by the rebalancer during a handover, watched
+    // by the partition's delivery actors.
+    let (handovers, handover_watches): (Vec<_>, Vec<_>) = (0..config.partitions)
+        .map(|_| tokio::sync::watch::channel(false))
+        .unzip();
     for p in 0..config.partitions {
         let raft = Raft::new(
             config.id,
@@ -277,9 +282,11 @@ pub async fn start(
             config.peers.iter().map(|p| p.id).collect(),
             partitions
                 .iter()
-                .map(|h| Group {
+                .zip(handovers)
+                .map(|(h, handing_over)| Group {
                     raft: h.raft.clone(),
                     actor: h.actor.clone(),
+                    handing_over,
                 })
                 .collect(),
             Arc::clone(&transport),
@@ -315,12 +322,13 @@ pub async fn start(
         draining,
         running: delivery_running,
     };
-    for (p, handle) in partitions.iter().enumerate() {
+    for ((p, handle), handing_over) in partitions.iter().enumerate().zip(handover_watches) {
         actix_rt::spawn(crate::delivery::supervisor::supervise(
             delivery.clone(),
             p as u32,
             handle.raft.clone(),
             handle.reader.clone(),
+            handing_over,
         ));
     }
     Ok(Arc::new(NodeShared {

@@ -104,19 +104,39 @@ pub struct Pipeline {
     last_record: Instant,
     /// Cuts short a wait for new events when the actor is told to drain.
     interrupt: Arc<Notify>,
+    /// Raised while the partition's leadership is being handed over;
+    /// progress records wait for it to fall.
+    handing_over: watch::Receiver<bool>,
+}
+
+/// The partition a pipeline delivers from.
+pub struct Source {
+    /// Its index.
+    pub partition: u32,
+    /// Its Raft group, through which progress is recorded.
+    pub raft: Raft,
+    /// Read access to its events.
+    pub reader: PartitionReader,
+    /// Raised while its leadership is being handed over
+    /// (`partition::rebalance`).
+    pub handing_over: watch::Receiver<bool>,
 }
 
 impl Pipeline {
     /// A pipeline starting at the replicated cursor.
     pub fn new(
         dest: Arc<DestinationConfig>,
-        partition: u32,
-        raft: Raft,
-        reader: PartitionReader,
+        source: Source,
         sink: Box<dyn Sink>,
         clock: Arc<dyn Clock>,
         board: StatusBoard,
     ) -> Pipeline {
+        let Source {
+            partition,
+            raft,
+            reader,
+            handing_over,
+        } = source;
         let breaker = Breaker::new(dest.breaker.clone());
         let batch_limit = dest.batch_size;
         Pipeline {
@@ -139,6 +159,7 @@ impl Pipeline {
             unrecorded: None,
             last_record: Instant::now(),
             interrupt: Arc::new(Notify::new()),
+            handing_over,
         }
     }
 
@@ -176,6 +197,7 @@ impl Pipeline {
     }
 
     async fn propose(&self, cmd: DeliveryCommand) -> Result<(), Next> {
+        crate::partition::rebalance::wait_out_handover(&self.handing_over).await;
         match self.raft.client_write(Command::Delivery(cmd)).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {

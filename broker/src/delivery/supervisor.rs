@@ -11,7 +11,7 @@ use openraft::ServerState;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::actor::{DeliveryActor, Drain, Pipeline, StopDelivery};
+use super::actor::{DeliveryActor, Drain, Pipeline, Source, StopDelivery};
 use super::catalog::Destinations;
 use super::config::DestinationConfig;
 use super::status::StatusBoard;
@@ -59,7 +59,13 @@ pub struct DeliveryContext {
 /// Supervises delivery for one partition until its Raft group shuts down.
 /// Must run on the actix system (it starts actors): spawn it with
 /// `actix_rt::spawn`.
-pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader: PartitionReader) {
+pub async fn supervise(
+    ctx: DeliveryContext,
+    partition: u32,
+    raft: Raft,
+    reader: PartitionReader,
+    handing_over: watch::Receiver<bool>,
+) {
     let mut metrics = raft.metrics();
     let mut destinations = ctx.destinations.clone();
     let mut draining = ctx.draining.clone();
@@ -108,11 +114,15 @@ pub async fn supervise(ctx: DeliveryContext, partition: u32, raft: Raft, reader:
                     match (ctx.sinks)(&dest, partition) {
                         Ok(sink) => {
                             info!(dest = %dest.name, partition, "starting delivery");
+                            let source = Source {
+                                partition,
+                                raft: raft.clone(),
+                                reader: reader.clone(),
+                                handing_over: handing_over.clone(),
+                            };
                             let pipeline = Pipeline::new(
                                 Arc::clone(&dest),
-                                partition,
-                                raft.clone(),
-                                reader.clone(),
+                                source,
                                 sink,
                                 Arc::clone(&ctx.clock),
                                 ctx.board.clone(),

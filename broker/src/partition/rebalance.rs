@@ -8,7 +8,10 @@
 //! handling, replication and delivery while the others idle. So each node
 //! periodically looks at the partitions it leads and hands the ones it
 //! does not prefer to their preferred node, as Kafka's preferred-leader
-//! election does.
+//! election does. Only a partition it already led, in the same term, a
+//! round ago: a leader refuses votes for a lease after its election
+//! (below), which also keeps leadership from moving again right after a
+//! failover.
 //!
 //! openraft 0.9 has no leadership transfer. The handover builds one from
 //! what it has, in the order Raft's own transfer extension prescribes:
@@ -24,11 +27,13 @@
 //! 4. once another node leads, the hold ends and queued appends are
 //!    answered with a redirect to it, which clients follow.
 //!
-//! Delivery progress records are proposed by the delivery actors, not held
-//! here: one that lands between the check of step 2 and the vote makes
-//! the leader refuse the vote (its log is longer). That, like a handover
-//! that does not complete in time, ends the hold all the same, and the
-//! worst outcome is an ordinary election, as after any failure. A
+//! Delivery progress records are proposed by the delivery actors, which
+//! wait while a handover is flagged ([`wait_out_handover`]): one that
+//! landed between the check of step 2 and the vote made the leader refuse
+//! the vote (its log was longer), as the simulator showed. One already on
+//! its way when the flag rose can still do that; it, like a handover that
+//! does not complete in time, ends the hold all the same, and the worst
+//! outcome is an ordinary election, as after any failure. A
 //! partition whose handover failed is left alone for [`COOL_DOWN_ROUNDS`]
 //! rounds, so a preferred node that is down or slow is not tried again at
 //! every round.
@@ -39,6 +44,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use openraft::{BasicNode, RaftMetrics};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::actor::{Hold, PartitionActor, Release};
@@ -56,6 +62,20 @@ pub const COOL_DOWN_ROUNDS: u32 = 6;
 const CATCH_UP: Duration = Duration::from_secs(1);
 /// Longest wait for the `Campaign` RPC's answer.
 const CAMPAIGN_RPC: Duration = Duration::from_secs(1);
+/// Longest a delivery progress record waits for a handover to end, in
+/// case the flag is never lowered.
+pub const MAX_RECORD_HOLD: Duration = Duration::from_secs(10);
+
+/// Waits until no handover of the partition is under way (at most
+/// [`MAX_RECORD_HOLD`]). Delivery actors call it before proposing a
+/// progress record: one appended after the leader compared logs would
+/// make the leader refuse the vote (its log is longer), and the handover
+/// would end in an election instead.
+pub async fn wait_out_handover(handing_over: &watch::Receiver<bool>) {
+    let mut rx = handing_over.clone();
+    // A closed channel (rebalancing off, node stopping) waits for nothing.
+    let _ = tokio::time::timeout(MAX_RECORD_HOLD, rx.wait_for(|h| !*h)).await;
+}
 
 /// The node that should lead `partition`: the `partition mod n`-th of
 /// `nodes` by id. The same rule spreads leaders at cluster init.
@@ -72,6 +92,8 @@ pub fn preferred_leader(partition: u32, nodes: &[NodeId]) -> Option<NodeId> {
 /// What a handover decision needs from a group's metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LeaderView {
+    /// This node's current term.
+    pub term: u64,
     /// The group's current leader as this node sees it.
     pub leader: Option<NodeId>,
     /// Index of the last entry in this node's log.
@@ -88,6 +110,7 @@ impl LeaderView {
     /// The view of a group's metrics.
     pub fn of(m: &RaftMetrics<NodeId, BasicNode>) -> LeaderView {
         LeaderView {
+            term: m.current_term,
             leader: m.current_leader,
             last_log_index: m.last_log_index,
             last_applied: m.last_applied.map(|l| l.index),
@@ -106,10 +129,24 @@ impl LeaderView {
 }
 
 /// Whether `me` should hand `partition` over, and to whom: only a leader
-/// that is not the partition's preferred node, to a preferred node that is
-/// a voter and at most [`MAX_LAG_ENTRIES`] behind.
-pub fn handover_target(me: NodeId, preferred: NodeId, view: &LeaderView) -> Option<NodeId> {
-    if view.leader != Some(me) || preferred == me || !view.voters.contains(&preferred) {
+/// that is not the partition's preferred node and already led in the same
+/// term a round ago (`led_last_round`), to a preferred node that is a voter
+/// and at most [`MAX_LAG_ENTRIES`] behind.
+///
+/// The round of leadership matters: openraft's leader refuses every vote
+/// for a lease (`election_timeout_max`) after its election, so a campaign
+/// started sooner would only raise the term and force an election.
+pub fn handover_target(
+    me: NodeId,
+    preferred: NodeId,
+    view: &LeaderView,
+    led_last_round: Option<u64>,
+) -> Option<NodeId> {
+    if view.leader != Some(me)
+        || led_last_round != Some(view.term)
+        || preferred == me
+        || !view.voters.contains(&preferred)
+    {
         return None;
     }
     let last = view.last_log_index?;
@@ -132,6 +169,9 @@ pub struct Group {
     pub raft: Raft,
     /// Its write path, which holds appends during a handover.
     pub actor: Addr<PartitionActor>,
+    /// Raised during a handover; its delivery actors hold their progress
+    /// records meanwhile ([`wait_out_handover`]).
+    pub handing_over: watch::Sender<bool>,
 }
 
 /// Every `every`, hands the partitions this node leads but does not prefer
@@ -145,12 +185,20 @@ pub async fn rebalance_leaders(
     election_timeout_max: Duration,
 ) {
     let mut cool_down = vec![0u32; groups.len()];
+    // The term each partition was led by this node in at the last round.
+    let mut led: Vec<Option<u64>> = vec![None; groups.len()];
     loop {
         tokio::time::sleep(every).await;
         for (p, group) in groups.iter().enumerate() {
-            if group.raft.metrics().borrow().running_state.is_err() {
-                return;
-            }
+            let view = {
+                let m = group.raft.metrics().borrow().clone();
+                if m.running_state.is_err() {
+                    return;
+                }
+                LeaderView::of(&m)
+            };
+            let led_last_round = led[p];
+            led[p] = (view.leader == Some(me)).then_some(view.term);
             if cool_down[p] > 0 {
                 cool_down[p] -= 1;
                 continue;
@@ -159,11 +207,7 @@ pub async fn rebalance_leaders(
             let Some(preferred) = preferred_leader(partition, &nodes) else {
                 return;
             };
-            let Some(to) = handover_target(
-                me,
-                preferred,
-                &LeaderView::of(&group.raft.metrics().borrow()),
-            ) else {
+            let Some(to) = handover_target(me, preferred, &view, led_last_round) else {
                 continue;
             };
             let result =
@@ -199,6 +243,7 @@ async fn hand_over(
 ) -> Result<(), String> {
     let elected_within = election_timeout_max * 2;
     let hold = CATCH_UP + CAMPAIGN_RPC + elected_within;
+    group.handing_over.send_replace(true);
     let held = tokio::time::timeout(CATCH_UP, group.actor.send(Hold { for_at_most: hold })).await;
     let result = match held {
         Ok(Ok(())) => campaign(me, partition, group, transport, to, elected_within).await,
@@ -208,6 +253,7 @@ async fn hand_over(
         )),
     };
     group.actor.do_send(Release);
+    group.handing_over.send_replace(false);
     result
 }
 
@@ -257,6 +303,7 @@ mod tests {
 
     fn view(leader: NodeId, last: u64, matched: &[(NodeId, Option<u64>)]) -> LeaderView {
         LeaderView {
+            term: 7,
             leader: Some(leader),
             last_log_index: Some(last),
             last_applied: Some(last),
@@ -278,25 +325,35 @@ mod tests {
     #[test]
     fn only_a_leader_that_is_not_preferred_hands_over() {
         let v = view(1, 100, &[(2, Some(100)), (3, Some(100))]);
-        assert_eq!(handover_target(1, 2, &v), Some(2));
+        assert_eq!(handover_target(1, 2, &v, Some(7)), Some(2));
         // Preferred already leads.
-        assert_eq!(handover_target(1, 1, &v), None);
+        assert_eq!(handover_target(1, 1, &v, Some(7)), None);
         // Not the leader.
-        assert_eq!(handover_target(2, 3, &v), None);
+        assert_eq!(handover_target(2, 3, &v, Some(7)), None);
         // The preferred node is not a voter.
-        assert_eq!(handover_target(1, 4, &v), None);
+        assert_eq!(handover_target(1, 4, &v, Some(7)), None);
+    }
+
+    #[test]
+    fn a_leader_hands_over_only_after_leading_a_whole_round_in_its_term() {
+        let v = view(1, 100, &[(2, Some(100))]);
+        // Just elected: its lease would refuse the campaign.
+        assert_eq!(handover_target(1, 2, &v, None), None);
+        // Led a round ago, but in an earlier term: re-elected since.
+        assert_eq!(handover_target(1, 2, &v, Some(6)), None);
+        assert_eq!(handover_target(1, 2, &v, Some(7)), Some(2));
     }
 
     #[test]
     fn a_lagging_or_unknown_preferred_node_is_not_handed_anything() {
         let lag = view(1, 100 + MAX_LAG_ENTRIES + 1, &[(2, Some(100))]);
-        assert_eq!(handover_target(1, 2, &lag), None);
+        assert_eq!(handover_target(1, 2, &lag, Some(7)), None);
         let edge = view(1, 100 + MAX_LAG_ENTRIES, &[(2, Some(100))]);
-        assert_eq!(handover_target(1, 2, &edge), Some(2));
+        assert_eq!(handover_target(1, 2, &edge, Some(7)), Some(2));
         let never = view(1, 10, &[(2, None)]);
-        assert_eq!(handover_target(1, 2, &never), None);
+        assert_eq!(handover_target(1, 2, &never, Some(7)), None);
         let absent = view(1, 10, &[(3, Some(10))]);
-        assert_eq!(handover_target(1, 2, &absent), None);
+        assert_eq!(handover_target(1, 2, &absent, Some(7)), None);
     }
 
     #[test]
@@ -315,8 +372,9 @@ mod tests {
 
     proptest! {
         /// Whatever the metrics say, a handover only ever goes to the
-        /// preferred node, from the leader, and only when campaigning is
-        /// safe for the log the leader has.
+        /// preferred node, from a leader that led a round ago in the same
+        /// term, and only when campaigning is safe for the log the leader
+        /// has.
         #[test]
         fn handover_never_targets_anyone_but_a_caught_up_preferred_voter(
             me in 1u64..4,
@@ -324,16 +382,20 @@ mod tests {
             leader in proptest::option::of(1u64..4),
             last in proptest::option::of(0u64..500),
             matched in proptest::collection::btree_map(1u64..5, proptest::option::of(0u64..500), 0..4),
+            term in 1u64..4,
+            led_last_round in proptest::option::of(1u64..4),
         ) {
             let v = LeaderView {
+                term,
                 leader,
                 last_log_index: last,
                 last_applied: last,
                 voters: vec![1, 2, 3],
                 matched,
             };
-            if let Some(to) = handover_target(me, preferred, &v) {
+            if let Some(to) = handover_target(me, preferred, &v, led_last_round) {
                 prop_assert_eq!(to, preferred);
+                prop_assert_eq!(led_last_round, Some(term));
                 prop_assert_ne!(to, me);
                 prop_assert_eq!(v.leader, Some(me));
                 prop_assert!(v.voters.contains(&to));
