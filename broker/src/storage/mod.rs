@@ -233,7 +233,7 @@ fn per_partition<T>(
 /// Creates the tables of a new database, or checks the format marker of an
 /// existing one.
 fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
-    let txn = db.begin_write()?;
+    let txn = writer::begin(db, true)?;
     {
         let mut format = txn.open_table(FORMAT)?;
         let found = format.get("version")?.map(|v| v.value());
