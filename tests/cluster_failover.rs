@@ -41,14 +41,8 @@ async fn appends_survive_leader_kill_and_every_replica_converges() {
                 if n >= EVENTS {
                     return;
                 }
-                let id = format!("evt-{n:06}");
-                let e = event(&id, &format!("tenant-{}", n % 13), n as u64);
-                match client.append(e).await {
-                    Ok(ack) => {
-                        acked.lock().await.insert(id, ack);
-                    }
-                    Err(err) => panic!("append {id} failed: {err}"),
-                }
+                let (id, ack) = append_numbered(&client, n).await;
+                acked.lock().await.insert(id, ack);
                 done.fetch_add(1, Ordering::SeqCst);
             }
         }));

@@ -18,29 +18,11 @@ use std::time::Duration;
 
 use auditflow_broker::config::RaftTuning;
 use auditflow_broker::partition::rebalance::preferred_leader;
-use auditflow_client::Client;
 use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::wire::Ack;
 use common::*;
 
 const WINDOW: usize = 16;
-
-/// Each partition's leader, if every running node agrees on it.
-async fn agreed_leaders(client: &Client, partitions: u32) -> Option<Vec<u64>> {
-    let mut leaders: Vec<Option<u64>> = vec![None; partitions as usize];
-    for (_, status) in client.status_all().await {
-        let Ok(status) = status else { continue };
-        for p in status.partitions {
-            let l = p.leader?;
-            match leaders[p.partition as usize] {
-                None => leaders[p.partition as usize] = Some(l),
-                Some(prev) if prev != l => return None,
-                _ => {}
-            }
-        }
-    }
-    leaders.into_iter().collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
@@ -62,11 +44,21 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
     let preferred: Vec<u64> = (0..partitions)
         .map(|p| preferred_leader(p, &ids).expect("nodes"))
         .collect();
-    wait_until("leaders spread as at init", Duration::from_secs(60), || {
-        let client = client.clone();
-        let preferred = preferred.clone();
-        async move { (agreed_leaders(&client, partitions).await? == preferred).then_some(()) }
-    })
+    // Every partition led by its preferred node, as all running nodes see it.
+    let on_preferred = |running: Vec<String>| {
+        let (client, preferred) = (client.clone(), preferred.clone());
+        move || {
+            let (client, preferred, running) = (client.clone(), preferred.clone(), running.clone());
+            async move {
+                (agreed_leaders(&client, &running, partitions).await? == preferred).then_some(())
+            }
+        }
+    };
+    wait_until(
+        "leaders spread as at init",
+        Duration::from_secs(60),
+        on_preferred(cluster.running()),
+    )
     .await;
 
     // Appends run through the failover, the restart and the handovers.
@@ -84,14 +76,8 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let n = next.fetch_add(1, Ordering::SeqCst);
-                let id = format!("evt-{n:06}");
-                let e = event(&id, &format!("tenant-{}", n % 13), n as u64);
-                match client.append(e).await {
-                    Ok(ack) => {
-                        acked.lock().await.insert(id, ack);
-                    }
-                    Err(err) => panic!("append {id} failed: {err}"),
-                }
+                let (id, ack) = append_numbered(&client, n).await;
+                acked.lock().await.insert(id, ack);
             }
         }));
     }
@@ -107,13 +93,14 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
     let victim = preferred[0];
     let victim_idx = cluster.index_of(victim);
     cluster.kill(victim_idx);
+    let survivors = cluster.running();
     wait_until(
         "the victim's partitions to fail over",
         Duration::from_secs(60),
         || {
-            let client = client.clone();
+            let (client, survivors) = (client.clone(), survivors.clone());
             async move {
-                let leaders = agreed_leaders(&client, partitions).await?;
+                let leaders = agreed_leaders(&client, &survivors, partitions).await?;
                 (!leaders.contains(&victim)).then_some(())
             }
         },
@@ -131,23 +118,14 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
     wait_until(
         "every partition back on its preferred node",
         Duration::from_secs(120),
-        || {
-            let client = client.clone();
-            let preferred = preferred.clone();
-            async move { (agreed_leaders(&client, partitions).await? == preferred).then_some(()) }
-        },
+        on_preferred(cluster.running()),
     )
     .await;
     // The handovers are visible: the nodes that led the victim's
     // partitions count one done handover per partition at least.
     let mut handovers = 0.0;
     for n in &cluster.nodes {
-        let text = reqwest::get(format!("http://{}/metrics", n.admin_addr))
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = scrape_metrics(n.admin_addr).await;
         handovers += sum_metric(
             &text,
             "auditflow_leader_handovers_total",

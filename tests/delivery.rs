@@ -632,17 +632,9 @@ async fn a_streaming_backlog_records_its_cursor_less_often_than_it_sends() {
     .await;
     // Far fewer Raft records than batches (each record is an entry and a
     // durable commit on every node).
-    let http = reqwest::Client::new();
     let mut records = 0.0;
     for n in &cluster.nodes {
-        let text = http
-            .get(format!("http://{}/metrics", n.admin_addr))
-            .send()
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = scrape_metrics(n.admin_addr).await;
         records += sum_metric(
             &text,
             "auditflow_delivery_cursor_records_total",

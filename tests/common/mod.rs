@@ -252,15 +252,19 @@ impl Cluster {
         .await
     }
 
-    /// Waits until every partition has a leader that every running node
-    /// agrees on.
-    pub async fn wait_ready(&self, client: &Client) {
-        let running: Vec<String> = self
-            .nodes
+    /// Addresses of the nodes this harness has running.
+    pub fn running(&self) -> Vec<String> {
+        self.nodes
             .iter()
             .filter(|n| n.child.is_some())
             .map(|n| n.addr.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Waits until every partition has a leader that every running node
+    /// agrees on.
+    pub async fn wait_ready(&self, client: &Client) {
+        let running = self.running();
         let partitions = self.partitions;
         wait_until(
             "all partitions to have agreed leaders",
@@ -269,23 +273,9 @@ impl Cluster {
                 let client = client.clone();
                 let running = running.clone();
                 async move {
-                    let statuses = client.status_all().await;
-                    let mut leaders: Vec<Option<u64>> = vec![None; partitions as usize];
-                    for (addr, st) in statuses {
-                        if !running.contains(&addr) {
-                            continue;
-                        }
-                        let st = st.ok()?;
-                        for p in st.partitions {
-                            let l = p.leader?;
-                            match leaders[p.partition as usize] {
-                                None => leaders[p.partition as usize] = Some(l),
-                                Some(prev) if prev != l => return None,
-                                _ => {}
-                            }
-                        }
-                    }
-                    leaders.iter().all(|l| l.is_some()).then_some(())
+                    agreed_leaders(&client, &running, partitions)
+                        .await
+                        .map(|_| ())
                 }
             },
         )
@@ -404,4 +394,51 @@ pub async fn read_all(
         },
     )
     .await
+}
+
+/// Each partition's leader, if every node in `running` answers and they
+/// all agree on it.
+pub async fn agreed_leaders(
+    client: &Client,
+    running: &[String],
+    partitions: u32,
+) -> Option<Vec<u64>> {
+    let mut leaders: Vec<Option<u64>> = vec![None; partitions as usize];
+    for (addr, st) in client.status_all().await {
+        if !running.contains(&addr) {
+            continue;
+        }
+        let st = st.ok()?;
+        for p in st.partitions {
+            let l = p.leader?;
+            match leaders[p.partition as usize] {
+                None => leaders[p.partition as usize] = Some(l),
+                Some(prev) if prev != l => return None,
+                _ => {}
+            }
+        }
+    }
+    leaders.into_iter().collect()
+}
+
+/// Appends the `n`-th event of the cluster tests' workload (id
+/// `evt-{n:06}`, one of 13 tenants) and returns its id and ack; panics if
+/// the client gives up.
+pub async fn append_numbered(client: &Client, n: usize) -> (String, auditflow_protocol::wire::Ack) {
+    let id = format!("evt-{n:06}");
+    let e = event(&id, &format!("tenant-{}", n % 13), n as u64);
+    match client.append(e).await {
+        Ok(ack) => (id, ack),
+        Err(err) => panic!("append {id} failed: {err}"),
+    }
+}
+
+/// The Prometheus text a node's admin server serves at `/metrics`.
+pub async fn scrape_metrics(admin_addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin_addr}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
 }

@@ -184,6 +184,12 @@ pub async fn rebalance_leaders(
     every: Duration,
     election_timeout_max: Duration,
 ) {
+    let Some(preferred) = (0..groups.len() as u32)
+        .map(|p| preferred_leader(p, &nodes))
+        .collect::<Option<Vec<NodeId>>>()
+    else {
+        return;
+    };
     let mut cool_down = vec![0u32; groups.len()];
     // The term each partition was led by this node in at the last round.
     let mut led: Vec<Option<u64>> = vec![None; groups.len()];
@@ -191,7 +197,8 @@ pub async fn rebalance_leaders(
         tokio::time::sleep(every).await;
         for (p, group) in groups.iter().enumerate() {
             let view = {
-                let m = group.raft.metrics().borrow().clone();
+                let m = group.raft.metrics();
+                let m = m.borrow();
                 if m.running_state.is_err() {
                     return;
                 }
@@ -204,10 +211,7 @@ pub async fn rebalance_leaders(
                 continue;
             }
             let partition = p as u32;
-            let Some(preferred) = preferred_leader(partition, &nodes) else {
-                return;
-            };
-            let Some(to) = handover_target(me, preferred, &view, led_last_round) else {
+            let Some(to) = handover_target(me, preferred[p], &view, led_last_round) else {
                 continue;
             };
             let result =

@@ -61,6 +61,23 @@ fn append_entry(index: u64, ids: &[&str]) -> Entry {
     }
 }
 
+/// Appends entries `indexes` (one event "x" each) to `log`, synced.
+async fn append_entries(log: &mut LogStore, indexes: std::ops::RangeInclusive<u64>) {
+    for i in indexes {
+        log.blocking_append([append_entry(i, &["x"])])
+            .await
+            .unwrap();
+    }
+}
+
+/// Applies entries 1..=n to `sm`, entry i holding one event with id `e{i}`.
+async fn apply_numbered(sm: &mut StateMachine, n: u64) {
+    let names: Vec<String> = (1..=n).map(|i| format!("e{i}")).collect();
+    sm.apply((1..=n).map(|i| append_entry(i, &[names[i as usize - 1].as_str()])))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn applied_events_survive_reopen_and_snapshot_round_trips() {
     let dir = tempfile::tempdir().unwrap();
@@ -303,21 +320,13 @@ async fn a_purge_never_passes_what_the_state_machine_holds() {
     // A snapshot at index 8, taken from another store.
     let source = Store::open(&dir.path().join("source.redb")).unwrap();
     let mut source_sm = source.state_machine(0, 1000);
-    let names: Vec<String> = (1..=8).map(|i| format!("e{i}")).collect();
-    source_sm
-        .apply((1..=8u64).map(|i| append_entry(i, &[names[i as usize - 1].as_str()])))
-        .await
-        .unwrap();
+    apply_numbered(&mut source_sm, 8).await;
     let snapshot = source_sm.get_current_snapshot().await.unwrap().unwrap();
 
     let store = Store::open(&dir.path().join("db.redb")).unwrap();
     let mut log = store.log_store(0);
     let mut sm = store.state_machine(0, 1000);
-    for i in 1..=12 {
-        log.blocking_append([append_entry(i, &["x"])])
-            .await
-            .unwrap();
-    }
+    append_entries(&mut log, 1..=12).await;
     sm.apply([append_entry(1, &["e1"])]).await.unwrap();
 
     // openraft asks to purge up to a snapshot it is still installing: the
@@ -380,15 +389,8 @@ async fn replication_reads_only_an_unbroken_run_from_the_start() {
     let store = Store::open(&dir.path().join("db.redb")).unwrap();
     let mut log = store.log_store(0);
     let mut sm = store.state_machine(0, 1000);
-    for i in 1..=20 {
-        log.blocking_append([append_entry(i, &["x"])])
-            .await
-            .unwrap();
-    }
-    let names: Vec<String> = (1..=12).map(|i| format!("e{i}")).collect();
-    sm.apply((1..=12u64).map(|i| append_entry(i, &[names[i as usize - 1].as_str()])))
-        .await
-        .unwrap();
+    append_entries(&mut log, 1..=20).await;
+    apply_numbered(&mut sm, 12).await;
     log.purge(LogId::new(CommittedLeaderId::new(1, 1), 10))
         .await
         .unwrap();
