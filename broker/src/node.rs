@@ -426,11 +426,16 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, NodeError>
     let store = Store::open_with_segments(&db_path, config.raft.log_segment_bytes)?;
     let server_config = tls::server_config(&config.tls)?;
     let peer_config = tls::peer_client_config(&config.tls)?;
-    let endpoint =
-        quinn::Endpoint::server(server_config, config.listen).map_err(|source| NodeError::Io {
-            what: format!("bind {}", config.listen),
-            source,
-        })?;
+    let endpoint_config = tls::endpoint_config(&config.tls)?;
+    let bind = |source| NodeError::Io {
+        what: format!("bind {}", config.listen),
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
+    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+        .map_err(bind)?;
     let admin = match config.admin_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

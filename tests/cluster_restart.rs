@@ -1,0 +1,165 @@
+//! A node killed and restarted at once rejoins without forcing elections.
+//!
+//! Three real node processes, appends running throughout. One node is
+//! killed with SIGKILL and started again straight away, on the same
+//! address, well before its peers' QUIC connections to the dead process
+//! time out (5 s idle). Its peers must notice at once that those
+//! connections are gone (the new process answers them with stateless
+//! resets it can only send because its reset and connection-id keys are
+//! derived from its private key, `net::tls::endpoint_config`) and reach
+//! it on new ones. Before that, Raft sent the restarted node nothing for
+//! 5 s; it timed out as a follower, campaigned, and its higher term
+//! deposed the leaders of the partitions it followed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use auditflow_client::Client;
+use common::*;
+
+const WINDOW: usize = 16;
+
+/// Each partition's (leader, term) as every node in `running` reports it,
+/// once they all answer and agree.
+async fn leaders_and_terms(
+    client: &Client,
+    running: &[String],
+    partitions: u32,
+) -> Option<Vec<(u64, u64)>> {
+    let mut seen: Vec<Option<(u64, u64)>> = vec![None; partitions as usize];
+    for (addr, st) in client.status_all().await {
+        if !running.contains(&addr) {
+            continue;
+        }
+        for p in st.ok()?.partitions {
+            let now = (p.leader?, p.term);
+            match seen[p.partition as usize] {
+                None => seen[p.partition as usize] = Some(now),
+                Some(prev) if prev != now => return None,
+                _ => {}
+            }
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// Whether every node in `running` answers and all hold the same events of
+/// every partition.
+async fn same_heads(client: &Client, running: &[String], partitions: u32) -> Option<()> {
+    let mut heads: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut answered = 0;
+    for (addr, st) in client.status_all().await {
+        if !running.contains(&addr) {
+            continue;
+        }
+        answered += 1;
+        for p in st.ok()?.partitions {
+            let head = *heads.entry(p.partition).or_insert(p.next_offset);
+            if head != p.next_offset {
+                return None;
+            }
+        }
+    }
+    (answered == running.len() && heads.len() == partitions as usize).then_some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_at_once_rejoins_without_an_election() {
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let client = cluster.client().await;
+    cluster.wait_ready(&client).await;
+    let partitions = cluster.partitions;
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..WINDOW {
+        let (client, acked, next, stop) = (
+            client.clone(),
+            Arc::clone(&acked),
+            Arc::clone(&next),
+            Arc::clone(&stop),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                append_numbered(&client, next.fetch_add(1, Ordering::SeqCst)).await;
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let acks = |at_least: usize| {
+        let acked = Arc::clone(&acked);
+        move || {
+            let acked = Arc::clone(&acked);
+            async move { (acked.load(Ordering::SeqCst) >= at_least).then_some(()) }
+        }
+    };
+    wait_until("appends to start", Duration::from_secs(60), acks(300)).await;
+    let running = cluster.running();
+    let before = wait_until(
+        "leaders and terms the nodes agree on",
+        Duration::from_secs(60),
+        || {
+            let (client, running) = (client.clone(), running.clone());
+            async move { leaders_and_terms(&client, &running, partitions).await }
+        },
+    )
+    .await;
+
+    let victim_idx = 0;
+    let victim = cluster.nodes[victim_idx].id;
+    cluster.kill(victim_idx);
+    cluster.spawn(victim_idx);
+
+    let restarted_at = acked.load(Ordering::SeqCst);
+    wait_until(
+        "appends to continue after the restart",
+        Duration::from_secs(60),
+        acks(restarted_at + 300),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    wait_until(
+        "the restarted node to hold every partition's events",
+        Duration::from_secs(60),
+        || {
+            let (client, running) = (client.clone(), running.clone());
+            async move { same_heads(&client, &running, partitions).await }
+        },
+    )
+    .await;
+    let after = wait_until(
+        "leaders and terms the nodes agree on",
+        Duration::from_secs(60),
+        || {
+            let (client, running) = (client.clone(), running.clone());
+            async move { leaders_and_terms(&client, &running, partitions).await }
+        },
+    )
+    .await;
+
+    // The partitions the victim led may have held an election if its
+    // restart took longer than their election timeout; the others had a
+    // live leader all along, and the restarted follower must not have
+    // disturbed it.
+    for p in 0..partitions as usize {
+        let (leader, term) = before[p];
+        if leader == victim {
+            continue;
+        }
+        assert_eq!(
+            after[p],
+            (leader, term),
+            "partition {p}, led by node {leader} in term {term}, changed leader or term \
+             when its follower node {victim} was restarted"
+        );
+    }
+}
