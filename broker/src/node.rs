@@ -360,26 +360,35 @@ pub async fn initialize_partitions(node: Arc<NodeShared>) {
         .collect();
     let ids: Vec<NodeId> = members.keys().copied().collect();
     for (p, handle) in node.partitions.iter().enumerate() {
-        if crate::partition::rebalance::preferred_leader(p as u32, &ids) == Some(node.id) {
+        // A restart finds its groups initialised: asking again only made
+        // openraft log an error on every start.
+        if crate::partition::rebalance::preferred_leader(p as u32, &ids) == Some(node.id)
+            && has_no_members(&handle.raft)
+        {
             let _ = handle.raft.initialize(members.clone()).await;
         }
     }
     tokio::time::sleep(INIT_GRACE).await;
     for (p, handle) in node.partitions.iter().enumerate() {
-        let uninitialised = {
-            let m = handle.raft.metrics().borrow().clone();
-            m.current_leader.is_none()
-                && m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .next()
-                    .is_none()
-        };
+        let uninitialised =
+            handle.raft.metrics().borrow().current_leader.is_none() && has_no_members(&handle.raft);
         if uninitialised {
             info!(partition = p, "initialising leaderless partition");
             let _ = handle.raft.initialize(members.clone()).await;
         }
     }
+}
+
+/// Whether a group has never been initialised (no voters in its
+/// membership, as read from its storage at start).
+fn has_no_members(raft: &Raft) -> bool {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .next()
+        .is_none()
 }
 
 /// A node serving on QUIC.
