@@ -84,6 +84,13 @@ pub struct RaftTuning {
     /// Leader heartbeat period.
     pub heartbeat_ms: u64,
     /// Lower bound of the randomised election timeout.
+    ///
+    /// A follower that stops hearing from its leader campaigns after the
+    /// leader's lease (`election_timeout_max_ms`) plus a random election
+    /// timeout, so a crashed leader's partitions take `min + max` to
+    /// `2 * max` (3-4 s with the defaults) before an election starts
+    /// (openraft 0.9, `RaftCore::handle_tick_election`); a follower that
+    /// has seen a longer log than its own waits another `2 * max`.
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomised election timeout.
     pub election_timeout_max_ms: u64,
