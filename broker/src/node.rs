@@ -349,8 +349,8 @@ pub async fn start(
 /// initialises `p` (which also makes it campaign first). A node that finds
 /// a partition still leaderless after [`INIT_GRACE`] (its preferred node is
 /// down at first start) initialises it itself; openraft allows several
-/// nodes to initialise with the same membership. Initialising an
-/// already-initialised group is refused by openraft and ignored here.
+/// nodes to initialise with the same membership. A group that already has
+/// members (every group on a restart) is not initialised again.
 pub async fn initialize_partitions(node: Arc<NodeShared>) {
     let members: BTreeMap<NodeId, BasicNode> = node
         .config
