@@ -7,14 +7,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::wire::Ack;
-use auditflow_protocol::StoredEvent;
 use common::*;
 
 const EVENTS: usize = 20_000;
@@ -77,48 +75,12 @@ async fn appends_survive_leader_kill_and_every_replica_converges() {
     assert_eq!(acked.len(), EVENTS, "every append was acknowledged");
 
     // Every node, including the restarted one, converges to the same data.
-    let expected_heads: BTreeMap<u32, u64> = {
-        let mut m = BTreeMap::new();
-        for ack in acked.values() {
-            let e = m.entry(ack.partition).or_insert(0);
-            *e = (*e).max(ack.offset + 1);
-        }
-        m
-    };
-    let mut replicas: Vec<BTreeMap<u32, Vec<StoredEvent>>> = Vec::new();
-    for node in &cluster.nodes {
-        let mut parts = BTreeMap::new();
-        for p in 0..cluster.partitions {
-            let want = expected_heads.get(&p).copied().unwrap_or(0);
-            let events = read_all(&client, &node.addr, p, want).await;
-            parts.insert(p, events);
-        }
-        replicas.push(parts);
-    }
-    for (i, parts) in replicas.iter().enumerate() {
-        let mut ids = BTreeSet::new();
-        for (p, events) in parts {
-            let mut v = ChainVerifier::new(*p);
-            for e in events {
-                v.push(e)
-                    .unwrap_or_else(|err| panic!("node {} partition {p}: {err}", i + 1));
-                assert!(
-                    ids.insert(e.event.id.clone()),
-                    "node {}: id {} stored twice",
-                    i + 1,
-                    e.event.id
-                );
-            }
-        }
-        for (id, ack) in &acked {
-            let events = &parts[&ack.partition];
-            let stored = events
-                .get(ack.offset as usize)
-                .unwrap_or_else(|| panic!("node {}: acked {id} missing", i + 1));
-            assert_eq!(&stored.event.id, id);
-            assert_eq!(stored.hash, ack.hash);
-        }
-    }
+    let nodes: Vec<(u64, String)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.addr.clone()))
+        .collect();
+    let replicas = verify_acked(&client, &nodes, cluster.partitions, &acked).await;
     assert_eq!(replicas[0], replicas[1], "node 1 and 2 hold identical data");
     assert_eq!(replicas[0], replicas[2], "node 1 and 3 hold identical data");
 }

@@ -11,14 +11,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow_broker::config::RaftTuning;
 use auditflow_broker::partition::rebalance::preferred_leader;
-use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::wire::Ack;
 use common::*;
 
@@ -150,35 +149,10 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
     }
 
     let acked = acked.lock().await.clone();
-    let mut heads: BTreeMap<u32, u64> = BTreeMap::new();
-    for ack in acked.values() {
-        let head = heads.entry(ack.partition).or_insert(0);
-        *head = (*head).max(ack.offset + 1);
-    }
-    for node in &cluster.nodes {
-        let mut ids = BTreeSet::new();
-        for p in 0..partitions {
-            let want = heads.get(&p).copied().unwrap_or(0);
-            let events = read_all(&client, &node.addr, p, want).await;
-            let mut chain = ChainVerifier::new(p);
-            for e in &events {
-                chain
-                    .push(e)
-                    .unwrap_or_else(|err| panic!("node {} partition {p}: {err}", node.id));
-                assert!(
-                    ids.insert(e.event.id.clone()),
-                    "node {}: id {} stored twice",
-                    node.id,
-                    e.event.id
-                );
-            }
-            for (id, ack) in acked.iter().filter(|(_, a)| a.partition == p) {
-                let stored = events
-                    .get(ack.offset as usize)
-                    .unwrap_or_else(|| panic!("node {}: acked {id} missing", node.id));
-                assert_eq!(&stored.event.id, id);
-                assert_eq!(stored.hash, ack.hash);
-            }
-        }
-    }
+    let nodes: Vec<(u64, String)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.addr.clone()))
+        .collect();
+    verify_acked(&client, &nodes, partitions, &acked).await;
 }

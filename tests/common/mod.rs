@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod docker;
 pub mod receiver;
 
 use std::future::Future;
@@ -101,6 +102,48 @@ impl Default for ClusterOptions {
     }
 }
 
+/// The config of node `id` of a test cluster; paths are relative to the
+/// cluster directory (data in `node<id>`, certificates in `certs/`).
+pub fn node_config(
+    id: u64,
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+    peers: &[PeerConfig],
+    opts: &ClusterOptions,
+) -> NodeConfig {
+    NodeConfig {
+        id,
+        listen,
+        admin_listen,
+        data_dir: PathBuf::from(format!("node{id}")),
+        partitions: opts.partitions,
+        dedup_window: 1_000_000,
+        peers: peers.to_vec(),
+        tls: TlsConfig {
+            ca_cert: "certs/ca.pem".into(),
+            cert: format!("certs/node{id}.pem").into(),
+            key: format!("certs/node{id}.key").into(),
+            server_name: "localhost".into(),
+        },
+        raft: opts.raft.clone(),
+        limits: opts.limits,
+        destinations: opts.destinations.clone(),
+    }
+}
+
+/// Writes `dir/client.toml` with `peers` as seeds.
+pub fn write_client_config(dir: &Path, peers: &[PeerConfig]) {
+    let seeds: Vec<String> = peers.iter().map(|p| format!("{:?}", p.addr)).collect();
+    std::fs::write(
+        dir.join("client.toml"),
+        format!(
+            "seeds = [{}]\nca_cert = \"certs/ca.pem\"\nserver_name = \"localhost\"\nrequest_timeout_ms = 3000\nretry_deadline_ms = 60000\n",
+            seeds.join(", ")
+        ),
+    )
+    .expect("write client.toml");
+}
+
 impl Cluster {
     /// Writes certificates and configs and starts three nodes.
     pub fn start(opts: ClusterOptions) -> Cluster {
@@ -117,24 +160,13 @@ impl Cluster {
         let mut nodes = Vec::new();
         for p in &peers {
             let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-            let cfg = NodeConfig {
-                id: p.id,
-                listen: p.addr.parse().expect("addr"),
-                admin_listen: Some(admin_addr),
-                data_dir: PathBuf::from(format!("node{}", p.id)),
-                partitions: opts.partitions,
-                dedup_window: 1_000_000,
-                peers: peers.clone(),
-                tls: TlsConfig {
-                    ca_cert: "certs/ca.pem".into(),
-                    cert: format!("certs/node{}.pem", p.id).into(),
-                    key: format!("certs/node{}.key", p.id).into(),
-                    server_name: "localhost".into(),
-                },
-                raft: opts.raft.clone(),
-                limits: opts.limits,
-                destinations: opts.destinations.clone(),
-            };
+            let cfg = node_config(
+                p.id,
+                p.addr.parse().expect("addr"),
+                Some(admin_addr),
+                &peers,
+                &opts,
+            );
             let config_path = dir.path().join(format!("node{}.toml", p.id));
             std::fs::write(&config_path, toml::to_string(&cfg).expect("toml")).expect("write");
             nodes.push(NodeProc {
@@ -146,15 +178,7 @@ impl Cluster {
                 child: None,
             });
         }
-        let seeds: Vec<String> = peers.iter().map(|p| format!("{:?}", p.addr)).collect();
-        std::fs::write(
-            dir.path().join("client.toml"),
-            format!(
-                "seeds = [{}]\nca_cert = \"certs/ca.pem\"\nserver_name = \"localhost\"\nrequest_timeout_ms = 3000\nretry_deadline_ms = 60000\n",
-                seeds.join(", ")
-            ),
-        )
-        .expect("write client.toml");
+        write_client_config(dir.path(), &peers);
         let mut cluster = Cluster {
             dir,
             nodes,
@@ -441,4 +465,53 @@ pub async fn scrape_metrics(admin_addr: SocketAddr) -> String {
         .text()
         .await
         .expect("metrics text")
+}
+
+/// Reads every partition from each node in `nodes` (id, address) up to the
+/// highest acknowledged offset and checks what an auditor would: each
+/// partition's hash chain is intact, no id is stored twice, and every
+/// acknowledged event is stored where its ack said, with the ack's hash.
+/// Returns each node's partitions, for comparing replicas.
+pub async fn verify_acked(
+    client: &Client,
+    nodes: &[(u64, String)],
+    partitions: u32,
+    acked: &std::collections::BTreeMap<String, auditflow_protocol::wire::Ack>,
+) -> Vec<std::collections::BTreeMap<u32, Vec<auditflow_protocol::StoredEvent>>> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut heads: BTreeMap<u32, u64> = BTreeMap::new();
+    for ack in acked.values() {
+        let head = heads.entry(ack.partition).or_insert(0);
+        *head = (*head).max(ack.offset + 1);
+    }
+    let mut replicas = Vec::new();
+    for (node, addr) in nodes {
+        let mut parts = BTreeMap::new();
+        let mut ids = BTreeSet::new();
+        for p in 0..partitions {
+            let want = heads.get(&p).copied().unwrap_or(0);
+            let events = read_all(client, addr, p, want).await;
+            let mut chain = auditflow_protocol::chain::ChainVerifier::new(p);
+            for e in &events {
+                chain
+                    .push(e)
+                    .unwrap_or_else(|err| panic!("node {node} partition {p}: {err}"));
+                assert!(
+                    ids.insert(e.event.id.clone()),
+                    "node {node}: id {} stored twice",
+                    e.event.id
+                );
+            }
+            parts.insert(p, events);
+        }
+        for (id, ack) in acked {
+            let stored = parts[&ack.partition]
+                .get(ack.offset as usize)
+                .unwrap_or_else(|| panic!("node {node}: acked {id} missing"));
+            assert_eq!(&stored.event.id, id, "node {node}: offset of {id}");
+            assert_eq!(stored.hash, ack.hash, "node {node}: hash of {id}");
+        }
+        replicas.push(parts);
+    }
+    replicas
 }
