@@ -31,6 +31,14 @@ pub const MAX_PEER_FRAME_BYTES: usize = 64 * 1024 * 1024;
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(300);
 /// Longest wait for a QUIC handshake with a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// RPCs in a row that may time out on one connection before it is dropped
+/// and the next RPC dials again. A peer restarted on the same address is
+/// normally recognised at once (its stateless reset, `tls::endpoint_config`),
+/// but not if it came back with another key (a rotated certificate): the
+/// old connection then looks alive until its 5 s idle timeout, longer than
+/// a restarted follower waits before it campaigns. A live but slow peer
+/// costs one handshake.
+const TIMEOUTS_BEFORE_REDIAL: u32 = 3;
 
 /// A Raft RPC for one partition's group.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,6 +139,14 @@ struct PeerSlot {
     last_failure: Option<Instant>,
 }
 
+/// One peer: its connection, and how many RPCs on it timed out in a row
+/// (kept outside the lock, since every RPC updates it).
+#[derive(Default)]
+struct Peer {
+    slot: tokio::sync::Mutex<PeerSlot>,
+    timeouts: std::sync::atomic::AtomicU32,
+}
+
 /// [`RaftTransport`] over QUIC: one lazily (re)established connection per
 /// peer, shared by all groups.
 pub struct QuicPeers {
@@ -140,7 +156,7 @@ pub struct QuicPeers {
     addrs: BTreeMap<NodeId, String>,
     /// One async mutex per peer serialises (re)connects, so concurrent
     /// groups never open several connections to the same peer.
-    slots: BTreeMap<NodeId, tokio::sync::Mutex<PeerSlot>>,
+    peers: BTreeMap<NodeId, Peer>,
 }
 
 impl QuicPeers {
@@ -152,25 +168,22 @@ impl QuicPeers {
         server_name: String,
         addrs: BTreeMap<NodeId, String>,
     ) -> Arc<Self> {
-        let slots = addrs
-            .keys()
-            .map(|id| (*id, tokio::sync::Mutex::new(PeerSlot::default())))
-            .collect();
+        let peers = addrs.keys().map(|id| (*id, Peer::default())).collect();
         Arc::new(QuicPeers {
             endpoint,
             client_config,
             server_name,
             addrs,
-            slots,
+            peers,
         })
     }
 
     async fn connection(&self, target: NodeId) -> Result<quinn::Connection, TransportFailure> {
-        let slot = self
-            .slots
+        let peer = self
+            .peers
             .get(&target)
             .ok_or_else(|| TransportFailure::Unreachable(target, "unknown node id".into()))?;
-        let mut slot = slot.lock().await;
+        let mut slot = peer.slot.lock().await;
         if let Some(conn) = &slot.conn {
             if conn.close_reason().is_none() {
                 return Ok(conn.clone());
@@ -257,10 +270,53 @@ impl RaftTransport for Arc<QuicPeers> {
     ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>> {
         let this = Arc::clone(self);
         Box::pin(async move {
-            match tokio::time::timeout(timeout, this.call_once(target, request)).await {
-                Ok(r) => r,
-                Err(_) => Err(TransportFailure::Timeout(target)),
-            }
+            let result =
+                match tokio::time::timeout(timeout, Arc::clone(&this).call_once(target, request))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(TransportFailure::Timeout(target)),
+                };
+            this.count_timeouts(target, &result).await;
+            result
         })
+    }
+}
+
+impl QuicPeers {
+    /// Counts RPCs to `target` that timed out in a row, and drops the
+    /// connection after [`TIMEOUTS_BEFORE_REDIAL`] of them.
+    async fn count_timeouts(
+        &self,
+        target: NodeId,
+        result: &Result<PeerResponse, TransportFailure>,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(peer) = self.peers.get(&target) else {
+            return;
+        };
+        match result {
+            Err(TransportFailure::Timeout(_)) => {
+                if peer.timeouts.fetch_add(1, Relaxed) + 1 >= TIMEOUTS_BEFORE_REDIAL {
+                    peer.timeouts.store(0, Relaxed);
+                    // RPCs still in flight keep their handle; the next one
+                    // dials a new connection.
+                    if peer.slot.lock().await.conn.take().is_some() {
+                        tracing::info!(
+                            peer = target,
+                            "{TIMEOUTS_BEFORE_REDIAL} RPCs in a row timed out; dialling a new connection"
+                        );
+                    }
+                }
+            }
+            // Only a timeout leaves a dead connection in place: a failed
+            // connect or a closed connection already dial again.
+            Err(_) => {}
+            Ok(_) => {
+                if peer.timeouts.load(Relaxed) != 0 {
+                    peer.timeouts.store(0, Relaxed);
+                }
+            }
+        }
     }
 }

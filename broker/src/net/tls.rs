@@ -304,6 +304,37 @@ pub fn ensure_dev_certs(dir: &Path, node_ids: &[u64]) -> Result<DevCertPaths, Tl
         path: dir.to_owned(),
         source,
     })?;
+    let ca_params = dev_ca_params()?;
+    let ca_keypair = rcgen::KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_keypair)?;
+    write(&ca_cert, ca.pem().as_bytes())?;
+    write(&ca_key, ca_keypair.serialize_pem().as_bytes())?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_keypair);
+    for (id, (cert_path, key_path)) in node_ids.iter().zip(&nodes) {
+        issue_dev_node_cert(&issuer, *id, cert_path, key_path)?;
+    }
+    Ok(paths)
+}
+
+/// Gives node `id` of the dev certificates in `dir` a new key and a
+/// certificate for it, signed by the existing dev CA (a certificate
+/// rotation, as a deployment would do it); returns (certificate, key).
+pub fn renew_dev_node_cert(dir: &Path, id: u64) -> Result<(PathBuf, PathBuf), TlsError> {
+    let ca_key_path = dir.join("ca.key");
+    let ca_key_pem = String::from_utf8(read(&ca_key_path)?).map_err(|e| TlsError::Pem {
+        path: ca_key_path.clone(),
+        reason: format!("not UTF-8: {e}"),
+    })?;
+    let ca_keypair = rcgen::KeyPair::from_pem(&ca_key_pem)?;
+    // The CA's name and key are all a signature by it needs.
+    let issuer = rcgen::Issuer::new(dev_ca_params()?, ca_keypair);
+    let cert = dir.join(format!("node{id}.pem"));
+    let key = dir.join(format!("node{id}.key"));
+    issue_dev_node_cert(&issuer, id, &cert, &key)?;
+    Ok((cert, key))
+}
+
+fn dev_ca_params() -> Result<rcgen::CertificateParams, TlsError> {
     let now = time::OffsetDateTime::now_utc();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -317,33 +348,36 @@ pub fn ensure_dev_certs(dir: &Path, node_ids: &[u64]) -> Result<DevCertPaths, Tl
     ];
     ca_params.not_before = now - time::Duration::days(1);
     ca_params.not_after = now + time::Duration::days(DEV_CERT_VALIDITY_DAYS);
-    let ca_keypair = rcgen::KeyPair::generate()?;
-    let ca = ca_params.self_signed(&ca_keypair)?;
-    write(&ca_cert, ca.pem().as_bytes())?;
-    write(&ca_key, ca_keypair.serialize_pem().as_bytes())?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_keypair);
-    for (id, (cert_path, key_path)) in node_ids.iter().zip(&nodes) {
-        let mut params = rcgen::CertificateParams::new(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-            format!("auditflow-node-{id}"),
-        ])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("auditflow-node-{id}"));
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(DEV_CERT_VALIDITY_DAYS);
-        let key = rcgen::KeyPair::generate()?;
-        let cert = params.signed_by(&key, &issuer)?;
-        write(cert_path, cert.pem().as_bytes())?;
-        write(key_path, key.serialize_pem().as_bytes())?;
-    }
-    Ok(paths)
+    Ok(ca_params)
+}
+
+fn issue_dev_node_cert(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    id: u64,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), TlsError> {
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = rcgen::CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+        format!("auditflow-node-{id}"),
+    ])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("auditflow-node-{id}"));
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(DEV_CERT_VALIDITY_DAYS);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    write(cert_path, cert.pem().as_bytes())?;
+    write(key_path, key.serialize_pem().as_bytes())?;
+    Ok(())
 }
 
 fn write(path: &Path, data: &[u8]) -> Result<(), TlsError> {
@@ -388,6 +422,36 @@ mod tests {
         assert_ne!(token(&ka, &cid), token(&kb, &cid));
         assert!(ka_again.verify(&cid, &token(&ka, &cid)).is_ok());
         assert!(kb.verify(&cid, &token(&ka, &cid)).is_err());
+    }
+
+    /// A renewed node certificate comes with a new key, and the pair is
+    /// usable (a mismatched pair is refused by rustls); the CA is kept.
+    #[test]
+    fn renewing_a_node_certificate_changes_its_key_and_keeps_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = ensure_dev_certs(dir.path(), &[1, 2]).unwrap();
+        let (cert, key) = paths.nodes[0].clone();
+        let before = (
+            std::fs::read(&key).unwrap(),
+            std::fs::read(&paths.ca_cert).unwrap(),
+        );
+        assert_eq!(
+            renew_dev_node_cert(dir.path(), 1).unwrap(),
+            (cert.clone(), key.clone())
+        );
+        let after = (
+            std::fs::read(&key).unwrap(),
+            std::fs::read(&paths.ca_cert).unwrap(),
+        );
+        assert_ne!(before.0, after.0, "a new key");
+        assert_eq!(before.1, after.1, "the same CA");
+        let tls = TlsConfig {
+            ca_cert: paths.ca_cert,
+            cert,
+            key,
+            server_name: "localhost".into(),
+        };
+        assert!(server_config(&tls).is_ok());
     }
 
     /// The endpoint configuration is built from a real generated node key.
