@@ -17,12 +17,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow_client::{Client, ClientConfig};
-use auditflow_protocol::wire::Ack;
 use common::docker::{docker_available, DockerCluster};
 use common::*;
 
@@ -70,32 +67,8 @@ async fn appends_survive_a_node_cut_off_and_a_node_frozen() {
     .await;
     let all = cluster.addrs();
 
-    let acked: Arc<tokio::sync::Mutex<BTreeMap<String, Ack>>> = Default::default();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for _ in 0..WINDOW {
-        let (client, acked, next, stop) = (
-            client.clone(),
-            Arc::clone(&acked),
-            Arc::clone(&next),
-            Arc::clone(&stop),
-        );
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let (id, ack) = append_numbered(&client, next.fetch_add(1, Ordering::SeqCst)).await;
-                acked.lock().await.insert(id, ack);
-            }
-        }));
-    }
-    let acks = |at_least: usize| {
-        let acked = Arc::clone(&acked);
-        move || {
-            let acked = Arc::clone(&acked);
-            async move { (acked.lock().await.len() >= at_least).then_some(()) }
-        }
-    };
-    wait_until("appends to start", Duration::from_secs(60), acks(300)).await;
+    let appenders = Appenders::start(&client, WINDOW);
+    appenders.wait_for_more("appends to start", 300).await;
 
     // Each fault: the faulty node's partitions move to the other two, and
     // appends go on while it lasts; once it ends, the node is back in
@@ -112,25 +85,20 @@ async fn appends_survive_a_node_cut_off_and_a_node_frozen() {
             .filter(|a| **a != cluster.nodes[victim].addr)
             .cloned()
             .collect();
-        wait_until(
+        wait_failed_over(
             &format!("node {victim_id}'s partitions to fail over ({fault})"),
-            Duration::from_secs(60),
-            || {
-                let (client, others) = (client.clone(), others.clone());
-                async move {
-                    let leaders = agreed_leaders(&client, &others, partitions).await?;
-                    (!leaders.contains(&victim_id)).then_some(())
-                }
-            },
+            &client,
+            &others,
+            partitions,
+            victim_id,
         )
         .await;
-        let during = acked.lock().await.len();
-        wait_until(
-            &format!("appends to go on while node {victim_id} is {fault}"),
-            Duration::from_secs(60),
-            acks(during + 300),
-        )
-        .await;
+        appenders
+            .wait_for_more(
+                &format!("appends to go on while node {victim_id} is {fault}"),
+                300,
+            )
+            .await;
         match fault {
             "cut off" => cluster.reconnect(victim),
             _ => cluster.unpause(victim),
@@ -144,25 +112,15 @@ async fn appends_survive_a_node_cut_off_and_a_node_frozen() {
             },
         )
         .await;
-        let after = acked.lock().await.len();
-        wait_until(
-            &format!("appends to go on after node {victim_id} was {fault}"),
-            Duration::from_secs(60),
-            acks(after + 300),
-        )
-        .await;
+        appenders
+            .wait_for_more(
+                &format!("appends to go on after node {victim_id} was {fault}"),
+                300,
+            )
+            .await;
     }
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.expect("worker");
-    }
-
-    let acked = acked.lock().await.clone();
-    let nodes: Vec<(u64, String)> = cluster
-        .nodes
-        .iter()
-        .map(|n| (n.id, n.addr.clone()))
-        .collect();
+    let acked = appenders.stop().await;
+    let nodes = cluster.ids_and_addrs();
     let replicas = verify_acked(&client, &nodes, partitions, &acked).await;
     assert_eq!(
         replicas[0], replicas[1],

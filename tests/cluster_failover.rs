@@ -75,11 +75,7 @@ async fn appends_survive_leader_kill_and_every_replica_converges() {
     assert_eq!(acked.len(), EVENTS, "every append was acknowledged");
 
     // Every node, including the restarted one, converges to the same data.
-    let nodes: Vec<(u64, String)> = cluster
-        .nodes
-        .iter()
-        .map(|n| (n.id, n.addr.clone()))
-        .collect();
+    let nodes = cluster.ids_and_addrs();
     let replicas = verify_acked(&client, &nodes, cluster.partitions, &acked).await;
     assert_eq!(replicas[0], replicas[1], "node 1 and 2 hold identical data");
     assert_eq!(replicas[0], replicas[2], "node 1 and 3 hold identical data");

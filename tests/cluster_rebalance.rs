@@ -11,14 +11,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow_broker::config::RaftTuning;
 use auditflow_broker::partition::rebalance::preferred_leader;
-use auditflow_protocol::wire::Ack;
 use common::*;
 
 const WINDOW: usize = 16;
@@ -61,57 +57,24 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
     .await;
 
     // Appends run through the failover, the restart and the handovers.
-    let acked: Arc<tokio::sync::Mutex<BTreeMap<String, Ack>>> = Default::default();
-    let next = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for _ in 0..WINDOW {
-        let (client, acked, next, stop) = (
-            client.clone(),
-            Arc::clone(&acked),
-            Arc::clone(&next),
-            Arc::clone(&stop),
-        );
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let n = next.fetch_add(1, Ordering::SeqCst);
-                let (id, ack) = append_numbered(&client, n).await;
-                acked.lock().await.insert(id, ack);
-            }
-        }));
-    }
-    let acks = |at_least: usize| {
-        let acked = Arc::clone(&acked);
-        move || {
-            let acked = Arc::clone(&acked);
-            async move { (acked.lock().await.len() >= at_least).then_some(()) }
-        }
-    };
-    wait_until("appends to start", Duration::from_secs(60), acks(500)).await;
+    let appenders = Appenders::start(&client, WINDOW);
+    appenders.wait_for_more("appends to start", 500).await;
 
     let victim = preferred[0];
     let victim_idx = cluster.index_of(victim);
     cluster.kill(victim_idx);
     let survivors = cluster.running();
-    wait_until(
+    wait_failed_over(
         "the victim's partitions to fail over",
-        Duration::from_secs(60),
-        || {
-            let (client, survivors) = (client.clone(), survivors.clone());
-            async move {
-                let leaders = agreed_leaders(&client, &survivors, partitions).await?;
-                (!leaders.contains(&victim)).then_some(())
-            }
-        },
+        &client,
+        &survivors,
+        partitions,
+        victim,
     )
     .await;
-    let before_restart = acked.lock().await.len();
-    wait_until(
-        "appends to continue after failover",
-        Duration::from_secs(60),
-        acks(before_restart + 500),
-    )
-    .await;
+    appenders
+        .wait_for_more("appends to continue after failover", 500)
+        .await;
 
     cluster.spawn(victim_idx);
     wait_until(
@@ -136,23 +99,10 @@ async fn leaders_return_to_their_preferred_nodes_after_a_restart() {
         handovers >= moved as f64,
         "{handovers} handovers counted for {moved} partitions moved back"
     );
-    let after_handover = acked.lock().await.len();
-    wait_until(
-        "appends to continue after the handovers",
-        Duration::from_secs(60),
-        acks(after_handover + 500),
-    )
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.expect("worker");
-    }
-
-    let acked = acked.lock().await.clone();
-    let nodes: Vec<(u64, String)> = cluster
-        .nodes
-        .iter()
-        .map(|n| (n.id, n.addr.clone()))
-        .collect();
+    appenders
+        .wait_for_more("appends to continue after the handovers", 500)
+        .await;
+    let acked = appenders.stop().await;
+    let nodes = cluster.ids_and_addrs();
     verify_acked(&client, &nodes, partitions, &acked).await;
 }

@@ -16,8 +16,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow_broker::net::tls::renew_dev_node_cert;
@@ -93,42 +91,20 @@ async fn restart_at_once(renew: bool) {
     cluster.wait_ready(&client).await;
     let partitions = cluster.partitions;
 
-    let acked = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for _ in 0..WINDOW {
-        let (client, acked, next, stop) = (
-            client.clone(),
-            Arc::clone(&acked),
-            Arc::clone(&next),
-            Arc::clone(&stop),
-        );
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                append_numbered(&client, next.fetch_add(1, Ordering::SeqCst)).await;
-                acked.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
-    }
-    let acks = |at_least: usize| {
-        let acked = Arc::clone(&acked);
-        move || {
-            let acked = Arc::clone(&acked);
-            async move { (acked.load(Ordering::SeqCst) >= at_least).then_some(()) }
-        }
-    };
-    wait_until("appends to start", Duration::from_secs(60), acks(300)).await;
+    let appenders = Appenders::start(&client, WINDOW);
+    appenders.wait_for_more("appends to start", 300).await;
     let running = cluster.running();
-    let before = wait_until(
-        "leaders and terms the nodes agree on",
-        Duration::from_secs(60),
-        || {
-            let (client, running) = (client.clone(), running.clone());
-            async move { leaders_and_terms(&client, &running, partitions).await }
-        },
-    )
-    .await;
+    let agreed_terms = || {
+        wait_until(
+            "leaders and terms the nodes agree on",
+            Duration::from_secs(60),
+            || {
+                let (client, running) = (client.clone(), running.clone());
+                async move { leaders_and_terms(&client, &running, partitions).await }
+            },
+        )
+    };
+    let before = agreed_terms().await;
 
     let victim_idx = 0;
     let victim = cluster.nodes[victim_idx].id;
@@ -141,17 +117,10 @@ async fn restart_at_once(renew: bool) {
         .unwrap_or(0);
     cluster.spawn(victim_idx);
 
-    let restarted_at = acked.load(Ordering::SeqCst);
-    wait_until(
-        "appends to continue after the restart",
-        Duration::from_secs(60),
-        acks(restarted_at + 300),
-    )
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.expect("worker");
-    }
+    appenders
+        .wait_for_more("appends to continue after the restart", 300)
+        .await;
+    appenders.stop().await;
     wait_until(
         "the restarted node to hold every partition's events",
         Duration::from_secs(60),
@@ -161,15 +130,7 @@ async fn restart_at_once(renew: bool) {
         },
     )
     .await;
-    let after = wait_until(
-        "leaders and terms the nodes agree on",
-        Duration::from_secs(60),
-        || {
-            let (client, running) = (client.clone(), running.clone());
-            async move { leaders_and_terms(&client, &running, partitions).await }
-        },
-    )
-    .await;
+    let after = agreed_terms().await;
 
     // A restart is routine: the node logs no error for it (it used to ask
     // openraft to initialise its groups again, and openraft refused with

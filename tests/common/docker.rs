@@ -233,6 +233,11 @@ impl DockerCluster {
         must(&["unpause", &self.nodes[i].container]);
     }
 
+    /// Every node's (id, address), for `verify_acked`.
+    pub fn ids_and_addrs(&self) -> Vec<(u64, String)> {
+        self.nodes.iter().map(|n| (n.id, n.addr.clone())).collect()
+    }
+
     /// Addresses of every node.
     pub fn addrs(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.addr.clone()).collect()

@@ -276,6 +276,11 @@ impl Cluster {
         .await
     }
 
+    /// Every node's (id, address), for [`verify_acked`].
+    pub fn ids_and_addrs(&self) -> Vec<(u64, String)> {
+        self.nodes.iter().map(|n| (n.id, n.addr.clone())).collect()
+    }
+
     /// Addresses of the nodes this harness has running.
     pub fn running(&self) -> Vec<String> {
         self.nodes
@@ -514,4 +519,95 @@ pub async fn verify_acked(
         replicas.push(parts);
     }
     replicas
+}
+
+/// The cluster tests' background workload: `window` workers append
+/// numbered events ([`append_numbered`]) until stopped, and every ack is
+/// kept for [`verify_acked`].
+pub struct Appenders {
+    acked: std::sync::Arc<
+        tokio::sync::Mutex<std::collections::BTreeMap<String, auditflow_protocol::wire::Ack>>,
+    >,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Appenders {
+    /// Starts `window` workers appending through `client`.
+    pub fn start(client: &Client, window: usize) -> Appenders {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let acked: Arc<tokio::sync::Mutex<std::collections::BTreeMap<_, _>>> = Default::default();
+        let next = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..window)
+            .map(|_| {
+                let (client, acked, next, stop) = (
+                    client.clone(),
+                    Arc::clone(&acked),
+                    Arc::clone(&next),
+                    Arc::clone(&stop),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        let (id, ack) = append_numbered(&client, n).await;
+                        acked.lock().await.insert(id, ack);
+                    }
+                })
+            })
+            .collect();
+        Appenders {
+            acked,
+            stop,
+            workers,
+        }
+    }
+
+    /// Appends acknowledged so far.
+    pub async fn count(&self) -> usize {
+        self.acked.lock().await.len()
+    }
+
+    /// Waits (60 s at most) until `more` appends beyond those acknowledged
+    /// now are acknowledged: `what` is the condition, for the failure
+    /// message.
+    pub async fn wait_for_more(&self, what: &str, more: usize) {
+        let target = self.count().await + more;
+        wait_until(what, Duration::from_secs(60), || {
+            let acked = std::sync::Arc::clone(&self.acked);
+            async move { (acked.lock().await.len() >= target).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops the workers once their appends in flight are answered; every
+    /// ack, by event id.
+    pub async fn stop(self) -> std::collections::BTreeMap<String, auditflow_protocol::wire::Ack> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for w in self.workers {
+            w.await.expect("append worker");
+        }
+        let acked = self.acked.lock().await.clone();
+        acked
+    }
+}
+
+/// Waits (60 s at most) until the nodes in `others` agree on a leader for
+/// every partition and none of them is `victim`.
+pub async fn wait_failed_over(
+    what: &str,
+    client: &Client,
+    others: &[String],
+    partitions: u32,
+    victim: u64,
+) {
+    wait_until(what, Duration::from_secs(60), || {
+        let (client, others) = (client.clone(), others.to_vec());
+        async move {
+            let leaders = agreed_leaders(&client, &others, partitions).await?;
+            (!leaders.contains(&victim)).then_some(())
+        }
+    })
+    .await;
 }
