@@ -152,6 +152,21 @@ async fn restart_at_once(renew: bool) {
         "node {victim}'s log file holds terminal escape codes"
     );
 
+    // With a renewed key the peers found the dead connections by their
+    // timeouts, and say so.
+    if renew {
+        let mut redials = 0.0;
+        for n in cluster.nodes.iter().filter(|n| n.id != victim) {
+            let text = scrape_metrics(n.admin_addr).await;
+            redials += sum_metric(
+                &text,
+                "auditflow_peer_redials_total",
+                &[("peer", &victim.to_string())],
+            );
+        }
+        assert!(redials >= 1.0, "no peer counted a redial to node {victim}");
+    }
+
     // The partitions the victim led may have held an election if its
     // restart took longer than their election timeout; the others had a
     // live leader all along, and the restarted follower must not have

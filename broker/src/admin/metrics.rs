@@ -78,6 +78,9 @@ pub const RAFT_LOG_SEGMENTS: &str = "auditflow_raft_log_segments";
 /// Leadership handovers this node started (`partition::rebalance`), by
 /// partition and `result` (`done`, `failed`).
 pub const LEADER_HANDOVERS_TOTAL: &str = "auditflow_leader_handovers_total";
+/// Connections to a peer this node dropped and dialled again because RPCs
+/// on them kept timing out (`net::peer`), by `peer` id.
+pub const PEER_REDIALS_TOTAL: &str = "auditflow_peer_redials_total";
 
 /// How often [`run_sampler`] samples Raft and delivery state: well under
 /// a typical 10–15 s scrape interval, and cheap (a metrics borrow and a
@@ -196,6 +199,11 @@ pub fn describe() {
         RAFT_LOG_SEGMENTS,
         Unit::Count,
         "Raft log segment files on this node."
+    );
+    describe_counter!(
+        PEER_REDIALS_TOTAL,
+        Unit::Count,
+        "Connections to a peer dropped and dialled again after RPCs on them timed out several times in a row, by peer id."
     );
     describe_counter!(
         LEADER_HANDOVERS_TOTAL,

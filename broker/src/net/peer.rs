@@ -18,6 +18,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::admin::metrics::PEER_REDIALS_TOTAL;
 use crate::partition::{NodeId, TypeConfig};
 
 /// Version of the peer messages.
@@ -302,6 +303,8 @@ impl QuicPeers {
                     // RPCs still in flight keep their handle; the next one
                     // dials a new connection.
                     if peer.slot.lock().await.conn.take().is_some() {
+                        metrics::counter!(PEER_REDIALS_TOTAL, "peer" => target.to_string())
+                            .increment(1);
                         tracing::info!(
                             peer = target,
                             "{TIMEOUTS_BEFORE_REDIAL} RPCs in a row timed out; dialling a new connection"
