@@ -44,19 +44,39 @@ where
 }
 
 /// A free UDP port on loopback (bound then released; good enough for tests).
+/// Never the same port twice in one test process: two clusters started
+/// at the same moment could otherwise both be handed a port the kernel
+/// had just released.
 pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral UDP port")
+    unique_port(|| {
+        UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral UDP port")
+    })
 }
 
-/// A free TCP port on loopback (bound then released), for admin HTTP.
+/// A free TCP port on loopback (bound then released), for admin HTTP; never
+/// the same twice in one test process.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral TCP port")
+    unique_port(|| {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral TCP port")
+    })
+}
+
+fn unique_port(mut bind: impl FnMut() -> u16) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = bind();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// One node process.
