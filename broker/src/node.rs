@@ -350,7 +350,7 @@ pub async fn start(
 /// a partition still leaderless after [`INIT_GRACE`] (its preferred node is
 /// down at first start) initialises it itself; openraft allows several
 /// nodes to initialise with the same membership. A group that already has
-/// members (every group on a restart) is not initialised again.
+/// a vote or a log (every group on a restart) is not initialised again.
 pub async fn initialize_partitions(node: Arc<NodeShared>) {
     let members: BTreeMap<NodeId, BasicNode> = node
         .config

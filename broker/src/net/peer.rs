@@ -203,6 +203,9 @@ impl QuicPeers {
             Ok(conn) => {
                 slot.conn = Some(conn.clone());
                 slot.last_failure = None;
+                // RPCs that timed out waiting for this dial are not the new
+                // connection's doing.
+                peer.timeouts.store(0, std::sync::atomic::Ordering::Relaxed);
                 Ok(conn)
             }
             Err(e) => {
@@ -278,7 +281,7 @@ impl RaftTransport for Arc<QuicPeers> {
                     Ok(r) => r,
                     Err(_) => Err(TransportFailure::Timeout(target)),
                 };
-            this.count_timeouts(target, &result).await;
+            this.count_timeouts(target, &result);
             result
         })
     }
@@ -286,30 +289,33 @@ impl RaftTransport for Arc<QuicPeers> {
 
 impl QuicPeers {
     /// Counts RPCs to `target` that timed out in a row, and drops the
-    /// connection after [`TIMEOUTS_BEFORE_REDIAL`] of them.
-    async fn count_timeouts(
-        &self,
-        target: NodeId,
-        result: &Result<PeerResponse, TransportFailure>,
-    ) {
+    /// connection after [`TIMEOUTS_BEFORE_REDIAL`] of them. Never waits:
+    /// the RPC has already used up its time.
+    fn count_timeouts(&self, target: NodeId, result: &Result<PeerResponse, TransportFailure>) {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(peer) = self.peers.get(&target) else {
             return;
         };
         match result {
             Err(TransportFailure::Timeout(_)) => {
-                if peer.timeouts.fetch_add(1, Relaxed) + 1 >= TIMEOUTS_BEFORE_REDIAL {
-                    peer.timeouts.store(0, Relaxed);
-                    // RPCs still in flight keep their handle; the next one
-                    // dials a new connection.
-                    if peer.slot.lock().await.conn.take().is_some() {
-                        metrics::counter!(PEER_REDIALS_TOTAL, "peer" => target.to_string())
-                            .increment(1);
-                        tracing::info!(
-                            peer = target,
-                            "{TIMEOUTS_BEFORE_REDIAL} RPCs in a row timed out; dialling a new connection"
-                        );
-                    }
+                if peer.timeouts.fetch_add(1, Relaxed) + 1 < TIMEOUTS_BEFORE_REDIAL {
+                    return;
+                }
+                // A slot held by another task is being dialled (for up to
+                // CONNECT_TIMEOUT) or read; the next timeout tries again.
+                let Ok(mut slot) = peer.slot.try_lock() else {
+                    return;
+                };
+                peer.timeouts.store(0, Relaxed);
+                // RPCs still in flight keep their handle; the next one
+                // dials a new connection.
+                if slot.conn.take().is_some() {
+                    metrics::counter!(PEER_REDIALS_TOTAL, "peer" => target.to_string())
+                        .increment(1);
+                    tracing::info!(
+                        peer = target,
+                        "{TIMEOUTS_BEFORE_REDIAL} RPCs in a row timed out; dialling a new connection"
+                    );
                 }
             }
             // Only a timeout leaves a dead connection in place: a failed
