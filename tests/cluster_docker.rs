@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use auditflow_client::{Client, ClientConfig};
@@ -32,14 +31,7 @@ async fn busiest(client: &Client, cluster: &DockerCluster, addrs: &[String]) -> 
         async move { agreed_leaders(&client, &addrs, cluster.partitions).await }
     })
     .await;
-    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
-    for l in leaders {
-        *counts.entry(l).or_default() += 1;
-    }
-    let (id, _) = counts
-        .into_iter()
-        .max_by_key(|(_, c)| *c)
-        .expect("a leader");
+    let id = most_leading(leaders).expect("a leader");
     cluster
         .nodes
         .iter()

@@ -164,6 +164,16 @@ pub fn write_client_config(dir: &Path, peers: &[PeerConfig]) {
     .expect("write client.toml");
 }
 
+/// The node that leads the most partitions among `leaders` (one entry
+/// per partition); ties go to the highest id.
+pub fn most_leading(leaders: impl IntoIterator<Item = u64>) -> Option<u64> {
+    let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
+    for l in leaders {
+        *counts.entry(l).or_default() += 1;
+    }
+    counts.into_iter().max_by_key(|(_, c)| *c).map(|(id, _)| id)
+}
+
 impl Cluster {
     /// Writes certificates and configs and starts three nodes.
     pub fn start(opts: ClusterOptions) -> Cluster {
@@ -274,15 +284,7 @@ impl Cluster {
     /// metadata (the victim of failover tests: it moves the most).
     pub async fn busiest_leader(&self, client: &Client) -> usize {
         let meta = client.metadata().await.expect("metadata");
-        let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
-        for l in meta.leaders.iter().flatten() {
-            *counts.entry(*l).or_default() += 1;
-        }
-        let busiest = counts
-            .iter()
-            .max_by_key(|(_, c)| **c)
-            .map(|(id, _)| *id)
-            .expect("a leader");
+        let busiest = most_leading(meta.leaders.into_iter().flatten()).expect("a leader");
         self.index_of(busiest)
     }
 

@@ -393,6 +393,19 @@ mod tests {
 
     use super::*;
 
+    /// Dev certificates for `ids` in `dir`, and node `ids[0]`'s TLS config.
+    fn dev_tls(dir: &Path, ids: &[u64]) -> (DevCertPaths, TlsConfig) {
+        let paths = ensure_dev_certs(dir, ids).unwrap();
+        let (cert, key) = paths.nodes[0].clone();
+        let tls = TlsConfig {
+            ca_cert: paths.ca_cert.clone(),
+            cert,
+            key,
+            server_name: "localhost".into(),
+        };
+        (paths, tls)
+    }
+
     fn token(key: &ResetKey, cid: &[u8]) -> [u8; 32] {
         let mut out = [0u8; 32];
         key.sign(cid, &mut out);
@@ -429,8 +442,8 @@ mod tests {
     #[test]
     fn renewing_a_node_certificate_changes_its_key_and_keeps_the_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = ensure_dev_certs(dir.path(), &[1, 2]).unwrap();
-        let (cert, key) = paths.nodes[0].clone();
+        let (paths, tls) = dev_tls(dir.path(), &[1, 2]);
+        let (cert, key) = (tls.cert.clone(), tls.key.clone());
         let before = (
             std::fs::read(&key).unwrap(),
             std::fs::read(&paths.ca_cert).unwrap(),
@@ -445,12 +458,6 @@ mod tests {
         );
         assert_ne!(before.0, after.0, "a new key");
         assert_eq!(before.1, after.1, "the same CA");
-        let tls = TlsConfig {
-            ca_cert: paths.ca_cert,
-            cert,
-            key,
-            server_name: "localhost".into(),
-        };
         assert!(server_config(&tls).is_ok());
     }
 
@@ -458,14 +465,7 @@ mod tests {
     #[test]
     fn endpoint_config_loads_the_node_key() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = ensure_dev_certs(dir.path(), &[1]).unwrap();
-        let (cert, key) = paths.nodes[0].clone();
-        let tls = TlsConfig {
-            ca_cert: paths.ca_cert,
-            cert,
-            key,
-            server_name: "localhost".into(),
-        };
+        let (_, tls) = dev_tls(dir.path(), &[1]);
         assert!(endpoint_config(&tls).is_ok());
         let missing = TlsConfig {
             key: dir.path().join("absent.key"),
