@@ -13,8 +13,12 @@ pub struct NodeArgs {
     /// The node's configuration file.
     #[arg(long, env = "AUDITFLOW_NODE_CONFIG")]
     pub config: PathBuf,
-    /// Worker threads for networking and Raft (the partition actors run on
-    /// the main thread).
+    /// Threads of the async runtime (networking, Raft, actors). With 1,
+    /// everything async runs on the main thread, which saves the cross-thread
+    /// wake-ups where several nodes share few cores (`up` starts its nodes
+    /// so); with more, networking and Raft run on that many worker threads
+    /// and the actors on the main thread. The storage writers have threads
+    /// of their own either way.
     #[arg(long, env = "AUDITFLOW_NODE_THREADS", default_value_t = 2)]
     pub threads: usize,
 }
@@ -22,14 +26,20 @@ pub struct NodeArgs {
 /// Runs the node until SIGINT or SIGTERM, then shuts it down cleanly.
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(&args.config)?;
-    let threads = args.threads.max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?;
     // actix runs its actors on a LocalSet of this runtime; openraft and
-    // quinn tasks run on its worker threads.
+    // quinn tasks run on its worker threads (or beside the actors, on the
+    // main thread, when there are none).
     let system = actix_rt::System::with_tokio_rt(move || runtime);
     system.block_on(async move {
         let node = run_quic_node(config).await?;

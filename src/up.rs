@@ -144,9 +144,15 @@ fn default_destination(dir: &Path) -> anyhow::Result<DestinationConfig> {
 }
 
 /// Starts one `auditflow node` child process per node, logging to
-/// `DIR/node{i}.log`; they are killed if the handles are dropped.
+/// `DIR/node{i}.log`, each with one runtime thread unless
+/// `AUDITFLOW_NODE_THREADS` says otherwise; they are killed if the handles
+/// are dropped.
 pub fn spawn_nodes(dir: &Path, nodes: &[DevNode]) -> anyhow::Result<Vec<tokio::process::Child>> {
     let exe = std::env::current_exe().context("cannot find own executable")?;
+    // The three nodes share this machine's cores: with one thread each for
+    // everything async they used less CPU per event and had a lower tail
+    // latency (ARCHITECTURE.md, Performance). The variable overrides.
+    let threads = std::env::var("AUDITFLOW_NODE_THREADS").unwrap_or_else(|_| "1".into());
     let mut children = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let cfg = &node.config;
@@ -160,6 +166,7 @@ pub fn spawn_nodes(dir: &Path, nodes: &[DevNode]) -> anyhow::Result<Vec<tokio::p
             .arg("node")
             .arg("--config")
             .arg(cfg)
+            .env("AUDITFLOW_NODE_THREADS", &threads)
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
