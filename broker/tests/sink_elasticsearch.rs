@@ -21,11 +21,11 @@ fn delivery(tenant: &str, offset: u64) -> Delivery {
         tenant: tenant.into(),
         received_at: Timestamp(1_700_000_000_000_000_000),
         hash: Hash32::ZERO,
-        body: json!({
+        body: auditflow_broker::sinks::Body::from_value(&json!({
             "partition": 1,
             "offset": offset,
             "event": {"id": id, "tenant": tenant, "action": "doc.read", "context": {"note": "line1\nline2"}},
-        }),
+        })),
     }
 }
 
@@ -71,7 +71,11 @@ async fn a_batch_is_stored_by_tenant_index_and_event_id() {
     for d in &events {
         let index = format!("audit-{}", d.tenant.to_lowercase());
         let stored = &docs[&(index, d.event_id.clone())];
-        assert_eq!(stored, &d.body, "the document is the delivered body");
+        assert_eq!(
+            stored,
+            &d.body.to_value(),
+            "the document is the delivered body"
+        );
     }
     let query = es.with(|i| i.last_query.clone());
     assert_eq!(

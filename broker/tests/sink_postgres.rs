@@ -53,13 +53,13 @@ fn delivery(partition: u32, offset: u64) -> Delivery {
         tenant: "acme".into(),
         received_at,
         hash,
-        body: json!({
+        body: auditflow_broker::sinks::Body::from_value(&json!({
             "partition": partition,
             "offset": offset,
             "received_at": received_at,
             "hash": hash,
             "event": event,
-        }),
+        })),
     }
 }
 
@@ -118,7 +118,7 @@ async fn rows_are_exact_and_resends_write_no_duplicates() {
         assert_eq!(at.unix_timestamp_nanos(), i128::from(d.received_at.0));
         assert_eq!(row.get::<_, String>("hash"), d.hash.to_hex());
         let event: serde_json::Value = row.get("event");
-        assert_eq!(&event, &d.body["event"]);
+        assert_eq!(&event, &d.body.to_value()["event"]);
     }
 
     // The same batch again (a retry after a lost answer): no new rows.
@@ -189,7 +189,9 @@ async fn a_bad_row_fails_alone_and_the_rest_are_written() {
     // A NUL character cannot be stored in jsonb (22P05).
     let mut sink = PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD))).expect("sink");
     let mut items = batch(0, 0..3);
-    items[1].body["event"]["data"] = json!({"note": "nul \u{0000} here"});
+    let mut body = items[1].body.to_value();
+    body["event"]["data"] = json!({"note": "nul \u{0000} here"});
+    items[1].body = auditflow_broker::sinks::Body::from_value(&body);
     match sink.send(&items).await {
         SendOutcome::PerItem(results) => {
             assert_eq!(results.len(), 3);

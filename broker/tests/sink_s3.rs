@@ -46,14 +46,14 @@ fn delivery(partition: u32, offset: u64) -> Delivery {
         tenant: "acme".into(),
         received_at,
         hash,
-        body: json!({
+        body: auditflow_broker::sinks::Body::from_value(&json!({
             "partition": partition,
             "offset": offset,
             "received_at": received_at,
             "hash": hash,
             "event": {"id": event_id, "tenant": "acme", "action": "doc.read",
                       "data": {"text": "line\nbreak \"quoted\""}},
-        }),
+        })),
     }
 }
 
@@ -106,7 +106,7 @@ async fn batches_become_signed_ndjson_objects() {
     let keys: Vec<&str> = objects.iter().map(|o| o.key.as_str()).collect();
     assert_eq!(keys, [key(3, 0, 2), key(3, 3, 4), key(12, 7, 7)]);
     for (o, b) in objects.iter().zip([&first, &second, &other]) {
-        let expected: Vec<Value> = b.iter().map(|d| d.body.clone()).collect();
+        let expected: Vec<Value> = b.iter().map(|d| d.body.to_value()).collect();
         assert_eq!(lines(&o.body), expected, "{}", o.key);
         assert_eq!(o.content_type, "application/x-ndjson");
         assert_eq!(o.metadata["first-event-id"], b[0].event_id);

@@ -72,13 +72,13 @@ fn delivery(partition: u32, offset: u64) -> Delivery {
         tenant: TENANT.into(),
         received_at,
         hash,
-        body: json!({
+        body: auditflow_broker::sinks::Body::from_value(&json!({
             "partition": partition,
             "offset": offset,
             "received_at": received_at,
             "hash": hash,
             "event": event,
-        }),
+        })),
     }
 }
 
@@ -133,7 +133,7 @@ fn assert_messages(got: &[Received], sent: &[Delivery]) {
         .collect();
         assert_eq!(sd, &expected);
         assert_eq!(r.sd.len(), 1);
-        assert_eq!(r.body, d.body);
+        assert_eq!(r.body, d.body.to_value());
     }
 }
 

@@ -193,12 +193,12 @@ fn delivery(partition: u32, offset: u64) -> Delivery {
         tenant: "acme".into(),
         received_at: Timestamp(1_700_000_000_000_000_000),
         hash: Hash32([offset as u8; 32]),
-        body: json!({
+        body: auditflow_broker::sinks::Body::from_value(&json!({
             "partition": partition,
             "offset": offset,
             "received_at": "2023-11-14T22:13:20Z",
             "event": {"id": id, "tenant": "acme", "action": "user.login", "note": "ünïcode \"quoted\""},
-        }),
+        })),
     }
 }
 
@@ -238,7 +238,11 @@ async fn single_mode_sends_signed_events_with_ids_and_positions() {
     let got = rx.accepted();
     assert_eq!(got.len(), 3);
     for (req, d) in got.iter().zip(&batch) {
-        assert_eq!(req.body, d.body, "body is the delivered JSON, unchanged");
+        assert_eq!(
+            req.body,
+            d.body.to_value(),
+            "body is the delivered JSON, unchanged"
+        );
         assert_eq!(req.headers["webhook-id"], d.event_id);
         assert_eq!(req.headers["auditflow-event-id"], d.event_id);
         assert_eq!(req.headers["auditflow-partition"], "4");
@@ -293,7 +297,7 @@ async fn array_mode_posts_one_signed_array() {
 
     let got = rx.accepted();
     assert_eq!(got.len(), 1, "one request for the batch");
-    let bodies: Vec<Value> = batch.iter().map(|d| d.body.clone()).collect();
+    let bodies: Vec<Value> = batch.iter().map(|d| d.body.to_value()).collect();
     assert_eq!(got[0].body, Value::Array(bodies));
     assert_eq!(got[0].headers["webhook-id"], "2-5-8");
     assert_eq!(got[0].headers["auditflow-offset"], "5");

@@ -195,7 +195,15 @@ impl fmt::Debug for JsonObject {
 impl Serialize for JsonObject {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
-            self.to_value().serialize(s)
+            // The canonical text is what serde_json writes for the parsed
+            // value (sorted keys, serde_json's numbers and escapes), so it
+            // goes out verbatim instead of being parsed for every event
+            // delivered or printed. JSON is the only human-readable format
+            // events are written in; a `Value` serialiser parses it.
+            match serde_json::from_str::<&serde_json::value::RawValue>(&self.0) {
+                Ok(raw) => raw.serialize(s),
+                Err(_) => self.to_value().serialize(s),
+            }
         } else {
             s.serialize_str(&self.0)
         }

@@ -116,6 +116,29 @@ proptest! {
     }
 
     #[test]
+    fn json_text_is_what_serde_json_writes_for_the_parsed_value(
+        e in valid_event(),
+        floats in prop::collection::btree_map(ident(), any::<f64>().prop_filter("finite", |f| f.is_finite()), 0..4),
+    ) {
+        // `data` goes out as its canonical text, verbatim; it must be the
+        // text serde_json would write for the parsed value, floats included.
+        let mut e = e;
+        if !floats.is_empty() {
+            let mut data = e.data.as_ref().map(|d| d.to_value()).unwrap_or_else(|| serde_json::json!({}));
+            for (k, f) in floats {
+                data[k.as_str()] = serde_json::json!(f);
+            }
+            e.data = Some(JsonObject::from_value(&data).unwrap());
+        }
+        let text = serde_json::to_string(&e.data).unwrap();
+        let via_value = serde_json::to_string(&e.data.as_ref().map(|d| d.to_value())).unwrap();
+        prop_assert_eq!(text, via_value);
+        // And the event's text parses back to the same event.
+        let back: Event = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        prop_assert_eq!(back, e);
+    }
+
+    #[test]
     fn a_borrowed_stored_event_encodes_as_the_owned_one(e in valid_event(), offset in any::<u64>(), at in any::<i64>()) {
         // The store writes the borrowed form and reads the owned one back.
         let owned = StoredEvent { partition: 5, offset, received_at: Timestamp(at), hash: Hash32([7; 32]), event: e };

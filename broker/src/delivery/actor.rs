@@ -50,7 +50,7 @@ use crate::admin::metrics::DELIVERY_CURSOR_RECORDS_TOTAL;
 use crate::clock::Clock;
 use crate::partition::runtime::ThreadRng;
 use crate::partition::{Command, Raft};
-use crate::sinks::{Delivery, SendOutcome, Sink, SinkFailure};
+use crate::sinks::{Body, Delivery, SendOutcome, Sink, SinkFailure};
 use crate::storage::PartitionReader;
 
 /// Longest a single send may take before it counts as a retryable failure.
@@ -178,13 +178,17 @@ impl Pipeline {
     }
 
     fn to_delivery(&self, e: &StoredEvent) -> Result<Delivery, String> {
-        let mut body = serde_json::to_value(e).map_err(|err| format!("encode event: {err}"))?;
-        if !self.dest.masking.is_empty() {
+        let body = if self.dest.masking.is_empty() {
+            // Straight to text: no `Value` to build and walk.
+            Body::render(e).map_err(|err| format!("encode event: {err}"))?
+        } else {
+            let mut body = serde_json::to_value(e).map_err(|err| format!("encode event: {err}"))?;
             let key = self.dest.mask_key.as_deref().unwrap_or("").as_bytes();
             if let Some(event) = body.get_mut("event") {
                 mask::apply(&self.dest.masking, key, event);
             }
-        }
+            Body::from_value(&body)
+        };
         Ok(Delivery {
             partition: e.partition,
             offset: e.offset,

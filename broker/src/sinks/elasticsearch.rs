@@ -497,7 +497,9 @@ mod tests {
             // 2023-11-14T22:13:20Z
             received_at: Timestamp(1_700_000_000_000_000_000),
             hash: Hash32::ZERO,
-            body: json!({"offset": offset, "event": {"id": format!("e{offset}"), "note": "a\nb"}}),
+            body: crate::sinks::Body::from_value(
+                &json!({"offset": offset, "event": {"id": format!("e{offset}"), "note": "a\nb"}}),
+            ),
         }
     }
 
@@ -570,7 +572,7 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_str::<Value>(lines[1]).unwrap(),
-            batch[0].body
+            batch[0].body.to_value()
         );
         assert_eq!(
             serde_json::from_str::<Value>(lines[2]).unwrap(),

@@ -396,18 +396,10 @@ impl Sink for FileSink {
                     d.partition
                 )));
             }
-            let mut lines = Vec::with_capacity(batch.len());
-            for d in batch {
-                match serde_json::to_vec(&d.body) {
-                    Ok(l) => lines.push((d.offset, l)),
-                    Err(e) => {
-                        return SendOutcome::Failed(SinkFailure::permanent(format!(
-                            "event {} does not encode as JSON: {e}",
-                            d.event_id
-                        )))
-                    }
-                }
-            }
+            let lines: Vec<(u64, Vec<u8>)> = batch
+                .iter()
+                .map(|d| (d.offset, d.body.as_str().as_bytes().to_vec()))
+                .collect();
             let config = self.config.clone();
             let state = self.partitions.remove(&partition);
             let result = tokio::task::spawn_blocking(move || {
@@ -469,7 +461,9 @@ mod tests {
             tenant: "t".into(),
             received_at: Timestamp(1),
             hash: Hash32::ZERO,
-            body: serde_json::json!({"partition": partition, "offset": offset, "event": {"id": format!("e{offset}")}}),
+            body: crate::sinks::Body::from_value(
+                &serde_json::json!({"partition": partition, "offset": offset, "event": {"id": format!("e{offset}")}}),
+            ),
         }
     }
 

@@ -174,9 +174,10 @@ impl Row {
         })?;
         // The other columns already hold partition, offset, time and hash:
         // the jsonb column keeps the (masked) event itself.
-        let event = match d.body.get("event") {
+        let body = d.body.to_value();
+        let event = match body.get("event") {
             Some(e) if e.is_object() => e.clone(),
-            _ => d.body.clone(),
+            _ => body,
         };
         Ok(Row {
             event_id: d.event_id.clone(),

@@ -148,7 +148,8 @@ fn epoch_secs(nanos: i64) -> f64 {
 
 /// The HEC event object for one delivery (pure).
 pub fn hec_event(config: &Config, d: &Delivery) -> Value {
-    let event = d.body.get("event");
+    let body = d.body.to_value();
+    let event = body.get("event");
     let nanos = event
         .and_then(|e| e.get("time"))
         .and_then(|t| t.as_str())
@@ -170,7 +171,7 @@ pub fn hec_event(config: &Config, d: &Delivery) -> Value {
     if let Some(index) = &config.index {
         obj.insert("index".into(), json!(index));
     }
-    obj.insert("event".into(), d.body.clone());
+    obj.insert("event".into(), body.clone());
     obj.insert(
         "fields".into(),
         json!({
@@ -387,7 +388,9 @@ mod tests {
             tenant: "acme".into(),
             received_at: Timestamp(1_700_000_000_500_000_000),
             hash: Hash32::ZERO,
-            body: json!({"partition": 2, "offset": offset, "event": event}),
+            body: crate::sinks::Body::from_value(
+                &json!({"partition": 2, "offset": offset, "event": event}),
+            ),
         }
     }
 
@@ -447,7 +450,7 @@ mod tests {
         assert_eq!(v["source"], "auditflow");
         assert_eq!(v["sourcetype"], "auditflow");
         assert_eq!(v["index"], "audit");
-        assert_eq!(v["event"], d.body);
+        assert_eq!(v["event"], d.body.to_value());
         assert_eq!(
             v["fields"],
             json!({"event_id": "e42", "tenant": "acme", "partition": "2", "offset": "42"})

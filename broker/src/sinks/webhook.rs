@@ -248,12 +248,8 @@ impl WebhookSink {
     }
 
     async fn post_one(&self, d: &Delivery) -> Result<(), SinkFailure> {
-        match serde_json::to_vec(&d.body) {
-            Ok(body) => self.post(&d.event_id, std::slice::from_ref(d), body).await,
-            Err(e) => Err(SinkFailure::permanent(format!(
-                "event does not encode as JSON: {e}"
-            ))),
-        }
+        let body = d.body.as_str().as_bytes().to_vec();
+        self.post(&d.event_id, std::slice::from_ref(d), body).await
     }
 }
 
@@ -266,7 +262,7 @@ impl Sink for WebhookSink {
             let this = &*self;
             match this.config.batch_mode {
                 BatchMode::Array => {
-                    let bodies: Vec<&serde_json::Value> = batch.iter().map(|d| &d.body).collect();
+                    let bodies: Vec<&super::Body> = batch.iter().map(|d| &d.body).collect();
                     let body = match serde_json::to_vec(&bodies) {
                         Ok(b) => b,
                         Err(e) => {
@@ -300,7 +296,7 @@ mod tests {
             tenant: "t".into(),
             received_at: Timestamp(1),
             hash: Hash32::ZERO,
-            body: serde_json::json!({"offset": offset}),
+            body: crate::sinks::Body::from_value(&serde_json::json!({"offset": offset})),
         }
     }
 
