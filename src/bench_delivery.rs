@@ -127,6 +127,7 @@ async fn bench(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
         dir: dir.clone(),
         base_port: args.base_port,
         partitions: auditflow_broker::config::DEFAULT_PARTITIONS,
+        no_default_destination: false,
     };
     let nodes = up::prepare(&up_args, vec![webhook])?;
     let mut children = up::spawn_nodes(&dir, &nodes)?;

@@ -37,6 +37,12 @@ pub struct UpArgs {
     /// Partition count (used only when the cluster is created).
     #[arg(long, default_value_t = auditflow_broker::config::DEFAULT_PARTITIONS)]
     pub partitions: u32,
+    /// Create the cluster without the default file destination (used only
+    /// when the cluster is created): appends are stored and replicated but
+    /// delivered nowhere until a destination is added (`auditflow dest
+    /// add`), e.g. to measure the append path alone with `bench`.
+    #[arg(long)]
+    pub no_default_destination: bool,
 }
 
 /// Prepares the directory and runs the three nodes until Ctrl-C.
@@ -58,10 +64,13 @@ pub struct DevNode {
     pub config: PathBuf,
     /// Its admin HTTP address, if enabled.
     pub admin: Option<std::net::SocketAddr>,
+    /// Whether its config has the default file destination.
+    pub default_destination: bool,
 }
 
 /// Writes certificates and configs that do not exist yet; returns the
-/// nodes. A new cluster gets the default file destination plus `extra`.
+/// nodes. A new cluster gets the default file destination (unless
+/// `args.no_default_destination`) plus `extra`.
 pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<Vec<DevNode>> {
     let dir = &args.dir;
     let ids: Vec<u64> = (1..=NODES).collect();
@@ -81,13 +90,19 @@ pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<V
     let delivered = delivered
         .canonicalize()
         .with_context(|| format!("resolve {}", delivered.display()))?;
+    let default = if args.no_default_destination {
+        None
+    } else {
+        Some(default_destination(&delivered)?)
+    };
     let mut nodes = Vec::new();
     for id in &ids {
         let path = dir.join(format!("node{id}.toml"));
-        let admin = if path.exists() {
+        let (admin, destinations) = if path.exists() {
             // An existing cluster keeps its layout: the partition count is
             // fixed at init.
-            NodeConfig::load(&path)?.admin_listen
+            let cfg = NodeConfig::load(&path)?;
+            (cfg.admin_listen, cfg.destinations)
         } else {
             let admin_port = u64::from(args.base_port) + ADMIN_PORT_OFFSET + id - 1;
             let admin_port = u16::try_from(admin_port)
@@ -108,17 +123,20 @@ pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<V
                 },
                 raft: RaftTuning::default(),
                 limits: Limits::default(),
-                destinations: std::iter::once(default_destination(&delivered)?)
+                destinations: default
+                    .iter()
+                    .cloned()
                     .chain(extra.iter().cloned())
                     .collect(),
             };
             std::fs::write(&path, toml::to_string_pretty(&cfg)?)
                 .with_context(|| format!("write {}", path.display()))?;
-            cfg.admin_listen
+            (cfg.admin_listen, cfg.destinations)
         };
         nodes.push(DevNode {
             config: path,
             admin,
+            default_destination: destinations.iter().any(|d| d.name == DEFAULT_DESTINATION),
         });
     }
     let client = dir.join("client.toml");
@@ -134,10 +152,14 @@ pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<V
     Ok(nodes)
 }
 
-/// The file destination every dev cluster starts with.
+/// Name of the file destination a dev cluster starts with.
+const DEFAULT_DESTINATION: &str = "local-file";
+
+/// The file destination every dev cluster starts with (unless created
+/// with `--no-default-destination`).
 fn default_destination(dir: &Path) -> anyhow::Result<DestinationConfig> {
     let text = format!(
-        "name = \"local-file\"\nsink = {{ kind = \"file\", dir = {:?} }}\n",
+        "name = {DEFAULT_DESTINATION:?}\nsink = {{ kind = \"file\", dir = {:?} }}\n",
         dir.display().to_string()
     );
     toml::from_str(&text).context("default destination")
@@ -220,10 +242,14 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
             ),
         }
     }
-    println!(
-        "  delivered:   {}/delivered/events-p*.jsonl (destination \"local-file\")",
-        dir.display()
-    );
+    if nodes.iter().any(|n| n.default_destination) {
+        println!(
+            "  delivered:   {}/delivered/events-p*.jsonl (destination \"{DEFAULT_DESTINATION}\")",
+            dir.display()
+        );
+    } else {
+        println!("  delivered:   nowhere yet (no destination; see `auditflow dest add --help`)");
+    }
     println!();
     println!("Append and watch events (in another shell):");
     println!("  export AUDITFLOW_CONFIG={}", client.display());
@@ -255,4 +281,42 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
     stop_nodes(&mut children).await;
     println!("stopped.");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path, no_default_destination: bool) -> UpArgs {
+        UpArgs {
+            dir: dir.to_path_buf(),
+            base_port: 7101,
+            partitions: 8,
+            no_default_destination,
+        }
+    }
+
+    #[test]
+    fn a_new_cluster_gets_the_default_destination_unless_asked_not_to() {
+        let with = tempfile::tempdir().unwrap();
+        let nodes = prepare(&args(with.path(), false), Vec::new()).unwrap();
+        assert_eq!(nodes.len(), 3);
+        for n in &nodes {
+            assert!(n.default_destination);
+            let cfg = NodeConfig::load(&n.config).unwrap();
+            let names: Vec<&str> = cfg.destinations.iter().map(|d| d.name.as_str()).collect();
+            assert_eq!(names, [DEFAULT_DESTINATION]);
+        }
+
+        let without = tempfile::tempdir().unwrap();
+        let nodes = prepare(&args(without.path(), true), Vec::new()).unwrap();
+        for n in &nodes {
+            assert!(!n.default_destination);
+            assert!(NodeConfig::load(&n.config).unwrap().destinations.is_empty());
+        }
+        // The flag only applies at creation: an existing cluster keeps
+        // what it was created with.
+        let again = prepare(&args(with.path(), true), Vec::new()).unwrap();
+        assert!(again.iter().all(|n| n.default_destination));
+    }
 }
