@@ -4,6 +4,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use auditflow_client::{Client, ClientConfig};
@@ -264,7 +265,17 @@ pub fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
     runtime()?.block_on(async move {
-        let client = Client::connect(cfg).await?;
+        // One request timeout to learn every node's address, not the whole
+        // retry deadline (60 s by default): a status query must say soon
+        // which nodes are unreachable, and without metadata it asks the
+        // seeds themselves.
+        let ask = Duration::from_millis(cfg.request_timeout_ms);
+        let client = Client::open(cfg)?;
+        match tokio::time::timeout(ask, client.metadata()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if !e.is_retryable() => return Err(e.into()),
+            Ok(Err(_)) | Err(_) => {}
+        }
         let statuses = client.status_all().await;
         let mut out = std::io::stdout().lock();
         let mut unreachable = false;

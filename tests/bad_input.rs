@@ -157,3 +157,55 @@ fn assert_refuses_to_start(cluster: &Cluster, db: &std::path::Path) {
         "the error names the file: {stderr}"
     );
 }
+
+/// `auditflow status` with no node answering reports each node as
+/// unreachable after a request timeout, instead of retrying for the
+/// client's whole retry deadline (here ten minutes, longer than the test
+/// waits; before, status sat out all of it).
+#[test]
+fn status_of_an_unreachable_cluster_reports_each_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    auditflow_broker::net::tls::ensure_dev_certs(&dir.path().join("certs"), &[1]).unwrap();
+    // Nothing listens on these ports: bound, then released.
+    let seeds: Vec<String> = (0..3)
+        .map(|_| format!("\"127.0.0.1:{}\"", free_port()))
+        .collect();
+    std::fs::write(
+        dir.path().join("client.toml"),
+        format!(
+            "seeds = [{}]\nca_cert = \"certs/ca.pem\"\nserver_name = \"localhost\"\nrequest_timeout_ms = 1000\nretry_deadline_ms = 600000\n",
+            seeds.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(dir.path().join("client.toml"))
+        .current_dir(dir.path())
+        .env("AUDITFLOW_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start auditflow status");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("auditflow status still waiting after 120 s with no node up");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!status.success(), "status must fail: {stdout}");
+    for seed in &seeds {
+        let addr = seed.trim_matches('"');
+        assert!(
+            stdout.contains(&format!("node {addr}: unreachable")),
+            "no line for {addr}: {stdout}"
+        );
+    }
+}

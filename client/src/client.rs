@@ -128,6 +128,15 @@ impl Client {
     /// Fails if no seed answers (with a trusted certificate) before the
     /// retry deadline.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let client = Client::open(cfg)?;
+        client.metadata().await?;
+        Ok(client)
+    }
+
+    /// A client that has not asked the cluster anything yet: until
+    /// [`Client::metadata`] succeeds it knows only the seeds. For callers
+    /// that must answer even when no node does, such as a status query.
+    pub fn open(cfg: ClientConfig) -> Result<Client, ClientError> {
         let ca = std::fs::read(&cfg.ca_cert).map_err(|e| ClientError::Config {
             path: cfg.ca_cert.clone(),
             reason: format!("cannot read CA certificate: {e}"),
@@ -161,7 +170,6 @@ impl Client {
                 }),
             }),
         };
-        client.metadata().await?;
         Ok(client)
     }
 
