@@ -159,7 +159,8 @@ async fn phases(
     let started = Instant::now();
     let appended = append(&client, &run, 0..args.events, args).await?;
     let append_s = started.elapsed().as_secs_f64();
-    let caught_up = wait_caught_up(&client, &["local-file", "bench-hook"], started).await?;
+    let caught_up =
+        wait_caught_up(&client, &[up::DEFAULT_DESTINATION, "bench-hook"], started).await?;
     println!(
         "  appended in {append_s:.1}s ({:.0} events/s)",
         appended as f64 / append_s
@@ -187,7 +188,7 @@ async fn phases(
         "  appended in {append_s:.1}s ({:.0} events/s)",
         args.backlog as f64 / append_s
     );
-    let file = wait_caught_up(&client, &["local-file"], started).await?;
+    let file = wait_caught_up(&client, &[up::DEFAULT_DESTINATION], started).await?;
     for (dest, t) in &file {
         println!("  {dest:<11} kept flowing: caught up {t:.1}s after the backlog began");
     }

@@ -26,17 +26,17 @@ pub struct NodeArgs {
 /// Runs the node until SIGINT or SIGTERM, then shuts it down cleanly.
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(&args.config)?;
-    let runtime = if args.threads <= 1 {
+    let mut builder = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-    }
-    .context("cannot start the async runtime")?;
+        let mut multi = tokio::runtime::Builder::new_multi_thread();
+        multi.worker_threads(args.threads);
+        multi
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     // actix runs its actors on a LocalSet of this runtime; openraft and
     // quinn tasks run on its worker threads (or beside the actors, on the
     // main thread, when there are none).

@@ -153,7 +153,7 @@ pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<V
 }
 
 /// Name of the file destination a dev cluster starts with.
-const DEFAULT_DESTINATION: &str = "local-file";
+pub(crate) const DEFAULT_DESTINATION: &str = "local-file";
 
 /// The file destination every dev cluster starts with (unless created
 /// with `--no-default-destination`).

@@ -174,10 +174,11 @@ impl Row {
         })?;
         // The other columns already hold partition, offset, time and hash:
         // the jsonb column keeps the (masked) event itself.
-        let body = d.body.to_value();
-        let event = match body.get("event") {
-            Some(e) if e.is_object() => e.clone(),
-            _ => body,
+        let mut body = d.body.to_value();
+        let event = if body.get("event").is_some_and(serde_json::Value::is_object) {
+            body["event"].take()
+        } else {
+            body
         };
         Ok(Row {
             event_id: d.event_id.clone(),

@@ -171,7 +171,7 @@ pub fn hec_event(config: &Config, d: &Delivery) -> Value {
     if let Some(index) = &config.index {
         obj.insert("index".into(), json!(index));
     }
-    obj.insert("event".into(), body.clone());
+    obj.insert("event".into(), body);
     obj.insert(
         "fields".into(),
         json!({
