@@ -19,6 +19,8 @@ use auditflow_protocol::Limits;
 const NODES: u64 = 3;
 /// How long children get to stop after Ctrl-C before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often `up` looks for nodes that exited on their own.
+const EXIT_POLL: Duration = Duration::from_millis(200);
 /// Node `id`'s admin HTTP port is `base_port + ADMIN_PORT_OFFSET + id - 1`
 /// (7201..7203 for the default base 7101): clear of the QUIC ports.
 const ADMIN_PORT_OFFSET: u64 = 100;
@@ -84,15 +86,15 @@ pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<V
         .collect();
     // The default destination: JSON lines files, one per partition, shared
     // by the three local nodes (whichever leads a partition writes it).
-    let delivered = dir.join("delivered");
-    std::fs::create_dir_all(&delivered)
-        .with_context(|| format!("create {}", delivered.display()))?;
-    let delivered = delivered
-        .canonicalize()
-        .with_context(|| format!("resolve {}", delivered.display()))?;
     let default = if args.no_default_destination {
         None
     } else {
+        let delivered = dir.join("delivered");
+        std::fs::create_dir_all(&delivered)
+            .with_context(|| format!("create {}", delivered.display()))?;
+        let delivered = delivered
+            .canonicalize()
+            .with_context(|| format!("resolve {}", delivered.display()))?;
         Some(default_destination(&delivered)?)
     };
     let mut nodes = Vec::new();
@@ -221,7 +223,7 @@ pub async fn stop_nodes(children: &mut [tokio::process::Child]) {
 }
 
 async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> {
-    let mut children = spawn_nodes(dir, &nodes)?;
+    let children = spawn_nodes(dir, &nodes)?;
     let client = dir.join("client.toml");
     println!(
         "auditflow: three-node cluster starting in {}",
@@ -229,14 +231,19 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
     );
     println!("  node logs:   {}/node{{1,2,3}}.log", dir.display());
     println!("  client conf: {}", client.display());
-    for (i, node) in nodes.iter().enumerate() {
+    for (i, (node, child)) in nodes.iter().zip(&children).enumerate() {
+        // The pid, so a node can be killed on its own to watch a failover.
+        let pid = child
+            .id()
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
         match node.admin {
             Some(a) => println!(
-                "  node {} admin: http://{a}/ (status page; also /metrics /healthz /readyz /status /destinations)",
+                "  node {}{pid} admin: http://{a}/ (status page; also /metrics /healthz /readyz /status /destinations)",
                 i + 1
             ),
             None => println!(
-                "  node {} admin: off (no admin_listen in {})",
+                "  node {}{pid} admin: off (no admin_listen in {})",
                 i + 1,
                 node.config.display()
             ),
@@ -263,24 +270,89 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
     println!(
         "Ctrl-C stops the cluster; `auditflow up` on the same --dir restarts it with its data."
     );
+    println!("A node that exits (or is killed) is reported; the others keep serving.");
 
-    let exited = async {
-        // Report the first child that stops on its own.
-        let mut waits: Vec<_> = children.iter_mut().map(|c| Box::pin(c.wait())).collect();
-        let (status, idx, _) = futures::future::select_all(waits.iter_mut()).await;
-        (idx, status)
-    };
-    tokio::select! {
-        _ = crate::node::wait_for_stop_signal() => {
-            println!("\nstopping the cluster...");
-        }
-        (idx, status) = exited => {
-            eprintln!("node {} exited ({status:?}); see its log. Stopping the others.", idx + 1);
-        }
-    }
-    stop_nodes(&mut children).await;
+    let code = watch_nodes(dir, &nodes, children).await;
     println!("stopped.");
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
+}
+
+/// Tells the user that node `i` exited with `status`, `left` nodes still
+/// running, and how to start it again.
+fn report_exit(dir: &Path, i: usize, node: &DevNode, status: &str, left: usize) {
+    let n = i + 1;
+    eprintln!(
+        "node {n} exited ({status}); its log: {}/node{n}.log",
+        dir.display()
+    );
+    if left > 0 {
+        let quorum = NODES as usize / 2 + 1;
+        if left >= quorum {
+            eprintln!("  the other {left} nodes keep serving (a majority is up).");
+        } else {
+            eprintln!(
+                "  only {left} node is running: no partition has a majority, appends wait until a node is back."
+            );
+        }
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "auditflow".into());
+        eprintln!(
+            "  to start it again (outside this supervisor): {exe} node --config {}",
+            node.config.display()
+        );
+    }
+}
+
+/// Runs until Ctrl-C (or SIGTERM), then stops the nodes still running.
+///
+/// A node that exits on its own is reported and the others keep running,
+/// as a real cluster does when it loses a node: that is what lets a
+/// developer kill one (`kill -9`) and watch the cluster fail over. `up`
+/// does not restart it (a node that fails at start-up would crash again
+/// and again); the message says how to start it by hand. Once every node
+/// has exited, `up` exits with a failure code.
+async fn watch_nodes(
+    dir: &Path,
+    nodes: &[DevNode],
+    children: Vec<tokio::process::Child>,
+) -> ExitCode {
+    let mut running: Vec<Option<tokio::process::Child>> = children.into_iter().map(Some).collect();
+    let stop = crate::node::wait_for_stop_signal();
+    tokio::pin!(stop);
+    let mut poll = tokio::time::interval(EXIT_POLL);
+    let code = loop {
+        tokio::select! {
+            _ = &mut stop => {
+                println!("\nstopping the cluster...");
+                break ExitCode::SUCCESS;
+            }
+            _ = poll.tick() => {
+                let mut exited = Vec::new();
+                for (i, slot) in running.iter_mut().enumerate() {
+                    let Some(child) = slot else { continue };
+                    let status = match child.try_wait() {
+                        Ok(None) => continue,
+                        Ok(Some(status)) => status.to_string(),
+                        Err(e) => format!("cannot be watched: {e}"),
+                    };
+                    *slot = None;
+                    exited.push((i, status));
+                }
+                let left = running.iter().filter(|c| c.is_some()).count();
+                for (i, status) in exited {
+                    report_exit(dir, i, &nodes[i], &status, left);
+                }
+                if left == 0 {
+                    eprintln!("every node has exited; see their logs.");
+                    break ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let mut rest: Vec<tokio::process::Child> = running.into_iter().flatten().collect();
+    stop_nodes(&mut rest).await;
+    code
 }
 
 #[cfg(test)]
@@ -314,6 +386,11 @@ mod tests {
             assert!(!n.default_destination);
             assert!(NodeConfig::load(&n.config).unwrap().destinations.is_empty());
         }
+        assert!(with.path().join("delivered").is_dir());
+        assert!(
+            !without.path().join("delivered").exists(),
+            "no directory for a destination the cluster does not have"
+        );
         // The flag only applies at creation: an existing cluster keeps
         // what it was created with.
         let again = prepare(&args(with.path(), true), Vec::new()).unwrap();
