@@ -109,6 +109,8 @@ fn apply_entries(
     let mut responses = Vec::with_capacity(entries.len());
     let mut last_applied = None;
     let mut membership = None;
+    // Opened at the first append of the run, not once per entry.
+    let mut append_tables: Option<AppendTables<'_>> = None;
     for entry in entries {
         last_applied = Some(*entry.get_log_id());
         match &entry.payload {
@@ -121,48 +123,12 @@ fn apply_entries(
                 received_at,
                 events,
             }) => {
-                let effects = {
-                    let dedup = txn.open_table(DEDUP)?;
-                    apply_append(
-                        &mut head,
-                        partition,
-                        *received_at,
-                        events,
-                        dedup_window,
-                        |id| match dedup.get((partition, id))? {
-                            Some(v) => Ok(Some(tables::decode::<DedupEntry>(
-                                v.value(),
-                                "dedup entry",
-                            )?)),
-                            None => Ok::<_, StoreError>(None),
-                        },
-                    )?
+                let t = match &mut append_tables {
+                    Some(t) => t,
+                    None => append_tables.insert(AppendTables::open(txn)?),
                 };
-                let mut events_t = txn.open_table(EVENTS)?;
-                let mut dedup = txn.open_table(DEDUP)?;
-                for (stored, entry) in &effects.stored {
-                    // The same bytes as the owned `StoredEvent` (read back as one).
-                    let bytes = tables::encode(stored, "stored event")?;
-                    events_t.insert((partition, stored.offset), bytes.as_slice())?;
-                    let d = tables::encode(entry, "dedup entry")?;
-                    dedup.insert((partition, stored.event.id.as_str()), d.as_slice())?;
-                }
-                // Forget ids that leave the window, unless the id now
-                // belongs to a newer offset.
-                for offset in effects.evict.clone() {
-                    let id = match events_t.get((partition, offset))? {
-                        Some(v) => tables::decode_stored_event_id(v.value())?,
-                        None => continue,
-                    };
-                    let owner = match dedup.get((partition, id.as_str()))? {
-                        Some(v) => Some(tables::decode::<DedupEntry>(v.value(), "dedup entry")?),
-                        None => None,
-                    };
-                    if owner.map(|o| o.offset) == Some(offset) {
-                        dedup.remove((partition, id.as_str()))?;
-                    }
-                }
-                responses.push(CommandResponse::Appended(effects.results));
+                let results = t.append(partition, &mut head, *received_at, events, dedup_window)?;
+                responses.push(CommandResponse::Appended(results));
             }
             EntryPayload::Normal(Command::Delivery(cmd)) => {
                 responses.push(apply_delivery(txn, partition, cmd)?);
@@ -177,6 +143,79 @@ fn apply_entries(
         put_sm_meta(txn, partition, KEY_MEMBERSHIP, &m)?;
     }
     Ok((responses, head.next_offset))
+}
+
+/// The tables an append writes, open for one run of entries, and a buffer
+/// each stored value is encoded into (one allocation per run, not two per
+/// event).
+struct AppendTables<'t> {
+    events: redb::Table<'t, (u32, u64), &'static [u8]>,
+    dedup: redb::Table<'t, (u32, &'static str), &'static [u8]>,
+    buf: Vec<u8>,
+}
+
+impl<'t> AppendTables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<AppendTables<'t>, StoreError> {
+        Ok(AppendTables {
+            events: txn.open_table(EVENTS)?,
+            dedup: txn.open_table(DEDUP)?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Applies one append entry: the pure [`apply_append`] over the dedup
+    /// index, then its stored events and dedup entries, and forgets the
+    /// ids that leave the window.
+    fn append(
+        &mut self,
+        partition: u32,
+        head: &mut PartitionHead,
+        received_at: auditflow_protocol::Timestamp,
+        events: &[auditflow_protocol::Event],
+        dedup_window: u64,
+    ) -> Result<Vec<auditflow_protocol::wire::AppendResult>, StoreError> {
+        let dedup = &self.dedup;
+        let effects =
+            apply_append(
+                head,
+                partition,
+                received_at,
+                events,
+                dedup_window,
+                |id| match dedup.get((partition, id))? {
+                    Some(v) => Ok(Some(tables::decode::<DedupEntry>(
+                        v.value(),
+                        "dedup entry",
+                    )?)),
+                    None => Ok::<_, StoreError>(None),
+                },
+            )?;
+        for (stored, entry) in &effects.stored {
+            // The same bytes as the owned `StoredEvent` (read back as one).
+            tables::encode_into(stored, &mut self.buf, "stored event")?;
+            self.events
+                .insert((partition, stored.offset), self.buf.as_slice())?;
+            tables::encode_into(entry, &mut self.buf, "dedup entry")?;
+            self.dedup
+                .insert((partition, stored.event.id.as_str()), self.buf.as_slice())?;
+        }
+        // Forget ids that leave the window, unless the id now belongs to a
+        // newer offset.
+        for offset in effects.evict.clone() {
+            let id = match self.events.get((partition, offset))? {
+                Some(v) => tables::decode_stored_event_id(v.value())?,
+                None => continue,
+            };
+            let owner = match self.dedup.get((partition, id.as_str()))? {
+                Some(v) => Some(tables::decode::<DedupEntry>(v.value(), "dedup entry")?),
+                None => None,
+            };
+            if owner.map(|o| o.offset) == Some(offset) {
+                self.dedup.remove((partition, id.as_str()))?;
+            }
+        }
+        Ok(effects.results)
+    }
 }
 
 /// Applies a delivery command: cursor and DLQ rows of one destination.

@@ -71,6 +71,22 @@ pub fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError
     })
 }
 
+/// Encodes a stored value into `buf`, replacing what it held: a caller
+/// that stores many values reuses one buffer.
+pub fn encode_into<T: Serialize>(
+    value: &T,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<(), StoreError> {
+    buf.clear();
+    bincode::serde::encode_into_std_write(value, buf, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| StoreError::Encode {
+            what: what.into(),
+            reason: e.to_string(),
+        })
+}
+
 /// Decodes a stored value; anything undecodable is corruption.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     match bincode::serde::decode_from_slice(bytes, bincode::config::standard()) {
