@@ -4,8 +4,11 @@
 //!
 //! Every write to a file since its last `sync_data` is recorded in an
 //! undo log; a crash replays the undo logs backwards, leaving exactly the
-//! synced image. Creating and deleting files is durable at once (the real
-//! log syncs its directory after both).
+//! synced image. Creating and deleting a log segment is durable only once
+//! the log directory is synced (`LogDir::sync`), as on a real file system,
+//! where `fsync` of a new file does not make its directory entry durable:
+//! a crash before that sync drops a created segment and brings a deleted
+//! one back (with its synced bytes).
 //! Each open of the disk gets a new generation: handles of a crashed
 //! incarnation fail every operation, as a dead process would.
 //! Faults on request: fail the next reads, writes or syncs; and, for testing the
@@ -45,6 +48,11 @@ const DB_FILE: &str = "db";
 #[derive(Default)]
 struct State {
     files: std::collections::BTreeMap<String, FileState>,
+    /// Files created since the last directory sync: a crash drops them.
+    created_unsynced: std::collections::BTreeSet<String>,
+    /// Files deleted since the last directory sync: a crash brings them
+    /// back.
+    deleted_unsynced: std::collections::BTreeMap<String, FileState>,
     generation: u64,
     fail_reads: u32,
     fail_writes: u32,
@@ -103,7 +111,12 @@ impl auditflow_broker::storage::LogDir for SimLogDir {
 
     fn open(&self, segment: u64) -> io::Result<Box<dyn redb::StorageBackend>> {
         let name = segment_file(segment);
-        self.live()?.files.entry(name.clone()).or_default();
+        let mut s = self.live()?;
+        if !s.files.contains_key(&name) {
+            s.files.insert(name.clone(), FileState::default());
+            s.created_unsynced.insert(name.clone());
+        }
+        drop(s);
         Ok(Box::new(DiskHandle {
             disk: self.disk.clone(),
             generation: self.generation,
@@ -112,12 +125,34 @@ impl auditflow_broker::storage::LogDir for SimLogDir {
     }
 
     fn remove(&self, segment: u64) -> io::Result<()> {
-        self.live()?.files.remove(&segment_file(segment));
+        let name = segment_file(segment);
+        let mut s = self.live()?;
+        let Some(file) = s.files.remove(&name) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{name} does not exist"),
+            ));
+        };
+        // A file created and deleted between two directory syncs leaves
+        // nothing behind either way.
+        if !s.created_unsynced.remove(&name) {
+            s.deleted_unsynced.insert(name, file);
+        }
         Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.live().map(|_| ())
+        let mut s = self.live()?;
+        if s.fail_syncs > 0 {
+            s.fail_syncs -= 1;
+            return Err(io::Error::other("simulated directory fsync failure"));
+        }
+        s.syncs += 1;
+        if !s.lying_sync {
+            s.created_unsynced.clear();
+            s.deleted_unsynced.clear();
+        }
+        Ok(())
     }
 
     fn segment_bytes(&self) -> u64 {
@@ -170,6 +205,12 @@ impl SimDisk {
     /// The node crashed: unsynced writes are lost, old handles die.
     pub fn crash(&self) {
         let mut s = self.lock();
+        for name in std::mem::take(&mut s.created_unsynced) {
+            s.files.remove(&name);
+        }
+        for (name, file) in std::mem::take(&mut s.deleted_unsynced) {
+            s.files.insert(name, file);
+        }
         for file in s.files.values_mut() {
             file.crash();
         }
@@ -295,6 +336,47 @@ mod tests {
     use redb::StorageBackend;
 
     use super::*;
+
+    #[test]
+    fn a_segment_is_created_or_deleted_for_good_only_once_the_directory_is_synced() {
+        use auditflow_broker::storage::LogDir;
+        let disk = SimDisk::default();
+        let (_, log) = disk.open();
+        let seg = log.open(1).unwrap();
+        seg.write(0, b"one").unwrap();
+        seg.sync_data().unwrap();
+        disk.crash();
+        let (_, log) = disk.open();
+        assert_eq!(
+            log.list().unwrap(),
+            Vec::<u64>::new(),
+            "a new file whose directory was not synced is gone after a crash, synced data and all"
+        );
+
+        let seg = log.open(1).unwrap();
+        seg.write(0, b"one").unwrap();
+        seg.sync_data().unwrap();
+        log.sync().unwrap();
+        log.remove(1).unwrap();
+        assert_eq!(log.list().unwrap(), Vec::<u64>::new());
+        disk.crash();
+        let (_, log) = disk.open();
+        assert_eq!(
+            log.list().unwrap(),
+            vec![1],
+            "a deletion whose directory was not synced is undone by a crash"
+        );
+        let back = log.open(1).unwrap();
+        let mut out = vec![0; 3];
+        back.read(0, &mut out).unwrap();
+        assert_eq!(&out, b"one", "with the bytes it had synced");
+
+        log.remove(1).unwrap();
+        log.sync().unwrap();
+        disk.crash();
+        let (_, log) = disk.open();
+        assert_eq!(log.list().unwrap(), Vec::<u64>::new(), "synced deletion");
+    }
 
     #[test]
     fn crash_keeps_exactly_the_synced_image() {
