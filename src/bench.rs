@@ -53,6 +53,13 @@ pub struct BenchArgs {
     /// once with its lazy default; prints all three and the ratios.
     #[arg(long)]
     pub(crate) compare_nats: bool,
+    /// Admin HTTP addresses of the cluster's nodes (host:port,
+    /// comma-separated; `up`'s are 127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203).
+    /// Their `process_cpu_seconds_total` is read before and after the run
+    /// and the nodes' CPU per appended event is printed: on a shared
+    /// machine it varies less than throughput does.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) node_metrics: Vec<String>,
 }
 
 /// Event `n` of a benchmark run: ids are the run's name and a zero-padded
@@ -93,6 +100,64 @@ pub(crate) struct Report {
     secs: f64,
     bytes: usize,
     hist: Histogram<u64>,
+    /// CPU the cluster's nodes used over the run, when their metrics were
+    /// given (`--node-metrics`).
+    node_cpu: Option<NodeCpu>,
+}
+
+/// CPU the nodes used over a run.
+struct NodeCpu {
+    /// Core-seconds, summed over the nodes.
+    seconds: f64,
+    /// Nodes read.
+    nodes: usize,
+    /// Events appended between the two readings (warm-up included).
+    events: usize,
+}
+
+impl NodeCpu {
+    fn us_per_event(&self) -> f64 {
+        self.seconds * 1e6 / self.events.max(1) as f64
+    }
+}
+
+/// The sum of `process_cpu_seconds_total` over the nodes whose admin HTTP
+/// addresses are `addrs`; `None` when there are none.
+async fn node_cpu_seconds(addrs: &[String]) -> anyhow::Result<Option<f64>> {
+    if addrs.is_empty() {
+        return Ok(None);
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("HTTP client")?;
+    let mut total = 0.0;
+    for addr in addrs {
+        let url = format!("http://{addr}/metrics");
+        let text = http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .with_context(|| format!("cannot read node metrics at {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("cannot read node metrics at {url}"))?;
+        total += process_cpu_seconds(&text).with_context(|| {
+            format!(
+                "{url} has no process_cpu_seconds_total (not an auditflow node's admin address?)"
+            )
+        })?;
+    }
+    Ok(Some(total))
+}
+
+/// The value of `process_cpu_seconds_total` in a Prometheus text page.
+fn process_cpu_seconds(text: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix("process_cpu_seconds_total ")?;
+        value.trim().parse().ok()
+    })
 }
 
 impl Report {
@@ -112,6 +177,8 @@ impl Report {
             "events_per_s": self.events_per_s(), "mb_per_s": self.bytes as f64 / self.secs / 1e6,
             "p50_ms": self.ms(0.5), "p99_ms": self.ms(0.99), "p999_ms": self.ms(0.999),
             "max_ms": self.hist.max() as f64 / 1000.0,
+            "node_cpu_s": self.node_cpu.as_ref().map(|c| c.seconds),
+            "node_cpu_us_per_event": self.node_cpu.as_ref().map(NodeCpu::us_per_event),
         })
     }
 
@@ -132,6 +199,14 @@ impl Report {
             self.ms(0.999),
             self.hist.max() as f64 / 1000.0
         );
+        if let Some(cpu) = &self.node_cpu {
+            println!(
+                "  node CPU: {:.2} core-seconds over {} nodes, {:.0} us per event",
+                cpu.seconds,
+                cpu.nodes,
+                cpu.us_per_event()
+            );
+        }
     }
 }
 
@@ -184,6 +259,7 @@ pub(crate) async fn measure(
         secs,
         bytes,
         hist,
+        node_cpu: None,
     })
 }
 
@@ -210,7 +286,20 @@ async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::
             })
         })
     };
-    let mut reports = vec![measure("auditflow", &args, &events, warmup, op).await?];
+    let cpu_before = node_cpu_seconds(&args.node_metrics).await?;
+    let mut first = measure("auditflow", &args, &events, warmup, op).await?;
+    if let Some(before) = cpu_before {
+        let after = node_cpu_seconds(&args.node_metrics)
+            .await?
+            .unwrap_or(before);
+        // Warm-up included: its events were appended inside the bracket.
+        first.node_cpu = Some(NodeCpu {
+            seconds: (after - before).max(0.0),
+            nodes: args.node_metrics.len(),
+            events: events.len(),
+        });
+    }
+    let mut reports = vec![first];
     if args.compare_nats {
         for sync_always in [true, false] {
             reports.push(crate::bench_nats::run(&args, &events, warmup, sync_always).await?);

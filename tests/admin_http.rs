@@ -229,6 +229,18 @@ async fn admin_endpoints_report_the_cluster() {
             sum_metric(t, "auditflow_storage_commit_jobs_sum", &[])
                 >= sum_metric(t, "auditflow_storage_commit_jobs_count", &[]),
         );
+        // The standard process metrics, read from /proc at the scrape: a
+        // node that stored and replicated events has used CPU, holds
+        // memory and runs its runtime and writer threads.
+        assert!(
+            t.contains("# TYPE process_cpu_seconds_total gauge"),
+            "no process CPU seconds (a gauge, for sub-second precision) in\n{t}"
+        );
+        assert!(sum_metric(t, "process_cpu_seconds_total", &[]) > 0.0);
+        assert!(sum_metric(t, "process_resident_memory_bytes", &[]) > 1e6);
+        assert!(sum_metric(t, "process_threads", &[]) >= 3.0);
+        assert!(sum_metric(t, "process_open_fds", &[]) >= 1.0);
+        assert!(sum_metric(t, "process_start_time_seconds", &[]) > 1.7e9);
     }
 }
 

@@ -182,6 +182,48 @@ async fn up_runs_a_cluster_that_survives_a_killed_node_and_restarts_with_its_dat
         },
     )
     .await;
+    // bench reads the nodes' CPU from their /metrics (the admin ports are
+    // the base port + 100 and the next two).
+    let admin: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base_port + 100 + i))
+        .collect();
+    let bench = Command::new(BIN)
+        .args(["bench", "--events", "300", "--window", "8", "--config"])
+        .arg(dir.join("client.toml"))
+        .args(["--node-metrics", &admin.join(",")])
+        .env("AUDITFLOW_LOG", "warn")
+        .output()
+        .expect("run bench");
+    let out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "bench: {out}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let per_event: f64 = out
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("node CPU: ")?;
+            rest.split(", ")
+                .nth(1)?
+                .strip_suffix(" us per event")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no node CPU line in bench output:\n{out}"));
+    assert!(per_event > 0.0, "nodes used CPU for the events:\n{out}");
+    // An address that is not a node's admin server is a clear error.
+    let wrong = Command::new(BIN)
+        .args(["bench", "--events", "10", "--config"])
+        .arg(dir.join("client.toml"))
+        .args(["--node-metrics", &format!("127.0.0.1:{}", base_port)])
+        .env("AUDITFLOW_LOG", "warn")
+        .output()
+        .expect("run bench");
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success());
+    assert!(err.contains("cannot read node metrics"), "stderr: {err}");
+
     let banner = up.output();
     assert!(banner.contains("client conf:"), "banner:\n{banner}");
     assert_eq!(node_pids(&dir).len(), 3, "up started three nodes");

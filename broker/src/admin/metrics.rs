@@ -153,8 +153,22 @@ pub fn install() -> Result<&'static PrometheusHandle, &'static str> {
         .map_err(String::as_str)
 }
 
+/// The process metrics (`process_cpu_seconds_total` and the other
+/// standard Prometheus names), without a prefix.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Records the process metrics as they are now; called at each scrape, so
+/// CPU time and memory are current rather than a sampler tick old.
+pub fn collect_process() {
+    process_collector().collect();
+}
+
 /// Describes every metric to the current recorder (units and help text).
 pub fn describe() {
+    process_collector().describe();
     describe_counter!(
         APPEND_EVENTS_TOTAL,
         Unit::Count,

@@ -80,10 +80,10 @@ async fn healthz() -> &'static str {
 
 async fn prometheus() -> Response {
     match metrics::install() {
-        Ok(handle) => (
-            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
-            handle.render(),
-        )
+        Ok(handle) => ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], {
+            metrics::collect_process();
+            handle.render()
+        })
             .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
