@@ -21,11 +21,12 @@ use common::{event, signal, wait_until, BIN};
 
 /// A base port for `up`: its nodes take the UDP ports `base..base+3` and
 /// their admin servers the TCP ports `base+100..base+103`, so all six must
-/// be free. Chosen at random above the usual ephemeral range's start and
-/// checked by binding (good enough for tests, like `common::free_port`).
+/// be free. Chosen at random below Linux's ephemeral range (32768 and up,
+/// where other tests' connections take ports at any moment) and checked
+/// by binding (good enough for tests, like `common::free_port`).
 fn free_base_port() -> u16 {
     for _ in 0..200 {
-        let base = 20_000 + rand::random::<u16>() % 20_000;
+        let base = 20_000 + rand::random::<u16>() % 12_000;
         let udp_free = (0..3).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
         let tcp_free = (0..3).all(|i| TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok());
         if udp_free && tcp_free {
