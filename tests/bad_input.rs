@@ -187,16 +187,9 @@ fn status_of_an_unreachable_cluster_reports_each_node() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start auditflow status");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("auditflow status still waiting after 120 s with no node up");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let Some(status) = common::wait_exit(&mut child, Duration::from_secs(120)) else {
+        let _ = child.kill();
+        panic!("auditflow status still waiting after 120 s with no node up");
     };
     let out = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&out.stdout);

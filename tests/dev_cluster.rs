@@ -13,7 +13,7 @@ mod common;
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use auditflow_client::{Client, ClientConfig};
 use auditflow_protocol::partition::partition_for;
@@ -71,18 +71,8 @@ impl Up {
 
     /// Waits up to `deadline` for `up` to exit.
     fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for up") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < deadline,
-                "up still running after {deadline:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::wait_exit(&mut self.child, deadline)
+            .unwrap_or_else(|| panic!("up still running after {deadline:?}:\n{}", self.output()))
     }
 }
 

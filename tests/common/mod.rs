@@ -43,6 +43,24 @@ where
     }
 }
 
+/// Waits up to `deadline` for `child` to exit, polling every 100 ms (a
+/// blocking wait has no deadline); `None` if it is still running then.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child process") {
+            return Some(status);
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A free UDP port on loopback (bound then released; good enough for tests).
 /// Never the same port twice in one test process: two clusters started
 /// at the same moment could otherwise both be handed a port the kernel

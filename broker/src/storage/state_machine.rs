@@ -174,22 +174,9 @@ impl<'t> AppendTables<'t> {
         events: &[auditflow_protocol::Event],
         dedup_window: u64,
     ) -> Result<Vec<auditflow_protocol::wire::AppendResult>, StoreError> {
-        let dedup = &self.dedup;
-        let effects =
-            apply_append(
-                head,
-                partition,
-                received_at,
-                events,
-                dedup_window,
-                |id| match dedup.get((partition, id))? {
-                    Some(v) => Ok(Some(tables::decode::<DedupEntry>(
-                        v.value(),
-                        "dedup entry",
-                    )?)),
-                    None => Ok::<_, StoreError>(None),
-                },
-            )?;
+        let effects = apply_append(head, partition, received_at, events, dedup_window, |id| {
+            self.dedup_entry(partition, id)
+        })?;
         for (stored, entry) in &effects.stored {
             // The same bytes as the owned `StoredEvent` (read back as one).
             tables::encode_into(stored, &mut self.buf, "stored event")?;
@@ -206,15 +193,20 @@ impl<'t> AppendTables<'t> {
                 Some(v) => tables::decode_stored_event_id(v.value())?,
                 None => continue,
             };
-            let owner = match self.dedup.get((partition, id.as_str()))? {
-                Some(v) => Some(tables::decode::<DedupEntry>(v.value(), "dedup entry")?),
-                None => None,
-            };
+            let owner = self.dedup_entry(partition, &id)?;
             if owner.map(|o| o.offset) == Some(offset) {
                 self.dedup.remove((partition, id.as_str()))?;
             }
         }
         Ok(effects.results)
+    }
+
+    /// What the dedup index holds for `id`, if anything.
+    fn dedup_entry(&self, partition: u32, id: &str) -> Result<Option<DedupEntry>, StoreError> {
+        match self.dedup.get((partition, id))? {
+            Some(v) => Ok(Some(tables::decode(v.value(), "dedup entry")?)),
+            None => Ok(None),
+        }
     }
 }
 
