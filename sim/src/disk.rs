@@ -80,37 +80,40 @@ impl fmt::Debug for DiskHandle {
     }
 }
 
-/// The Raft log directory of one incarnation of a node.
+/// A directory of numbered files (the Raft log's, or the event files')
+/// of one incarnation of a node.
 pub struct SimLogDir {
     disk: SimDisk,
     generation: u64,
-}
-
-fn segment_file(segment: u64) -> String {
-    format!("log/{segment:020}")
+    /// The directory's name, ending in `/`: every file in it starts so.
+    prefix: &'static str,
 }
 
 impl SimLogDir {
     fn live(&self) -> io::Result<MutexGuard<'_, State>> {
         self.disk.live(self.generation)
     }
+
+    fn segment_file(&self, segment: u64) -> String {
+        format!("{}{segment:020}", self.prefix)
+    }
 }
 
 impl auditflow_broker::storage::LogDir for SimLogDir {
     fn describe(&self) -> String {
-        "simulated log".into()
+        format!("simulated {}", self.prefix.trim_end_matches('/'))
     }
 
     fn list(&self) -> io::Result<Vec<u64>> {
         let s = self.live()?;
         Ok(s.files
             .keys()
-            .filter_map(|name| name.strip_prefix("log/")?.parse().ok())
+            .filter_map(|name| name.strip_prefix(self.prefix)?.parse().ok())
             .collect())
     }
 
     fn open(&self, segment: u64) -> io::Result<Box<dyn redb::StorageBackend>> {
-        let name = segment_file(segment);
+        let name = self.segment_file(segment);
         let mut s = self.live()?;
         if !s.files.contains_key(&name) {
             s.files.insert(name.clone(), FileState::default());
@@ -125,7 +128,7 @@ impl auditflow_broker::storage::LogDir for SimLogDir {
     }
 
     fn remove(&self, segment: u64) -> io::Result<()> {
-        let name = segment_file(segment);
+        let name = self.segment_file(segment);
         let mut s = self.live()?;
         let Some(file) = s.files.remove(&name) else {
             return Err(io::Error::new(
@@ -149,8 +152,10 @@ impl auditflow_broker::storage::LogDir for SimLogDir {
         }
         s.syncs += 1;
         if !s.lying_sync {
-            s.created_unsynced.clear();
-            s.deleted_unsynced.clear();
+            let prefix = self.prefix;
+            s.created_unsynced.retain(|name| !name.starts_with(prefix));
+            s.deleted_unsynced
+                .retain(|name, _| !name.starts_with(prefix));
         }
         Ok(())
     }
@@ -184,9 +189,9 @@ impl SimDisk {
         Ok(s)
     }
 
-    /// The database backend and log directory of a new incarnation; older
-    /// handles stop working.
-    pub fn open(&self) -> (DiskHandle, SimLogDir) {
+    /// The database backend, log directory and event directory of a new
+    /// incarnation; older handles stop working.
+    pub fn open(&self) -> (DiskHandle, SimLogDir, SimLogDir) {
         let mut s = self.lock();
         s.generation += 1;
         s.files.entry(DB_FILE.into()).or_default();
@@ -198,8 +203,14 @@ impl SimDisk {
         let log = SimLogDir {
             disk: self.clone(),
             generation: s.generation,
+            prefix: "log/",
         };
-        (db, log)
+        let events = SimLogDir {
+            disk: self.clone(),
+            generation: s.generation,
+            prefix: "events/",
+        };
+        (db, log, events)
     }
 
     /// The node crashed: unsynced writes are lost, old handles die.
@@ -341,12 +352,12 @@ mod tests {
     fn a_segment_is_created_or_deleted_for_good_only_once_the_directory_is_synced() {
         use auditflow_broker::storage::LogDir;
         let disk = SimDisk::default();
-        let (_, log) = disk.open();
+        let (_, log, _) = disk.open();
         let seg = log.open(1).unwrap();
         seg.write(0, b"one").unwrap();
         seg.sync_data().unwrap();
         disk.crash();
-        let (_, log) = disk.open();
+        let (_, log, _) = disk.open();
         assert_eq!(
             log.list().unwrap(),
             Vec::<u64>::new(),
@@ -360,7 +371,7 @@ mod tests {
         log.remove(1).unwrap();
         assert_eq!(log.list().unwrap(), Vec::<u64>::new());
         disk.crash();
-        let (_, log) = disk.open();
+        let (_, log, _) = disk.open();
         assert_eq!(
             log.list().unwrap(),
             vec![1],
@@ -374,21 +385,21 @@ mod tests {
         log.remove(1).unwrap();
         log.sync().unwrap();
         disk.crash();
-        let (_, log) = disk.open();
+        let (_, log, _) = disk.open();
         assert_eq!(log.list().unwrap(), Vec::<u64>::new(), "synced deletion");
     }
 
     #[test]
     fn crash_keeps_exactly_the_synced_image() {
         let disk = SimDisk::default();
-        let (h, _) = disk.open();
+        let (h, _, _) = disk.open();
         h.write(0, b"hello").unwrap();
         h.sync_data().unwrap();
         h.write(2, b"XY").unwrap();
         h.write(8, b"tail").unwrap();
         disk.crash();
         assert!(h.len().is_err(), "old incarnation is dead");
-        let (h2, _) = disk.open();
+        let (h2, _, _) = disk.open();
         let mut out = vec![0; 5];
         h2.read(0, &mut out).unwrap();
         assert_eq!(&out, b"hello");
@@ -398,7 +409,7 @@ mod tests {
     #[test]
     fn lying_disk_loses_everything() {
         let disk = SimDisk::lying();
-        let (h, _) = disk.open();
+        let (h, _, _) = disk.open();
         h.write(0, b"data").unwrap();
         h.sync_data().unwrap();
         disk.crash();
@@ -447,9 +458,9 @@ mod tests {
 
         let disk = SimDisk::default();
         let store = {
-            let (db, log) = disk.open();
+            let (db, log, events) = disk.open();
             // Opening commits durably (the format marker).
-            Store::with_backend(db, log, "node1", WriterMode::Inline).unwrap()
+            Store::with_backend(db, log, events, "node1", WriterMode::Inline).unwrap()
         };
         disk.crash();
         drop(store);

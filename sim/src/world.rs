@@ -247,8 +247,8 @@ impl World {
 
     async fn try_boot(&self, id: NodeId) -> Result<(), String> {
         let disk = &self.disks[&id];
-        let (db, log) = disk.open();
-        let store = Store::with_backend(db, log, &format!("node{id}"), WriterMode::Inline)
+        let (db, log, events) = disk.open();
+        let store = Store::with_backend(db, log, events, &format!("node{id}"), WriterMode::Inline)
             .map_err(|e| format!("node {id} cannot open its disk: {e}"))?;
         let config = self.configs[&id].clone();
         let shared = node::start(

@@ -45,6 +45,10 @@ pub enum StoreError {
     /// or stopped taking writes after such an error.
     #[error("raft log: {0}")]
     Log(String),
+    /// An event file could not be read, written or synced (I/O error,
+    /// full disk).
+    #[error("event file: {0}")]
+    EventFile(String),
     /// The writer thread has stopped (the node is shutting down, or a
     /// previous write failed fatally).
     #[error("storage writer stopped")]
@@ -76,6 +80,7 @@ impl StoreError {
         match self {
             StoreError::WriterStopped => StoreError::WriterStopped,
             StoreError::Log(reason) => StoreError::Log(reason.clone()),
+            StoreError::EventFile(reason) => StoreError::EventFile(reason.clone()),
             other => StoreError::Corrupt {
                 what: "transaction".into(),
                 reason: other.to_string(),

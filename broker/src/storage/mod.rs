@@ -1,8 +1,12 @@
-//! Storage: per node, one Raft log in segment files and one redb database
-//! holding every partition's state machine.
+//! Storage: per node, one Raft log in segment files, one redb database
+//! holding every partition's state machine, and the stored events' bytes
+//! in event files the database points into.
 //!
 //! - [`raft_log`]: the node's Raft log, group-committed segment files.
-//! - [`log_dir`]: where the segments live (the log's disk seam).
+//! - [`log_dir`]: where the segments live (the log's disk seam; the event
+//!   files use the same seam).
+//! - [`event_files`]: stored events' bytes, one append-only file per
+//!   partition.
 //! - [`tables`]: the redb table layout and value codec.
 //! - [`writer`]: the single writer thread that group-commits every redb
 //!   write.
@@ -15,11 +19,12 @@
 //!   head, a watch for long polls).
 //!
 //! The disk is a seam (DESIGN.md §4): [`Store::open`] uses files,
-//! [`Store::with_backend`] any redb `StorageBackend` and [`LogDir`], such
+//! [`Store::with_backend`] any redb `StorageBackend` and [`LogDir`]s, such
 //! as the simulator's in-memory disk that loses unsynced writes on a
 //! crash.
 
 mod error;
+pub mod event_files;
 pub mod log_dir;
 pub mod log_store;
 pub mod raft_log;
@@ -44,8 +49,10 @@ pub use state_machine::StateMachine;
 pub use writer::{StorageWriter, WriterMode};
 
 use crate::partition::apply::PartitionHead;
+use event_files::{EventFileMeta, EventFiles, EventRef};
 use tables::{
-    CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_HEAD, SM_META, SNAPSHOT_STAGING,
+    CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_EVENT_FILE, KEY_HEAD, SM_META,
+    SNAPSHOT_STAGING,
 };
 
 /// redb's page cache per node. redb's default is 1 GiB, which a node would
@@ -59,6 +66,7 @@ pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    events: Arc<EventFiles>,
     writer: StorageWriter,
     log: RaftLog,
     heads: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<u64>>>>>,
@@ -69,10 +77,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database file at `path` and the Raft log in
-    /// the directory beside it ([`Store::log_dir_of`]). A file that is not
-    /// a valid redb database of this layout, or a damaged log segment, is
-    /// refused with an error naming it; nothing is written to it.
+    /// Opens (or creates) the database file at `path`, the Raft log in
+    /// the directory beside it ([`Store::log_dir_of`]) and the event files
+    /// in another ([`Store::events_dir_of`]). A file that is not a valid
+    /// redb database of this layout, a damaged log segment or an event
+    /// file shorter than the database says is refused with an error
+    /// naming it; nothing is written to it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         Self::open_with_segments(path, raft_log::SEGMENT_BYTES)
     }
@@ -90,12 +100,26 @@ impl Store {
         let log_dir = FsLogDir::create(&log_path, segment_bytes).map_err(|e| {
             StoreError::Log(format!("create log directory {}: {e}", log_path.display()))
         })?;
+        let events_path = Self::events_dir_of(path);
+        let events_dir = FsLogDir::create(&events_path, segment_bytes).map_err(|e| {
+            StoreError::EventFile(format!(
+                "create event directory {}: {e}",
+                events_path.display()
+            ))
+        })?;
         Self::init(
             db,
             Box::new(log_dir),
+            Box::new(events_dir),
             path.to_path_buf(),
             WriterMode::Thread,
         )
+    }
+
+    /// Where [`Store::open`] keeps the event files of the database at
+    /// `path`: the same name with the extension `events`.
+    pub fn events_dir_of(path: &Path) -> PathBuf {
+        path.with_extension("events")
     }
 
     /// Where [`Store::open`] keeps the Raft log of the database at `path`:
@@ -104,11 +128,12 @@ impl Store {
         path.with_extension("raftlog")
     }
 
-    /// Opens a store over any redb backend and log directory (the
-    /// simulator's disk).
+    /// Opens a store over any redb backend, log directory and event
+    /// directory (the simulator's disk).
     pub fn with_backend(
         backend: impl redb::StorageBackend,
         log_dir: impl LogDir,
+        events_dir: impl LogDir,
         name: &str,
         mode: WriterMode,
     ) -> Result<Store, StoreError> {
@@ -119,29 +144,37 @@ impl Store {
                 path: PathBuf::from(name),
                 source,
             })?;
-        Self::init(db, Box::new(log_dir), PathBuf::from(name), mode)
+        Self::init(
+            db,
+            Box::new(log_dir),
+            Box::new(events_dir),
+            PathBuf::from(name),
+            mode,
+        )
     }
 
     fn init(
         db: Database,
         log_dir: Box<dyn LogDir>,
+        events_dir: Box<dyn LogDir>,
         path: PathBuf,
         mode: WriterMode,
     ) -> Result<Store, StoreError> {
         check_format(&db, &path)?;
+        let events = Arc::new(EventFiles::open(events_dir, &event_file_metas(&db)?)?);
         let log = RaftLog::open(log_dir, mode)?;
         let db = Arc::new(db);
         let writer = match mode {
-            WriterMode::Thread => {
-                StorageWriter::start(Arc::clone(&db)).map_err(|e| StoreError::Incompatible {
+            WriterMode::Thread => StorageWriter::start(Arc::clone(&db), Arc::clone(&events))
+                .map_err(|e| StoreError::Incompatible {
                     path: path.clone(),
                     reason: format!("cannot start the writer thread: {e}"),
-                })?
-            }
-            WriterMode::Inline => StorageWriter::inline(Arc::clone(&db)),
+                })?,
+            WriterMode::Inline => StorageWriter::inline(Arc::clone(&db), Arc::clone(&events)),
         };
         Ok(Store {
             db,
+            events,
             writer,
             log,
             heads: Arc::default(),
@@ -183,6 +216,7 @@ impl Store {
         StateMachine::new(
             partition,
             Arc::clone(&self.db),
+            Arc::clone(&self.events),
             self.writer.clone(),
             dedup_window,
             self.head_sender(partition),
@@ -196,6 +230,7 @@ impl Store {
         PartitionReader {
             partition,
             db: Arc::clone(&self.db),
+            events: Arc::clone(&self.events),
             head: self.head_sender(partition).subscribe(),
         }
     }
@@ -264,6 +299,31 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Every partition's current event file, as the database says.
+fn event_file_metas(db: &Database) -> Result<BTreeMap<u32, EventFileMeta>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SM_META)?;
+    let mut out = BTreeMap::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let (partition, name) = k.value();
+        if name == KEY_EVENT_FILE {
+            out.insert(partition, tables::decode(v.value(), KEY_EVENT_FILE)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the stored event `value` (an `events` row) points to.
+pub(crate) fn read_stored(
+    events: &EventFiles,
+    partition: u32,
+    value: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let at: EventRef = tables::decode(value, "event ref")?;
+    events.read(partition, &at)
+}
+
 fn read_head(db: &Database, partition: u32) -> Result<PartitionHead, StoreError> {
     let txn = db.begin_read()?;
     Ok(state_machine::read_sm_meta(&txn, partition, KEY_HEAD)?.unwrap_or_default())
@@ -274,6 +334,7 @@ fn read_head(db: &Database, partition: u32) -> Result<PartitionHead, StoreError>
 pub struct PartitionReader {
     partition: u32,
     db: Arc<Database>,
+    events: Arc<EventFiles>,
     head: watch::Receiver<u64>,
 }
 
@@ -308,14 +369,19 @@ impl PartitionReader {
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(EVENTS)?;
-        let mut out = Vec::new();
+        let mut refs: Vec<EventRef> = Vec::new();
         for row in table.range((self.partition, from)..=(self.partition, u64::MAX))? {
-            if out.len() >= limit {
+            if refs.len() >= limit {
                 break;
             }
             let (_, v) = row?;
-            out.push(tables::decode(v.value(), "stored event")?);
+            refs.push(tables::decode(v.value(), "event ref")?);
         }
+        let mut out = Vec::with_capacity(refs.len());
+        self.events.read_many(self.partition, &refs, |bytes| {
+            out.push(tables::decode(bytes, "stored event")?);
+            Ok(())
+        })?;
         Ok(out)
     }
 

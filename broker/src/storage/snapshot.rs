@@ -39,9 +39,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
+use super::event_files::{EventFileMeta, EventFiles, EventRef};
 use super::state_machine::read_sm_meta;
 use super::tables::{
-    CURSORS, DEDUP, DLQ, EVENTS, KEY_CATALOG, KEY_HEAD, KEY_REPLAYS, SNAPSHOT_STAGING,
+    CURSORS, DEDUP, DLQ, EVENTS, KEY_CATALOG, KEY_EVENT_FILE, KEY_HEAD, KEY_REPLAYS,
+    SNAPSHOT_STAGING,
 };
 use super::writer::StorageWriter;
 use super::StoreError;
@@ -144,6 +146,7 @@ enum Section {
 #[derive(Clone)]
 pub(crate) struct Encoder {
     txn: Arc<ReadTransaction>,
+    events: Arc<EventFiles>,
     partition: u32,
     section: Section,
     records: u64,
@@ -155,9 +158,10 @@ pub(crate) struct Encoder {
 }
 
 impl Encoder {
-    fn new(txn: Arc<ReadTransaction>, partition: u32) -> Encoder {
+    fn new(txn: Arc<ReadTransaction>, events: Arc<EventFiles>, partition: u32) -> Encoder {
         Encoder {
             txn,
+            events,
             partition,
             section: Section::Header,
             records: 0,
@@ -275,9 +279,10 @@ impl Encoder {
                     for row in table.range((p, from)..=(p, u64::MAX))? {
                         let (k, v) = row?;
                         let offset = k.value().1;
+                        let stored = super::read_stored(&self.events, p, v.value())?;
                         self.push(&Record::Event {
                             offset,
-                            stored: Cow::Borrowed(v.value()),
+                            stored: Cow::Owned(stored),
                         })?;
                         next = offset.checked_add(1);
                         if self.full() {
@@ -402,6 +407,7 @@ impl Read for StagedReader {
 pub(crate) enum InstallSource {
     Encoded {
         txn: Arc<ReadTransaction>,
+        events: Arc<EventFiles>,
         partition: u32,
     },
     Staged {
@@ -413,9 +419,15 @@ pub(crate) enum InstallSource {
 impl InstallSource {
     fn open(&self) -> Result<Box<dyn Read>, StoreError> {
         Ok(match self {
-            InstallSource::Encoded { txn, partition } => {
-                Box::new(Encoder::new(Arc::clone(txn), *partition))
-            }
+            InstallSource::Encoded {
+                txn,
+                events,
+                partition,
+            } => Box::new(Encoder::new(
+                Arc::clone(txn),
+                Arc::clone(events),
+                *partition,
+            )),
             InstallSource::Staged { db, partition } => Box::new(StagedReader {
                 txn: db.begin_read()?,
                 partition: *partition,
@@ -478,6 +490,55 @@ pub(crate) struct Installed {
     pub(crate) head: PartitionHead,
     pub(crate) catalog: Vec<(String, String)>,
     pub(crate) replays: ReplayWindows,
+    /// The generation of the partition's new event file: the caller
+    /// retires older ones once the install committed.
+    pub(crate) event_file: u32,
+}
+
+/// Bytes of events an install buffers before writing them to the new
+/// event file.
+const INSTALL_WRITE_BYTES: usize = 1024 * 1024;
+
+/// Appends stored events to a partition's event file being written by an
+/// install, a buffer at a time.
+struct EventFileWriter<'f> {
+    files: &'f EventFiles,
+    partition: u32,
+    meta: EventFileMeta,
+    pending: Vec<u8>,
+}
+
+impl EventFileWriter<'_> {
+    /// Buffers `stored`; returns the `events` row pointing to it.
+    fn push(&mut self, stored: &[u8]) -> Result<EventRef, StoreError> {
+        let event: auditflow_protocol::StoredEvent = super::tables::decode(stored, "stored event")?;
+        let at = EventRef {
+            generation: self.meta.generation,
+            pos: self.meta.len + self.pending.len() as u64,
+            len: u32::try_from(stored.len()).map_err(|_| corrupt("an event over 4 GiB"))?,
+            crc: crc32fast::hash(stored),
+            id: event.event.id,
+        };
+        self.pending.extend_from_slice(stored);
+        if self.pending.len() >= INSTALL_WRITE_BYTES {
+            self.flush()?;
+        }
+        Ok(at)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            self.files.write(
+                self.partition,
+                self.meta.generation,
+                self.meta.len,
+                &self.pending,
+            )?;
+            self.meta.len += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
 }
 
 /// Replaces partition `partition`'s rows in `txn` with the snapshot read
@@ -485,6 +546,7 @@ pub(crate) struct Installed {
 /// whole install (the caller's transaction is then dropped uncommitted).
 pub(crate) fn install(
     txn: &WriteTransaction,
+    files: &EventFiles,
     partition: u32,
     source: &InstallSource,
 ) -> Result<Installed, StoreError> {
@@ -518,6 +580,18 @@ pub(crate) fn install(
         Some(_) => return Err(corrupt("does not start with its header")),
         None => return Err(corrupt("empty")),
     };
+    // The events go to a file of the next generation, so that the old one
+    // stays whole until this transaction is durable.
+    let old: EventFileMeta =
+        super::state_machine::get_sm_meta(txn, p, KEY_EVENT_FILE)?.unwrap_or_default();
+    let generation = old.generation.wrapping_add(1);
+    files.reset(p, generation)?;
+    let mut file = EventFileWriter {
+        files,
+        partition: p,
+        meta: EventFileMeta { generation, len: 0 },
+        pending: Vec::new(),
+    };
     let mut events = txn.open_table(EVENTS)?;
     let mut dedup = txn.open_table(DEDUP)?;
     let mut cursors = txn.open_table(CURSORS)?;
@@ -549,7 +623,11 @@ pub(crate) fn install(
                 dlq.insert((p, dest.as_ref(), offset), entry.as_ref())?;
             }
             Record::Event { offset, stored } => {
-                events.insert((p, offset), stored.as_ref())?;
+                let at = file.push(&stored)?;
+                events.insert(
+                    (p, offset),
+                    super::tables::encode(&at, "event ref")?.as_slice(),
+                )?;
             }
             Record::Dedup { id, entry } => {
                 dedup.insert((p, id.as_ref()), entry.as_ref())?;
@@ -578,11 +656,14 @@ pub(crate) fn install(
         return Err(corrupt("records after its end record"));
     }
     drop(reader);
+    file.flush()?;
+    super::state_machine::put_sm_meta(txn, p, KEY_EVENT_FILE, &file.meta)?;
     clear_staged(txn, p)?;
     Ok(Installed {
         head,
         catalog,
         replays,
+        event_file: generation,
     })
 }
 
@@ -627,6 +708,7 @@ impl MeasuredLengths {
 /// A snapshot read from the database as it is sent.
 struct Source {
     txn: Arc<ReadTransaction>,
+    events: Arc<EventFiles>,
     partition: u32,
     /// The snapshot's id, and lengths measured before.
     id: String,
@@ -657,7 +739,11 @@ impl Source {
                     self.enc_pos = *at;
                 }
                 _ => {
-                    self.enc = Encoder::new(Arc::clone(&self.txn), self.partition);
+                    self.enc = Encoder::new(
+                        Arc::clone(&self.txn),
+                        Arc::clone(&self.events),
+                        self.partition,
+                    );
                     self.enc_pos = 0;
                 }
             }
@@ -685,7 +771,11 @@ impl Source {
             return Poll::Ready(Ok(len));
         }
         let (mut enc, mut counted) = self.measuring.take().unwrap_or_else(|| {
-            let mut enc = Encoder::new(Arc::clone(&self.txn), self.partition);
+            let mut enc = Encoder::new(
+                Arc::clone(&self.txn),
+                Arc::clone(&self.events),
+                self.partition,
+            );
             enc.digest = None;
             (enc, 0)
         });
@@ -811,14 +901,16 @@ impl SnapshotData {
     /// yet.
     pub(crate) fn source(
         txn: Arc<ReadTransaction>,
+        events: Arc<EventFiles>,
         partition: u32,
         id: String,
         lengths: MeasuredLengths,
     ) -> SnapshotData {
         SnapshotData {
             mode: Mode::Source(Box::new(Source {
-                enc: Encoder::new(Arc::clone(&txn), partition),
+                enc: Encoder::new(Arc::clone(&txn), Arc::clone(&events), partition),
                 txn,
+                events,
                 partition,
                 id,
                 lengths,
@@ -872,6 +964,7 @@ impl SnapshotData {
         match self.mode {
             Mode::Source(s) => Ok(InstallSource::Encoded {
                 txn: s.txn,
+                events: s.events,
                 partition: s.partition,
             }),
             Mode::Staging(mut s) => {

@@ -1,5 +1,7 @@
 //! The state machine of one partition (openraft `RaftStateMachine`): the
-//! stored events, the dedup index and the partition head, all in redb.
+//! stored events, the dedup index and the partition head, in redb, with
+//! the events' bytes in the partition's event file
+//! ([`super::event_files`]).
 //!
 //! `apply` runs the pure [`apply_append`] inside a writer job and commits
 //! without fsync: the Raft log is already durable on a quorum, and a crash
@@ -15,11 +17,12 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTran
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::event_files::{EventFileMeta, EventFiles, EventRef};
 use super::log_store::raft_err;
 use super::snapshot::{self, MeasuredLengths, SnapshotData};
 use super::tables::{
-    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_HEAD, KEY_MEMBERSHIP,
-    KEY_REPLAYS, SM_META,
+    self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_EVENT_FILE, KEY_HEAD,
+    KEY_MEMBERSHIP, KEY_REPLAYS, SM_META,
 };
 use super::writer::StorageWriter;
 use super::{InstallState, StoreError};
@@ -34,6 +37,7 @@ use crate::partition::types::{
 pub struct StateMachine {
     partition: u32,
     db: Arc<Database>,
+    events: Arc<EventFiles>,
     writer: StorageWriter,
     dedup_window: u64,
     head: Arc<watch::Sender<u64>>,
@@ -47,6 +51,7 @@ pub struct StateMachine {
 pub struct SnapshotBuilder {
     partition: u32,
     db: Arc<Database>,
+    events: Arc<EventFiles>,
     lengths: MeasuredLengths,
 }
 
@@ -63,7 +68,8 @@ pub(crate) fn read_sm_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn put_sm_meta<T: Serialize>(
+/// Writes a `sm_meta` value in a write transaction.
+pub(crate) fn put_sm_meta<T: Serialize>(
     txn: &WriteTransaction,
     partition: u32,
     key: &str,
@@ -75,7 +81,8 @@ fn put_sm_meta<T: Serialize>(
     Ok(())
 }
 
-fn get_sm_meta<T: serde::de::DeserializeOwned>(
+/// Reads a `sm_meta` value in a write transaction.
+pub(crate) fn get_sm_meta<T: serde::de::DeserializeOwned>(
     txn: &WriteTransaction,
     partition: u32,
     key: &str,
@@ -101,6 +108,7 @@ pub(crate) fn applied_in(
 /// the responses and the new next offset.
 fn apply_entries(
     txn: &WriteTransaction,
+    files: &EventFiles,
     partition: u32,
     dedup_window: u64,
     entries: &[Entry],
@@ -125,7 +133,7 @@ fn apply_entries(
             }) => {
                 let t = match &mut append_tables {
                     Some(t) => t,
-                    None => append_tables.insert(AppendTables::open(txn)?),
+                    None => append_tables.insert(AppendTables::open(txn, files, partition)?),
                 };
                 let results = t.append(partition, &mut head, *received_at, events, dedup_window)?;
                 responses.push(CommandResponse::Appended(results));
@@ -134,6 +142,9 @@ fn apply_entries(
                 responses.push(apply_delivery(txn, partition, cmd)?);
             }
         }
+    }
+    if let Some(t) = append_tables {
+        t.finish(txn, partition)?;
     }
     if let Some(applied) = last_applied {
         put_sm_meta(txn, partition, KEY_APPLIED, &Some(applied))?;
@@ -145,22 +156,52 @@ fn apply_entries(
     Ok((responses, head.next_offset))
 }
 
-/// The tables an append writes, open for one run of entries, and a buffer
-/// each stored value is encoded into (one allocation per run, not two per
-/// event).
+/// The tables an append writes, open for one run of entries, a buffer
+/// each row's value is encoded into (one allocation per run, not two per
+/// event), and the run's stored events, written to the partition's event
+/// file in one write when the run ends.
 struct AppendTables<'t> {
     events: redb::Table<'t, (u32, u64), &'static [u8]>,
     dedup: redb::Table<'t, (u32, &'static str), &'static [u8]>,
     buf: Vec<u8>,
+    files: &'t EventFiles,
+    file: EventFileMeta,
+    pending: Vec<u8>,
 }
 
 impl<'t> AppendTables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<AppendTables<'t>, StoreError> {
+    fn open(
+        txn: &'t WriteTransaction,
+        files: &'t EventFiles,
+        partition: u32,
+    ) -> Result<AppendTables<'t>, StoreError> {
         Ok(AppendTables {
             events: txn.open_table(EVENTS)?,
             dedup: txn.open_table(DEDUP)?,
             buf: Vec::new(),
+            files,
+            file: get_sm_meta(txn, partition, KEY_EVENT_FILE)?.unwrap_or_default(),
+            pending: Vec::new(),
         })
+    }
+
+    /// Writes the run's events to the event file, at the end of what the
+    /// transaction knows of it (bytes an aborted or lost transaction left
+    /// beyond are overwritten), and records its new length.
+    fn finish(mut self, txn: &WriteTransaction, partition: u32) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.files.write(
+            partition,
+            self.file.generation,
+            self.file.len,
+            &self.pending,
+        )?;
+        self.file.len += self.pending.len() as u64;
+        drop(self.events);
+        drop(self.dedup);
+        put_sm_meta(txn, partition, KEY_EVENT_FILE, &self.file)
     }
 
     /// Applies one append entry: the pure [`apply_append`] over the dedup
@@ -179,7 +220,20 @@ impl<'t> AppendTables<'t> {
         })?;
         for (stored, entry) in &effects.stored {
             // The same bytes as the owned `StoredEvent` (read back as one).
-            tables::encode_into(stored, &mut self.buf, "stored event")?;
+            let start = self.pending.len();
+            tables::encode_append(stored, &mut self.pending, "stored event")?;
+            let bytes = &self.pending[start..];
+            let at = EventRef {
+                generation: self.file.generation,
+                pos: self.file.len + start as u64,
+                len: u32::try_from(bytes.len()).map_err(|_| StoreError::Encode {
+                    what: "stored event".into(),
+                    reason: format!("{} bytes", bytes.len()),
+                })?,
+                crc: crc32fast::hash(bytes),
+                id: stored.event.id.clone(),
+            };
+            tables::encode_into(&at, &mut self.buf, "event ref")?;
             self.events
                 .insert((partition, stored.offset), self.buf.as_slice())?;
             tables::encode_into(entry, &mut self.buf, "dedup entry")?;
@@ -190,7 +244,7 @@ impl<'t> AppendTables<'t> {
         // newer offset.
         for offset in effects.evict.clone() {
             let id = match self.events.get((partition, offset))? {
-                Some(v) => tables::decode_stored_event_id(v.value())?,
+                Some(v) => tables::decode::<EventRef>(v.value(), "event ref")?.id,
                 None => continue,
             };
             let owner = self.dedup_entry(partition, &id)?;
@@ -337,9 +391,11 @@ fn apply_delivery(
 }
 
 impl StateMachine {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         partition: u32,
         db: Arc<Database>,
+        events: Arc<EventFiles>,
         writer: StorageWriter,
         dedup_window: u64,
         head: Arc<watch::Sender<u64>>,
@@ -349,6 +405,7 @@ impl StateMachine {
         StateMachine {
             partition,
             db,
+            events,
             writer,
             dedup_window,
             head,
@@ -374,7 +431,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     /// [`RaftStateMachine::get_current_snapshot`]. The state it describes
     /// is already durable in redb (every purge makes it so first).
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        current(&self.db, self.partition, &self.lengths)
+        current(&self.db, &self.events, self.partition, &self.lengths)
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
     }
 }
@@ -383,6 +440,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 /// and its rows, read from the same read transaction as they are sent.
 fn current(
     db: &Database,
+    events: &Arc<EventFiles>,
     partition: u32,
     lengths: &MeasuredLengths,
 ) -> Result<Snapshot, StoreError> {
@@ -390,6 +448,7 @@ fn current(
     let meta = snapshot_meta(&txn, partition)?;
     let data = SnapshotData::source(
         Arc::new(txn),
+        Arc::clone(events),
         partition,
         meta.snapshot_id.clone(),
         lengths.clone(),
@@ -441,9 +500,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let p = self.partition;
         let window = self.dedup_window;
+        let files = Arc::clone(&self.events);
         let (responses, next_offset) = self
             .writer
-            .write(false, move |txn| apply_entries(txn, p, window, &entries))
+            .write(false, move |txn| {
+                apply_entries(txn, &files, p, window, &entries)
+            })
             .await
             .map_err(|e| raft_err(ErrorSubject::Apply(last), ErrorVerb::Write, e))?;
         self.head.send_replace(next_offset);
@@ -454,6 +516,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             partition: self.partition,
             db: Arc::clone(&self.db),
+            events: Arc::clone(&self.events),
             lengths: self.lengths.clone(),
         }
     }
@@ -488,17 +551,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let applied = meta.last_log_id;
         let membership = meta.last_membership.clone();
         let writer = self.writer.clone();
+        let files = Arc::clone(&self.events);
         let installed = async move {
             let source = snapshot.into_install_source().await?;
             writer
                 .write(true, move |txn| {
-                    let installed = snapshot::install(txn, p, &source)?;
+                    let installed = snapshot::install(txn, &files, p, &source)?;
                     put_sm_meta(txn, p, KEY_HEAD, &installed.head)?;
                     put_sm_meta(txn, p, KEY_CATALOG, &installed.catalog)?;
                     put_sm_meta(txn, p, KEY_REPLAYS, &installed.replays)?;
                     put_sm_meta(txn, p, KEY_APPLIED, &applied)?;
                     put_sm_meta(txn, p, KEY_MEMBERSHIP, &membership)?;
-                    Ok(installed.head.next_offset)
+                    Ok((installed.head.next_offset, installed.event_file))
                 })
                 .await
         }
@@ -511,7 +575,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Ok(_) => InstallState::Idle,
             Err(_) => InstallState::Failed,
         });
-        self.head.send_replace(installed.map_err(err)?);
+        let (next_offset, event_file) = installed.map_err(err)?;
+        // The install is durable: the files it replaced can go.
+        self.events.retire(p, event_file);
+        self.head.send_replace(next_offset);
         Ok(())
     }
 
@@ -521,7 +588,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // its metadata. A fresher snapshot than the last one built is still
         // a snapshot of this state machine, and its metadata matches what
         // it holds.
-        let snapshot = current(&self.db, self.partition, &self.lengths)
+        let snapshot = current(&self.db, &self.events, self.partition, &self.lengths)
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         if snapshot.meta.last_log_id.is_none() {
             return Ok(None);

@@ -7,7 +7,7 @@
 //! | table       | key                   | value                                  |
 //! |-------------|-----------------------|----------------------------------------|
 //! | `format`    | `&str`                | format version (`u64`)                 |
-//! | `events`    | `(partition, offset)` | bincode `StoredEvent`                  |
+//! | `events`    | `(partition, offset)` | bincode `EventRef` (where the bytes are) |
 //! | `dedup`     | `(partition, id)`     | bincode `DedupEntry`                   |
 //! | `sm_meta`   | `(partition, name)`   | bincode: `applied`, `membership`, `head` |
 //! | `cursors`   | `(partition, dest)`   | next offset to deliver (`u64`)         |
@@ -15,6 +15,8 @@
 //! | `snapshot_staging` | `(partition, byte offset)` | part of a snapshot being received |
 //!
 //! The Raft log is not here: it is in segment files ([`super::raft_log`]).
+//! Nor are stored events' bytes: they are in the event files
+//! ([`super::event_files`]), which `events` rows point into.
 //!
 //! Values are bincode 2 (`standard` configuration) through serde, the same
 //! codec as the wire.
@@ -26,12 +28,13 @@ use serde::Serialize;
 use super::StoreError;
 
 /// Version of this layout; a database with another is refused at open.
-/// Version 2 moved the Raft log out of redb.
-pub const FORMAT_VERSION: u64 = 2;
+/// Version 2 moved the Raft log out of redb, version 3 the stored events'
+/// bytes.
+pub const FORMAT_VERSION: u64 = 3;
 
 /// Format marker.
 pub const FORMAT: TableDefinition<&str, u64> = TableDefinition::new("format");
-/// Stored events by offset.
+/// Stored events by offset: where each one's bytes are.
 pub const EVENTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("events");
 /// Dedup index: event id to where it is stored.
 pub const DEDUP: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("dedup");
@@ -52,6 +55,9 @@ pub const SNAPSHOT_STAGING: TableDefinition<(u32, u64), &[u8]> =
 pub const KEY_APPLIED: &str = "applied";
 /// `sm_meta` key of the last applied membership.
 pub const KEY_MEMBERSHIP: &str = "membership";
+/// `sm_meta` key of the partition's current event file
+/// (`event_files::EventFileMeta`).
+pub const KEY_EVENT_FILE: &str = "event_file";
 /// `sm_meta` key of the partition head.
 pub const KEY_HEAD: &str = "head";
 /// `sm_meta` key (catalog partition only): the run-time destinations, as
@@ -79,12 +85,7 @@ pub fn encode_into<T: Serialize>(
     what: &str,
 ) -> Result<(), StoreError> {
     buf.clear();
-    bincode::serde::encode_into_std_write(value, buf, bincode::config::standard())
-        .map(|_| ())
-        .map_err(|e| StoreError::Encode {
-            what: what.into(),
-            reason: e.to_string(),
-        })
+    encode_append(value, buf, what)
 }
 
 /// Decodes a stored value; anything undecodable is corruption.
@@ -102,59 +103,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreE
     }
 }
 
-/// The event id of a stored event (an `events` value), decoding only the
-/// fields before it: forgetting ids that leave the dedup window needs the
-/// id of one old event per new one, not the whole event.
-pub fn decode_stored_event_id(bytes: &[u8]) -> Result<String, StoreError> {
-    // Positional, like every bincode value: the same leading fields as
-    // `StoredEvent`, and of its `event` only the first, `id`.
-    #[derive(serde::Deserialize)]
-    struct Prefix {
-        _partition: u32,
-        _offset: u64,
-        _received_at: auditflow_protocol::Timestamp,
-        _hash: auditflow_protocol::Hash32,
-        event: EventId,
-    }
-    #[derive(serde::Deserialize)]
-    struct EventId {
-        id: String,
-    }
-    bincode::serde::decode_from_slice::<Prefix, _>(bytes, bincode::config::standard())
-        .map(|(prefix, _)| prefix.event.id)
-        .map_err(|e| StoreError::Corrupt {
-            what: "stored event".into(),
+/// Appends the encoding of a stored value to `buf`.
+pub fn encode_append<T: Serialize>(
+    value: &T,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<(), StoreError> {
+    bincode::serde::encode_into_std_write(value, buf, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| StoreError::Encode {
+            what: what.into(),
             reason: e.to_string(),
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use auditflow_protocol::{Event, Hash32, StoredEvent, Timestamp};
-
-    use super::*;
-
-    #[test]
-    fn the_id_of_a_stored_event_decodes_alone() {
-        let event: Event = serde_json::from_value(serde_json::json!({
-            "id": "evt-42", "tenant": "acme", "time": "2026-11-24T10:00:00Z",
-            "actor": {"id": "u1", "type": "user"}, "action": "user.login",
-            "target": {"type": "session", "id": "s1"}, "outcome": "success",
-            "context": {"k": "v"}, "data": {"a": [1, 2]},
-        }))
-        .unwrap();
-        let stored = StoredEvent {
-            partition: 3,
-            offset: u64::MAX,
-            received_at: Timestamp(-5),
-            hash: Hash32([9; 32]),
-            event,
-        };
-        let bytes = encode(&stored, "stored event").unwrap();
-        assert_eq!(decode_stored_event_id(&bytes).unwrap(), "evt-42");
-        assert!(matches!(
-            decode_stored_event_id(&bytes[..20]),
-            Err(StoreError::Corrupt { .. })
-        ));
-    }
 }

@@ -678,10 +678,10 @@ async fn a_snapshot_of_an_unchanged_partition_is_measured_once() {
     // (nothing was applied): the length comes from the last measurement.
     {
         let txn = store.db.begin_write().unwrap();
-        txn.open_table(tables::EVENTS)
-            .unwrap()
-            .insert((0, 10_000), [0u8; 100].as_slice())
-            .unwrap();
+        let mut events = txn.open_table(tables::EVENTS).unwrap();
+        let first = events.get((0, 0)).unwrap().unwrap().value().to_vec();
+        events.insert((0, 10_000), first.as_slice()).unwrap();
+        drop(events);
         txn.commit().unwrap();
     }
     let (second, real) = lengths(sm.get_current_snapshot().await.unwrap().unwrap()).await;
@@ -705,6 +705,126 @@ async fn a_snapshot_of_an_unchanged_partition_is_measured_once() {
     let (third, real) = lengths(sm.get_current_snapshot().await.unwrap().unwrap()).await;
     assert_eq!(third, real);
     assert!(third > after_install + 1024);
+}
+
+/// The event files of the store at `path`, by name.
+fn event_files_of(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(Store::events_dir_of(path))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn event_bytes_live_in_event_files_checked_at_open_and_on_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let before = {
+        let store = filled_store(&path, 250).await;
+        let events = store.reader(0).read(0, 1000).unwrap();
+        assert_eq!(events.len(), 250);
+        events
+    };
+    let files = event_files_of(&path);
+    assert_eq!(files.len(), 1, "one file for partition 0: {files:?}");
+    let file = &files[0];
+    let len = std::fs::metadata(file).unwrap().len();
+    assert!(len > 250 * 100, "the events' bytes are in the file ({len})");
+
+    // Bytes past what the database knows (a transaction a crash lost) are
+    // cut off at open, and a later append overwrites nothing it needs.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(file).unwrap();
+        f.write_all(&[0xAB; 777]).unwrap();
+    }
+    {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(file).unwrap().len(), len);
+        assert_eq!(store.reader(0).read(0, 1000).unwrap(), before);
+        let mut sm = store.state_machine(0, 1_000_000);
+        sm.apply([sized_entry(100, 250..260)]).await.unwrap();
+        let after = store.reader(0).read(0, 1000).unwrap();
+        assert_eq!(after.len(), 260);
+        assert_eq!(after[..250], before[..]);
+    }
+
+    // A damaged byte fails the read of that event with the file's name;
+    // the others still read.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 10).unwrap();
+        f.write_all_at(&[b[0] ^ 0xFF], 10).unwrap();
+    }
+    {
+        let store = Store::open(&path).unwrap();
+        let err = store.reader(0).read(0, 1).expect_err("damaged").to_string();
+        assert!(err.contains("checksum") && err.contains(".seg"), "{err}");
+        assert_eq!(store.reader(0).read(1, 1000).unwrap().len(), 259);
+    }
+
+    // A file shorter than the database says is refused at open, naming it,
+    // and the store's files are left as they were.
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let err = Store::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("event file") && err.contains("holds"), "{err}");
+    assert_eq!(std::fs::metadata(file).unwrap().len(), len / 2);
+    // So is a missing one.
+    std::fs::remove_file(file).unwrap();
+    let err = Store::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[tokio::test]
+async fn an_installed_snapshot_gets_a_new_event_file_and_the_old_one_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = filled_store(&dir.path().join("source.redb"), 120).await;
+    let target_path = dir.path().join("target.redb");
+    let target = filled_store(&target_path, 30).await;
+    let old = event_files_of(&target_path);
+    assert_eq!(old.len(), 1);
+    // A file of a generation the database does not name (an install cut
+    // short) is removed at open.
+    let stray =
+        Store::events_dir_of(&target_path).join(format!("{:020}.seg", event_files::segment(0, 7)));
+    std::fs::write(&stray, b"left over").unwrap();
+    drop(target);
+    let target = Store::open(&target_path).unwrap();
+    assert_eq!(event_files_of(&target_path), old);
+
+    let snap = source
+        .state_machine(0, 1_000_000)
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sm = target.state_machine(0, 1_000_000);
+    sm.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    let now = event_files_of(&target_path);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, old, "a new generation replaced the old file");
+    let expected = source.reader(0).read(0, 1000).unwrap();
+    assert_eq!(target.reader(0).read(0, 1000).unwrap(), expected);
+    // Appends after the install go to the new file, and all of it reopens.
+    sm.apply([sized_entry(1000, 120..125)]).await.unwrap();
+    drop(sm);
+    drop(target);
+    let target = Store::open(&target_path).unwrap();
+    let read = target.reader(0).read(0, 1000).unwrap();
+    assert_eq!(read.len(), 125);
+    assert_eq!(read[..120], expected[..]);
 }
 
 proptest::proptest! {

@@ -15,6 +15,10 @@
 //! what a crash makes a node re-apply from its log, and lets redb reuse
 //! the pages earlier commits freed (it cannot before a durable commit).
 //!
+//! Stored events' bytes are in [`super::event_files`], written by apply
+//! jobs outside redb; they are synced before every durable commit, so a
+//! durable commit never refers to bytes a crash could lose.
+//!
 //! Jobs run in the order they were submitted, so openraft's rule that log
 //! and vote I/O are serialized holds. If one job fails, the transaction is
 //! aborted and each job of the batch is re-run in its own transaction, so
@@ -26,6 +30,7 @@ use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
+use super::event_files::EventFiles;
 use super::StoreError;
 use crate::admin::metrics::{STORAGE_COMMITS_TOTAL, STORAGE_COMMIT_JOBS, STORAGE_COMMIT_SECONDS};
 
@@ -78,7 +83,7 @@ enum Mode {
     Thread(mpsc::Sender<Job>, #[allow(dead_code)] Arc<JoinOnDrop>),
     /// Simulation: each job runs at once on the caller's thread in its own
     /// transaction (the simulator may not start threads, DESIGN.md §6).
-    Inline(Arc<Database>, Arc<Checkpoints>),
+    Inline(Arc<Database>, Arc<EventFiles>, Arc<Checkpoints>),
 }
 
 /// How the writer runs.
@@ -112,22 +117,22 @@ impl Drop for JoinOnDrop {
 }
 
 impl StorageWriter {
-    /// Starts the writer thread over `db`. It stops when every handle is
-    /// dropped.
-    pub fn start(db: Arc<Database>) -> std::io::Result<StorageWriter> {
+    /// Starts the writer thread over `db` and `events`. It stops when
+    /// every handle is dropped.
+    pub fn start(db: Arc<Database>, events: Arc<EventFiles>) -> std::io::Result<StorageWriter> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let handle = std::thread::Builder::new()
             .name("auditflow-writer".into())
-            .spawn(move || writer_loop(&db, rx))?;
+            .spawn(move || writer_loop(&db, &events, rx))?;
         Ok(StorageWriter {
             mode: Mode::Thread(tx, Arc::new(JoinOnDrop(Some(handle)))),
         })
     }
 
     /// A writer that runs each job on the caller's thread (simulator).
-    pub fn inline(db: Arc<Database>) -> StorageWriter {
+    pub fn inline(db: Arc<Database>, events: Arc<EventFiles>) -> StorageWriter {
         StorageWriter {
-            mode: Mode::Inline(db, Arc::default()),
+            mode: Mode::Inline(db, events, Arc::default()),
         }
     }
 
@@ -165,10 +170,10 @@ impl StorageWriter {
         };
         match &self.mode {
             Mode::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
-            Mode::Inline(db, checkpoints) => {
+            Mode::Inline(db, events, checkpoints) => {
                 let mut job = job;
                 job.durable = checkpoints.durable(job.durable);
-                let result = run_one(db, &mut job);
+                let result = run_one(db, events, &mut job);
                 (job.finish)(result);
             }
         }
@@ -210,14 +215,14 @@ pub(crate) fn next_batch<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max:
     true
 }
 
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
+fn writer_loop(db: &Database, events: &EventFiles, mut rx: mpsc::Receiver<Job>) {
     let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
     while next_batch(&mut rx, &mut batch, MAX_JOBS_PER_TXN) {
         let started = std::time::Instant::now();
         let durable = checkpoints.durable(batch.iter().any(|j| j.durable));
         let jobs = batch.len();
-        match run_batch(db, &mut batch, durable) {
+        match run_batch(db, events, &mut batch, durable) {
             Ok(()) => {
                 record_commit(durable, jobs, started.elapsed());
                 for job in batch.drain(..) {
@@ -227,7 +232,7 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Job>) {
             Err(BatchError::Job) => {
                 // Re-run one by one so only the failing jobs fail.
                 for mut job in batch.drain(..) {
-                    let result = run_one(db, &mut job);
+                    let result = run_one(db, events, &mut job);
                     (job.finish)(result);
                 }
             }
@@ -274,7 +279,12 @@ pub(crate) fn begin(db: &Database, durable: bool) -> Result<WriteTransaction, St
 }
 
 /// Runs `batch` in one transaction, durable if `durable` (any job asked).
-fn run_batch(db: &Database, batch: &mut [Job], durable: bool) -> Result<(), BatchError> {
+fn run_batch(
+    db: &Database,
+    events: &EventFiles,
+    batch: &mut [Job],
+    durable: bool,
+) -> Result<(), BatchError> {
     let txn = begin(db, durable).map_err(BatchError::Commit)?;
     for job in batch.iter_mut() {
         if (job.run)(&txn).is_err() {
@@ -282,16 +292,28 @@ fn run_batch(db: &Database, batch: &mut [Job], durable: bool) -> Result<(), Batc
             return Err(BatchError::Job);
         }
     }
-    txn.commit().map_err(|e| BatchError::Commit(e.into()))
+    commit(txn, events, durable).map_err(BatchError::Commit)
 }
 
-fn run_one(db: &Database, job: &mut Job) -> Result<(), StoreError> {
+fn run_one(db: &Database, events: &EventFiles, job: &mut Job) -> Result<(), StoreError> {
     let txn = begin(db, job.durable)?;
     match (job.run)(&txn) {
-        Ok(()) => Ok(txn.commit()?),
+        Ok(()) => commit(txn, events, job.durable),
         Err(e) => {
             let _ = txn.abort();
             Err(e)
         }
     }
+}
+
+/// Commits `txn`; a durable commit first syncs the event files, whose
+/// bytes it may refer to.
+fn commit(txn: WriteTransaction, events: &EventFiles, durable: bool) -> Result<(), StoreError> {
+    if durable {
+        if let Err(e) = events.sync() {
+            let _ = txn.abort();
+            return Err(e);
+        }
+    }
+    Ok(txn.commit()?)
 }
