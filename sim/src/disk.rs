@@ -1,11 +1,12 @@
-//! A simulated disk: a node's files (its redb database and its Raft log
-//! segments), remembering what was written and what was synced, and
+//! A simulated disk: a node's files (its redb database, its Raft log
+//! segments and its event files), remembering what was written and what was synced, and
 //! losing the unsynced part when the node crashes.
 //!
 //! Every write to a file since its last `sync_data` is recorded in an
 //! undo log; a crash replays the undo logs backwards, leaving exactly the
-//! synced image. Creating and deleting a log segment is durable only once
-//! the log directory is synced (`LogDir::sync`), as on a real file system,
+//! synced image. Creating and deleting a log segment or an event file is
+//! durable only once its directory is synced (`LogDir::sync`, which covers
+//! that directory alone), as on a real file system,
 //! where `fsync` of a new file does not make its directory entry durable:
 //! a crash before that sync drops a created segment and brings a deleted
 //! one back (with its synced bytes).
