@@ -861,3 +861,124 @@ proptest::proptest! {
         });
     }
 }
+
+/// A directory of event files on a disk that can fill up: while `full`,
+/// every write fails as a full disk does (`ENOSPC`).
+struct FillingDir {
+    inner: FsLogDir,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FillingFile {
+    inner: Box<dyn redb::StorageBackend>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for FillingFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FillingFile")
+    }
+}
+
+impl redb::StorageBackend for FillingFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            // Half of it lands, as a write cut short by a full disk may.
+            let half = &data[..data.len() / 2];
+            self.inner.write(offset, half)?;
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        self.inner.write(offset, data)
+    }
+}
+
+impl LogDir for FillingDir {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn list(&self) -> std::io::Result<Vec<u64>> {
+        self.inner.list()
+    }
+    fn open(&self, segment: u64) -> std::io::Result<Box<dyn redb::StorageBackend>> {
+        Ok(Box::new(FillingFile {
+            inner: self.inner.open(segment)?,
+            full: Arc::clone(&self.full),
+        }))
+    }
+    fn remove(&self, segment: u64) -> std::io::Result<()> {
+        self.inner.remove(segment)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_apply_with_its_cause_and_keeps_what_was_stored() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("db.redb");
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let open = |full: &Arc<std::sync::atomic::AtomicBool>| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&db_path)
+            .unwrap();
+        Store::with_backend(
+            redb::backends::FileBackend::new(file).unwrap(),
+            FsLogDir::create(&Store::log_dir_of(&db_path), raft_log::SEGMENT_BYTES).unwrap(),
+            FillingDir {
+                inner: FsLogDir::create(&Store::events_dir_of(&db_path), 0).unwrap(),
+                full: Arc::clone(full),
+            },
+            "db.redb",
+            WriterMode::Thread,
+        )
+        .unwrap()
+    };
+    let before = {
+        let store = open(&full);
+        let mut sm = store.state_machine(0, 1_000_000);
+        sm.apply([sized_entry(1, 0..40)]).await.unwrap();
+        full.store(true, Ordering::SeqCst);
+        let err = sm
+            .apply([sized_entry(2, 40..80)])
+            .await
+            .expect_err("the disk is full")
+            .to_string();
+        assert!(err.contains("No space left on device"), "{err}");
+        // Nothing of the failed apply is visible; what was stored reads.
+        let reader = store.reader(0);
+        assert_eq!(reader.head().unwrap().next_offset, 40);
+        let events = reader.read(0, 1000).unwrap();
+        assert_eq!(events.len(), 40);
+        events
+    };
+    // Space freed and the node restarted: the entry applies again (as
+    // openraft re-applies it from the log) over the half-written bytes.
+    full.store(false, Ordering::SeqCst);
+    let store = open(&full);
+    let reader = store.reader(0);
+    assert_eq!(reader.read(0, 1000).unwrap(), before);
+    let mut sm = store.state_machine(0, 1_000_000);
+    sm.apply([sized_entry(2, 40..80)]).await.unwrap();
+    let after = reader.read(0, 1000).unwrap();
+    assert_eq!(after.len(), 80);
+    assert_eq!(after[..40], before[..]);
+    assert!(after.iter().enumerate().all(|(i, e)| e.offset == i as u64));
+}
