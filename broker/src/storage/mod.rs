@@ -314,16 +314,6 @@ fn event_file_metas(db: &Database) -> Result<BTreeMap<u32, EventFileMeta>, Store
     Ok(out)
 }
 
-/// Reads the stored event `value` (an `events` row) points to.
-pub(crate) fn read_stored(
-    events: &EventFiles,
-    partition: u32,
-    value: &[u8],
-) -> Result<Vec<u8>, StoreError> {
-    let at: EventRef = tables::decode(value, "event ref")?;
-    events.read(partition, &at)
-}
-
 fn read_head(db: &Database, partition: u32) -> Result<PartitionHead, StoreError> {
     let txn = db.begin_read()?;
     Ok(state_machine::read_sm_meta(&txn, partition, KEY_HEAD)?.unwrap_or_default())

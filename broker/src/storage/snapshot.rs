@@ -274,23 +274,41 @@ impl Encoder {
                     }
                 }
                 Section::Events(from) => {
+                    // The refs of about a buffer's worth of events first,
+                    // then their bytes, read back to back in one read.
                     let table = txn.open_table(EVENTS)?;
-                    let mut next = None;
+                    let budget = FILL_BYTES.saturating_sub(self.out.len() - self.out_pos);
+                    let mut offsets = Vec::new();
+                    let mut refs: Vec<EventRef> = Vec::new();
+                    let mut bytes = 0usize;
+                    let mut exhausted = true;
                     for row in table.range((p, from)..=(p, u64::MAX))? {
-                        let (k, v) = row?;
-                        let offset = k.value().1;
-                        let stored = super::read_stored(&self.events, p, v.value())?;
-                        self.push(&Record::Event {
-                            offset,
-                            stored: Cow::Owned(stored),
-                        })?;
-                        next = offset.checked_add(1);
-                        if self.full() {
+                        if bytes >= budget {
+                            exhausted = false;
                             break;
                         }
+                        let (k, v) = row?;
+                        let at: EventRef = super::tables::decode(v.value(), "event ref")?;
+                        // A record's framing is under 24 bytes; counting
+                        // that keeps the buffer within one record of
+                        // FILL_BYTES.
+                        bytes += at.len as usize + 24;
+                        offsets.push(k.value().1);
+                        refs.push(at);
                     }
+                    drop(table);
+                    let next = offsets.last().and_then(|o| o.checked_add(1));
+                    let mut offsets = offsets.into_iter();
+                    let events = Arc::clone(&self.events);
+                    events.read_many(p, &refs, |stored| {
+                        let offset = offsets.next().ok_or_else(|| corrupt("ref without row"))?;
+                        self.push(&Record::Event {
+                            offset,
+                            stored: Cow::Borrowed(stored),
+                        })
+                    })?;
                     match next {
-                        Some(next) if self.full() => Section::Events(next),
+                        Some(next) if !exhausted => Section::Events(next),
                         _ => Section::Dedup(None),
                     }
                 }
