@@ -74,6 +74,10 @@ fn split(segment: u64) -> (u32, u32) {
 
 type Handle = Arc<dyn StorageBackend>;
 
+/// Bytes an [`Appender`] buffers before writing them: what a long run (a
+/// snapshot install) holds in memory.
+const APPEND_WRITE_BYTES: usize = 1024 * 1024;
+
 /// The event files of one node; shared by the writer and the readers.
 pub struct EventFiles {
     dir: Box<dyn LogDir>,
@@ -108,7 +112,7 @@ impl EventFiles {
             match metas.get(&partition) {
                 Some(meta) if meta.generation == generation => {
                     present.insert(partition);
-                    let handle = files.handle(partition, generation, false)?;
+                    let handle = files.adopt(partition, generation)?;
                     let len = handle.len().map_err(|e| files.io("size", e))?;
                     if len < meta.len {
                         return Err(StoreError::Corrupt {
@@ -161,6 +165,16 @@ impl EventFiles {
 
     fn io(&self, what: &str, e: std::io::Error) -> StoreError {
         StoreError::EventFile(format!("{what} in {}: {e}", self.dir.describe()))
+    }
+
+    /// Opens (partition, generation), known to exist, and keeps it open.
+    fn adopt(&self, partition: u32, generation: u32) -> Result<Handle, StoreError> {
+        let seg = segment(partition, generation);
+        let handle: Handle = Arc::from(self.dir.open(seg).map_err(|e| self.io("open", e))?);
+        self.lock()
+            .open
+            .insert((partition, generation), Arc::clone(&handle));
+        Ok(handle)
     }
 
     /// The open file of (partition, generation), opened on first use and
@@ -220,17 +234,6 @@ impl EventFiles {
         handle
             .set_len(0)
             .map_err(|e| self.io(&format!("truncate partition {partition}"), e))
-    }
-
-    /// Reads the stored event `at` points to in `partition`, checking its
-    /// CRC.
-    pub fn read(&self, partition: u32, at: &EventRef) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::new();
-        self.read_many(partition, std::slice::from_ref(at), |bytes| {
-            out = bytes.to_vec();
-            Ok(())
-        })?;
-        Ok(out)
     }
 
     /// Reads the stored events `refs` point to in `partition`, in order,
@@ -340,6 +343,85 @@ impl EventFiles {
                 self.lock().dir_dirty = true;
             }
         }
+    }
+}
+
+/// Appends stored events to a partition's event file inside one redb
+/// transaction: hands out each event's [`EventRef`], writes the bytes a
+/// buffer at a time, and gives the file's [`EventFileMeta`] for the
+/// transaction to record. Apply and snapshot installs both append through
+/// it.
+pub struct Appender<'f> {
+    files: &'f EventFiles,
+    partition: u32,
+    meta: EventFileMeta,
+    /// `meta.len` when the appender was made.
+    start_len: u64,
+    pending: Vec<u8>,
+}
+
+impl<'f> Appender<'f> {
+    /// Appends to `partition`'s file described by `meta`, at its end.
+    pub fn new(files: &'f EventFiles, partition: u32, meta: EventFileMeta) -> Appender<'f> {
+        Appender {
+            files,
+            partition,
+            meta,
+            start_len: meta.len,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Appends, as the stored event with id `id`, the bytes `encode` adds
+    /// to the buffer; returns where they are.
+    pub fn push(
+        &mut self,
+        id: &str,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<EventRef, StoreError> {
+        let start = self.pending.len();
+        encode(&mut self.pending)?;
+        let bytes = &self.pending[start..];
+        let at = EventRef {
+            generation: self.meta.generation,
+            pos: self.meta.len + start as u64,
+            len: u32::try_from(bytes.len()).map_err(|_| StoreError::Encode {
+                what: "stored event".into(),
+                reason: format!("{} bytes", bytes.len()),
+            })?,
+            crc: crc32fast::hash(bytes),
+            id: id.to_string(),
+        };
+        if self.pending.len() >= APPEND_WRITE_BYTES {
+            self.flush()?;
+        }
+        Ok(at)
+    }
+
+    /// Whether nothing was appended.
+    pub fn is_empty(&self) -> bool {
+        self.meta.len == self.start_len && self.pending.is_empty()
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            self.files.write(
+                self.partition,
+                self.meta.generation,
+                self.meta.len,
+                &self.pending,
+            )?;
+            self.meta.len += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered; returns the file's meta, for the
+    /// transaction to record.
+    pub fn finish(mut self) -> Result<EventFileMeta, StoreError> {
+        self.flush()?;
+        Ok(self.meta)
     }
 }
 

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
-use super::event_files::{EventFileMeta, EventFiles, EventRef};
+use super::event_files::{Appender, EventFileMeta, EventFiles, EventRef};
 use super::state_machine::read_sm_meta;
 use super::tables::{
     CURSORS, DEDUP, DLQ, EVENTS, KEY_CATALOG, KEY_EVENT_FILE, KEY_HEAD, KEY_REPLAYS,
@@ -513,52 +513,6 @@ pub(crate) struct Installed {
     pub(crate) event_file: u32,
 }
 
-/// Bytes of events an install buffers before writing them to the new
-/// event file.
-const INSTALL_WRITE_BYTES: usize = 1024 * 1024;
-
-/// Appends stored events to a partition's event file being written by an
-/// install, a buffer at a time.
-struct EventFileWriter<'f> {
-    files: &'f EventFiles,
-    partition: u32,
-    meta: EventFileMeta,
-    pending: Vec<u8>,
-}
-
-impl EventFileWriter<'_> {
-    /// Buffers `stored`; returns the `events` row pointing to it.
-    fn push(&mut self, stored: &[u8]) -> Result<EventRef, StoreError> {
-        let event: auditflow_protocol::StoredEvent = super::tables::decode(stored, "stored event")?;
-        let at = EventRef {
-            generation: self.meta.generation,
-            pos: self.meta.len + self.pending.len() as u64,
-            len: u32::try_from(stored.len()).map_err(|_| corrupt("an event over 4 GiB"))?,
-            crc: crc32fast::hash(stored),
-            id: event.event.id,
-        };
-        self.pending.extend_from_slice(stored);
-        if self.pending.len() >= INSTALL_WRITE_BYTES {
-            self.flush()?;
-        }
-        Ok(at)
-    }
-
-    fn flush(&mut self) -> Result<(), StoreError> {
-        if !self.pending.is_empty() {
-            self.files.write(
-                self.partition,
-                self.meta.generation,
-                self.meta.len,
-                &self.pending,
-            )?;
-            self.meta.len += self.pending.len() as u64;
-            self.pending.clear();
-        }
-        Ok(())
-    }
-}
-
 /// Replaces partition `partition`'s rows in `txn` with the snapshot read
 /// from `source`; returns the metadata it carried. Any damage fails the
 /// whole install (the caller's transaction is then dropped uncommitted).
@@ -604,12 +558,7 @@ pub(crate) fn install(
         super::state_machine::get_sm_meta(txn, p, KEY_EVENT_FILE)?.unwrap_or_default();
     let generation = old.generation.wrapping_add(1);
     files.reset(p, generation)?;
-    let mut file = EventFileWriter {
-        files,
-        partition: p,
-        meta: EventFileMeta { generation, len: 0 },
-        pending: Vec::new(),
-    };
+    let mut file = Appender::new(files, p, EventFileMeta { generation, len: 0 });
     let mut events = txn.open_table(EVENTS)?;
     let mut dedup = txn.open_table(DEDUP)?;
     let mut cursors = txn.open_table(CURSORS)?;
@@ -641,7 +590,12 @@ pub(crate) fn install(
                 dlq.insert((p, dest.as_ref(), offset), entry.as_ref())?;
             }
             Record::Event { offset, stored } => {
-                let at = file.push(&stored)?;
+                let event: auditflow_protocol::StoredEvent =
+                    super::tables::decode(&stored, "stored event")?;
+                let at = file.push(&event.event.id, |buf| {
+                    buf.extend_from_slice(&stored);
+                    Ok(())
+                })?;
                 events.insert(
                     (p, offset),
                     super::tables::encode(&at, "event ref")?.as_slice(),
@@ -674,8 +628,7 @@ pub(crate) fn install(
         return Err(corrupt("records after its end record"));
     }
     drop(reader);
-    file.flush()?;
-    super::state_machine::put_sm_meta(txn, p, KEY_EVENT_FILE, &file.meta)?;
+    super::state_machine::put_sm_meta(txn, p, KEY_EVENT_FILE, &file.finish()?)?;
     clear_staged(txn, p)?;
     Ok(Installed {
         head,

@@ -17,7 +17,7 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTran
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::event_files::{EventFileMeta, EventFiles, EventRef};
+use super::event_files::{Appender, EventFiles, EventRef};
 use super::log_store::raft_err;
 use super::snapshot::{self, MeasuredLengths, SnapshotData};
 use super::tables::{
@@ -158,15 +158,13 @@ fn apply_entries(
 
 /// The tables an append writes, open for one run of entries, a buffer
 /// each row's value is encoded into (one allocation per run, not two per
-/// event), and the run's stored events, written to the partition's event
-/// file in one write when the run ends.
+/// event), and the appender of the run's stored events to the partition's
+/// event file.
 struct AppendTables<'t> {
     events: redb::Table<'t, (u32, u64), &'static [u8]>,
     dedup: redb::Table<'t, (u32, &'static str), &'static [u8]>,
     buf: Vec<u8>,
-    files: &'t EventFiles,
-    file: EventFileMeta,
-    pending: Vec<u8>,
+    file: Appender<'t>,
 }
 
 impl<'t> AppendTables<'t> {
@@ -179,29 +177,22 @@ impl<'t> AppendTables<'t> {
             events: txn.open_table(EVENTS)?,
             dedup: txn.open_table(DEDUP)?,
             buf: Vec::new(),
-            files,
-            file: get_sm_meta(txn, partition, KEY_EVENT_FILE)?.unwrap_or_default(),
-            pending: Vec::new(),
+            file: Appender::new(
+                files,
+                partition,
+                get_sm_meta(txn, partition, KEY_EVENT_FILE)?.unwrap_or_default(),
+            ),
         })
     }
 
     /// Writes the run's events to the event file, at the end of what the
     /// transaction knows of it (bytes an aborted or lost transaction left
     /// beyond are overwritten), and records its new length.
-    fn finish(mut self, txn: &WriteTransaction, partition: u32) -> Result<(), StoreError> {
-        if self.pending.is_empty() {
+    fn finish(self, txn: &WriteTransaction, partition: u32) -> Result<(), StoreError> {
+        if self.file.is_empty() {
             return Ok(());
         }
-        self.files.write(
-            partition,
-            self.file.generation,
-            self.file.len,
-            &self.pending,
-        )?;
-        self.file.len += self.pending.len() as u64;
-        drop(self.events);
-        drop(self.dedup);
-        put_sm_meta(txn, partition, KEY_EVENT_FILE, &self.file)
+        put_sm_meta(txn, partition, KEY_EVENT_FILE, &self.file.finish()?)
     }
 
     /// Applies one append entry: the pure [`apply_append`] over the dedup
@@ -220,19 +211,9 @@ impl<'t> AppendTables<'t> {
         })?;
         for (stored, entry) in &effects.stored {
             // The same bytes as the owned `StoredEvent` (read back as one).
-            let start = self.pending.len();
-            tables::encode_append(stored, &mut self.pending, "stored event")?;
-            let bytes = &self.pending[start..];
-            let at = EventRef {
-                generation: self.file.generation,
-                pos: self.file.len + start as u64,
-                len: u32::try_from(bytes.len()).map_err(|_| StoreError::Encode {
-                    what: "stored event".into(),
-                    reason: format!("{} bytes", bytes.len()),
-                })?,
-                crc: crc32fast::hash(bytes),
-                id: stored.event.id.clone(),
-            };
+            let at = self.file.push(&stored.event.id, |buf| {
+                tables::encode_append(stored, buf, "stored event")
+            })?;
             tables::encode_into(&at, &mut self.buf, "event ref")?;
             self.events
                 .insert((partition, stored.offset), self.buf.as_slice())?;
