@@ -6,7 +6,7 @@
 //! commit, its page checksums and its share of the pages each commit
 //! writes (docs/ARCHITECTURE.md, Performance: leaving the bytes out of
 //! the table took 4-16 % off the nodes' CPU per event). Here apply appends a
-//! run's encoded events to the partition's file with one positioned write,
+//! run's encoded events to the partition's file with one positioned write per MiB,
 //! and the `events` table keeps an [`EventRef`] per offset: where the
 //! bytes are, their CRC-32 and the event id (which evicting it from the
 //! dedup window needs).
