@@ -79,6 +79,22 @@ async fn admin_endpoints_report_the_cluster() {
         assert_eq!((code, body.as_str()), (200, "ok"), "node {}", n.id);
     }
 
+    // Nodes turn transparent huge pages off for themselves (the kernel
+    // clearing 2 MiB per first touch of the allocator's memory cost them
+    // CPU: ARCHITECTURE.md, Performance). Kernels without THP have no line.
+    for n in &cluster.nodes {
+        let pid = n.child.as_ref().expect("node running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(
+                line.split_whitespace().nth(1),
+                Some("0"),
+                "node {}: {line}",
+                n.id
+            );
+        }
+    }
+
     append_events(&cluster, "admin").await;
 
     for n in &cluster.nodes {
