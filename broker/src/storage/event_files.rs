@@ -160,6 +160,10 @@ impl EventFiles {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn spare(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn name(&self, partition: u32, generation: u32) -> String {
         format!(
             "{}/{:020}.seg (partition {partition}, generation {generation})",
@@ -373,7 +377,7 @@ impl<'f> Appender<'f> {
             partition,
             meta,
             start_len: meta.len,
-            pending: std::mem::take(&mut *files.spare.lock().unwrap_or_else(|p| p.into_inner())),
+            pending: std::mem::take(&mut *files.spare()),
         }
     }
 
@@ -435,7 +439,7 @@ impl Drop for Appender<'_> {
         // At most a flush's worth is kept between runs.
         if self.pending.capacity() <= 2 * APPEND_WRITE_BYTES {
             self.pending.clear();
-            let mut spare = self.files.spare.lock().unwrap_or_else(|p| p.into_inner());
+            let mut spare = self.files.spare();
             if spare.capacity() < self.pending.capacity() {
                 *spare = std::mem::take(&mut self.pending);
             }

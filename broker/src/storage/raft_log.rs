@@ -788,6 +788,9 @@ fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
             });
         }
         let mut pos = MAGIC.len();
+        // Where the file ends once replayed: its zeros stay, a torn write
+        // is cut off.
+        let mut file_end = len;
         loop {
             match parse(&buf[pos..]) {
                 Parsed::End => break,
@@ -807,6 +810,7 @@ fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
                     file.set_len(pos as u64)
                         .and_then(|()| file.sync_data())
                         .map_err(|e| io_err(what(), e))?;
+                    file_end = pos as u64;
                     break;
                 }
                 Parsed::Bad(reason) => {
@@ -818,9 +822,7 @@ fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
             }
         }
         state.active_len = pos as u64;
-        state.active_filled = state
-            .active_len
-            .max(file.len().map_err(|e| io_err(what(), e))?);
+        state.active_filled = file_end;
     }
     Ok(state)
 }
