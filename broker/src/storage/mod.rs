@@ -25,6 +25,7 @@
 
 mod error;
 pub mod event_files;
+pub mod event_runs;
 pub mod log_dir;
 pub mod log_store;
 pub mod raft_log;
@@ -278,8 +279,9 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
                 return Err(StoreError::Incompatible {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "layout version {v}, this build reads {FORMAT_VERSION} (version 2 moved \
-                         the Raft log out of the database; start from an empty data directory)"
+                        "layout version {v}, this build reads {FORMAT_VERSION} (versions 2 to 4 \
+                         moved the Raft log and the events' bytes out of the database and \
+                         changed how events are located; start from an empty data directory)"
                     ),
                 })
             }
@@ -359,14 +361,14 @@ impl PartitionReader {
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(EVENTS)?;
-        let mut refs: Vec<EventRef> = Vec::new();
-        for row in table.range((self.partition, from)..=(self.partition, u64::MAX))? {
-            if refs.len() >= limit {
-                break;
-            }
-            let (_, v) = row?;
-            refs.push(tables::decode(v.value(), "event ref")?);
-        }
+        let mut taken = 0;
+        let refs: Vec<EventRef> = event_runs::refs_from(&table, self.partition, from, |_| {
+            taken += 1;
+            taken <= limit
+        })?
+        .into_iter()
+        .map(|(_, at)| at)
+        .collect();
         let mut out = Vec::with_capacity(refs.len());
         self.events.read_many(self.partition, &refs, |bytes| {
             out.push(tables::decode(bytes, "stored event")?);

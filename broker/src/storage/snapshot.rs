@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::event_files::{Appender, EventFileMeta, EventFiles, EventRef};
+use super::event_runs::{self, RunWriter};
 use super::state_machine::read_sm_meta;
 use super::tables::{
     CURSORS, DEDUP, DLQ, EVENTS, KEY_CATALOG, KEY_EVENT_FILE, KEY_HEAD, KEY_REPLAYS,
@@ -278,25 +279,21 @@ impl Encoder {
                     // then their bytes, read back to back in one read.
                     let table = txn.open_table(EVENTS)?;
                     let budget = FILL_BYTES.saturating_sub(self.out.len() - self.out_pos);
-                    let mut offsets = Vec::new();
-                    let mut refs: Vec<EventRef> = Vec::new();
                     let mut bytes = 0usize;
                     let mut exhausted = true;
-                    for row in table.range((p, from)..=(p, u64::MAX))? {
+                    let taken = event_runs::refs_from(&table, p, from, |at| {
                         if bytes >= budget {
                             exhausted = false;
-                            break;
+                            return false;
                         }
-                        let (k, v) = row?;
-                        let at: EventRef = super::tables::decode(v.value(), "event ref")?;
                         // A record's framing is under 24 bytes; counting
                         // that keeps the buffer within one record of
                         // FILL_BYTES.
                         bytes += at.len as usize + 24;
-                        offsets.push(k.value().1);
-                        refs.push(at);
-                    }
+                        true
+                    })?;
                     drop(table);
+                    let (offsets, refs): (Vec<u64>, Vec<EventRef>) = taken.into_iter().unzip();
                     let next = offsets.last().and_then(|o| o.checked_add(1));
                     let mut offsets = offsets.into_iter();
                     let events = Arc::clone(&self.events);
@@ -573,6 +570,7 @@ pub(crate) fn install(
         cursors.retain_in((p, "").., |_, _| false)?;
         dlq.retain_in((p, "", 0).., |_, _| false)?;
     }
+    let mut runs = RunWriter::default();
     let mut records = 1u64;
     loop {
         let Some((record, before)) = next_record(&mut *reader, &mut scratch, &mut digest)? else {
@@ -596,10 +594,7 @@ pub(crate) fn install(
                     buf.extend_from_slice(&stored);
                     Ok(())
                 })?;
-                events.insert(
-                    (p, offset),
-                    super::tables::encode(&at, "event ref")?.as_slice(),
-                )?;
+                runs.push(&mut events, p, offset, at)?;
             }
             Record::Dedup { id, entry } => {
                 dedup.insert((p, id.as_ref()), entry.as_ref())?;
@@ -628,6 +623,7 @@ pub(crate) fn install(
         return Err(corrupt("records after its end record"));
     }
     drop(reader);
+    runs.flush(&mut events, p)?;
     super::state_machine::put_sm_meta(txn, p, KEY_EVENT_FILE, &file.finish()?)?;
     clear_staged(txn, p)?;
     Ok(Installed {

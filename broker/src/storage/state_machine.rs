@@ -17,7 +17,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTran
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::event_files::{Appender, EventFiles, EventRef};
+use super::event_files::{Appender, EventFiles};
+use super::event_runs::{IdLookup, RunWriter};
 use super::log_store::raft_err;
 use super::snapshot::{self, MeasuredLengths, SnapshotData};
 use super::tables::{
@@ -165,6 +166,10 @@ struct AppendTables<'t> {
     dedup: redb::Table<'t, (u32, &'static str), &'static [u8]>,
     buf: Vec<u8>,
     file: Appender<'t>,
+    /// The run's `events` rows, one per run of consecutive offsets.
+    runs: RunWriter,
+    /// Ids of the events leaving the dedup window.
+    evicted_ids: IdLookup,
 }
 
 impl<'t> AppendTables<'t> {
@@ -182,13 +187,16 @@ impl<'t> AppendTables<'t> {
                 partition,
                 get_sm_meta(txn, partition, KEY_EVENT_FILE)?.unwrap_or_default(),
             ),
+            runs: RunWriter::default(),
+            evicted_ids: IdLookup::default(),
         })
     }
 
     /// Writes the run's events to the event file, at the end of what the
     /// transaction knows of it (bytes an aborted or lost transaction left
     /// beyond are overwritten), and records its new length.
-    fn finish(self, txn: &WriteTransaction, partition: u32) -> Result<(), StoreError> {
+    fn finish(mut self, txn: &WriteTransaction, partition: u32) -> Result<(), StoreError> {
+        self.runs.flush(&mut self.events, partition)?;
         if self.file.is_empty() {
             return Ok(());
         }
@@ -214,9 +222,8 @@ impl<'t> AppendTables<'t> {
             let at = self.file.push(&stored.event.id, |buf| {
                 tables::encode_append(stored, buf, "stored event")
             })?;
-            tables::encode_into(&at, &mut self.buf, "event ref")?;
-            self.events
-                .insert((partition, stored.offset), self.buf.as_slice())?;
+            self.runs
+                .push(&mut self.events, partition, stored.offset, at)?;
             tables::encode_into(entry, &mut self.buf, "dedup entry")?;
             self.dedup
                 .insert((partition, stored.event.id.as_str()), self.buf.as_slice())?;
@@ -224,9 +231,11 @@ impl<'t> AppendTables<'t> {
         // Forget ids that leave the window, unless the id now belongs to a
         // newer offset.
         for offset in effects.evict.clone() {
-            let id = match self.events.get((partition, offset))? {
-                Some(v) => tables::decode::<EventRef>(v.value(), "event ref")?.id,
-                None => continue,
+            let Some(id) = self
+                .evicted_ids
+                .id_at(&self.events, &self.runs, partition, offset)?
+            else {
+                continue;
             };
             let owner = self.dedup_entry(partition, &id)?;
             if owner.map(|o| o.offset) == Some(offset) {

@@ -7,7 +7,7 @@
 //! | table       | key                   | value                                  |
 //! |-------------|-----------------------|----------------------------------------|
 //! | `format`    | `&str`                | format version (`u64`)                 |
-//! | `events`    | `(partition, offset)` | bincode `EventRef` (where the bytes are) |
+//! | `events`    | `(partition, first offset)` | bincode `EventRun` (where a run of events' bytes are) |
 //! | `dedup`     | `(partition, id)`     | bincode `DedupEntry`                   |
 //! | `sm_meta`   | `(partition, name)`   | bincode: `applied`, `membership`, `head` |
 //! | `cursors`   | `(partition, dest)`   | next offset to deliver (`u64`)         |
@@ -29,12 +29,13 @@ use super::StoreError;
 
 /// Version of this layout; a database with another is refused at open.
 /// Version 2 moved the Raft log out of redb, version 3 the stored events'
-/// bytes.
-pub const FORMAT_VERSION: u64 = 3;
+/// bytes, version 4 made `events` one row per run of offsets.
+pub const FORMAT_VERSION: u64 = 4;
 
 /// Format marker.
 pub const FORMAT: TableDefinition<&str, u64> = TableDefinition::new("format");
-/// Stored events by offset: where each one's bytes are.
+/// Stored events by offset: where their bytes are, one row per run of
+/// consecutive offsets keyed by its first ([`super::event_runs`]).
 pub const EVENTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("events");
 /// Dedup index: event id to where it is stored.
 pub const DEDUP: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("dedup");

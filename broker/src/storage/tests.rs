@@ -982,3 +982,91 @@ async fn a_full_disk_fails_the_apply_with_its_cause_and_keeps_what_was_stored() 
     assert_eq!(after[..40], before[..]);
     assert!(after.iter().enumerate().all(|(i, e)| e.offset == i as u64));
 }
+
+/// The offsets `sm.apply(entries)` acknowledged, per event, marked `d`
+/// where the event was a duplicate.
+async fn applied_offsets(sm: &mut StateMachine, entries: Vec<Entry>) -> Vec<String> {
+    use crate::partition::types::CommandResponse;
+    use auditflow_protocol::wire::AppendResult;
+    let mut out = Vec::new();
+    for response in sm.apply(entries).await.unwrap() {
+        let CommandResponse::Appended(results) = response else {
+            continue;
+        };
+        for r in results {
+            match r {
+                AppendResult::Stored(ack) if ack.duplicate => out.push(format!("{}d", ack.offset)),
+                AppendResult::Stored(ack) => out.push(ack.offset.to_string()),
+                AppendResult::Rejected(e) => out.push(format!("{e:?}")),
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn ids_leave_the_dedup_window_and_reads_cross_runs_from_any_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let ids = |p: u32| -> Vec<String> {
+        let r = store.reader(p).read(0, 1000).unwrap();
+        for (i, e) in r.iter().enumerate() {
+            assert_eq!(e.offset, i as u64);
+        }
+        r.into_iter().map(|e| e.event.id).collect()
+    };
+    // Window 4, one apply job of three entries: after [a b c] [d e] the
+    // head is 5, so offset 0 (a) has left the window and a is stored
+    // again; e is still in it.
+    let mut sm = store.state_machine(0, 4);
+    let got = applied_offsets(
+        &mut sm,
+        vec![
+            append_entry(1, &["a", "b", "c"]),
+            append_entry(2, &["d", "e"]),
+            append_entry(3, &["a", "e"]),
+        ],
+    )
+    .await;
+    assert_eq!(got, ["0", "1", "2", "3", "4", "5", "4d"]);
+    // A later job evicts from the table's runs. Ids leave after each
+    // entry: b (offset 1) left with the head at 6, c (2) is still in the
+    // window for the entry that moves the head to 7, and d (3) for the
+    // next.
+    let got = applied_offsets(
+        &mut sm,
+        vec![append_entry(4, &["b", "c"]), append_entry(5, &["d", "f"])],
+    )
+    .await;
+    assert_eq!(got, ["6", "2d", "3d", "7"]);
+    let got = applied_offsets(&mut sm, vec![append_entry(6, &["c", "d"])]).await;
+    assert_eq!(got, ["8", "9"]);
+    assert_eq!(ids(0), ["a", "b", "c", "d", "e", "a", "b", "f", "c", "d"]);
+    // Reads from every offset, with every limit, across the jobs' runs.
+    let all = store.reader(0).read(0, 1000).unwrap();
+    for from in 0..=all.len() {
+        for limit in 1..=all.len() + 1 {
+            let got = store.reader(0).read(from as u64, limit).unwrap();
+            let want: Vec<_> = all.iter().skip(from).take(limit).cloned().collect();
+            assert_eq!(got, want, "from {from} limit {limit}");
+        }
+    }
+    // Window 1: ids leave it inside the job that stored them, before its
+    // run is written.
+    let mut sm1 = store.state_machine(1, 1);
+    let got = applied_offsets(
+        &mut sm1,
+        vec![
+            append_entry(1, &["p", "q", "r"]),
+            append_entry(2, &["p", "r"]),
+        ],
+    )
+    .await;
+    assert_eq!(got, ["0", "1", "2", "3", "2d"]);
+    assert_eq!(ids(1), ["p", "q", "r", "p"]);
+    // And both survive a reopen.
+    drop((sm, sm1));
+    drop(store);
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    assert_eq!(store.reader(0).read(0, 1000).unwrap(), all);
+}
