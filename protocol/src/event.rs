@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserializer, Visitor};
+use serde::ser::Error as _;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// A point in time as nanoseconds since the Unix epoch (UTC).
@@ -39,6 +40,20 @@ impl Timestamp {
         }
     }
 
+    /// Formats as RFC 3339 into `buf`, as [`Timestamp::to_rfc3339`] does;
+    /// `None` where that gives a plain number instead (or `buf` is short).
+    fn format_rfc3339_into(self, buf: &mut [u8]) -> Option<&str> {
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0)).ok()?;
+        let mut rest = &mut buf[..];
+        t.format_into(&mut rest, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+        // What the writer advanced over (the count `format_into` returns
+        // fell short of the bytes written for a fraction, in time 0.3.55).
+        let left = rest.len();
+        let n = buf.len() - left;
+        std::str::from_utf8(buf.get(..n)?).ok()
+    }
+
     /// Parses an RFC 3339 timestamp.
     pub fn parse_rfc3339(s: &str) -> Result<Self, String> {
         let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
@@ -58,7 +73,12 @@ impl fmt::Display for Timestamp {
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
-            s.serialize_str(&self.to_rfc3339())
+            // Formatted on the stack: every delivered event has two.
+            let mut buf = [0u8; 48];
+            match self.format_rfc3339_into(&mut buf) {
+                Some(text) => s.serialize_str(text),
+                None => s.serialize_str(&self.to_rfc3339()),
+            }
         } else {
             s.serialize_i64(self.0)
         }
@@ -129,7 +149,12 @@ impl fmt::Display for Hash32 {
 impl Serialize for Hash32 {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
-            s.serialize_str(&self.to_hex())
+            // Hex on the stack: every delivered event has one.
+            let mut buf = [0u8; 64];
+            match hex::encode_to_slice(self.0, &mut buf) {
+                Ok(()) => s.serialize_str(std::str::from_utf8(&buf).map_err(S::Error::custom)?),
+                Err(_) => s.serialize_str(&self.to_hex()),
+            }
         } else {
             self.0.serialize(s)
         }

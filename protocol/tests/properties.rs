@@ -93,6 +93,25 @@ fn reorder(v: &serde_json::Value) -> String {
 }
 
 proptest! {
+    /// The JSON forms of timestamps and hashes (formatted on the stack)
+    /// are exactly their text forms, for every value (Unix nanoseconds in
+    /// an i64 span the years 1677 to 2262, all of which RFC 3339 can
+    /// express), and a timestamp reads back from its JSON.
+    #[test]
+    fn json_timestamps_and_hashes_are_their_text_forms(
+        nanos in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0i64), -1_000_000_000i64..1_000_000_000],
+        bytes in any::<[u8; 32]>(),
+    ) {
+        let t = Timestamp(nanos);
+        prop_assert_eq!(serde_json::to_value(t).unwrap(), serde_json::Value::String(t.to_rfc3339()));
+        let h = Hash32(bytes);
+        prop_assert_eq!(serde_json::to_value(h).unwrap(), serde_json::Value::String(h.to_hex()));
+        let back: Timestamp = serde_json::from_value(serde_json::to_value(t).unwrap()).unwrap();
+        prop_assert_eq!(back, t);
+    }
+}
+
+proptest! {
     #[test]
     fn generated_events_are_valid(e in valid_event()) {
         prop_assert_eq!(validate_event(&e, &Limits::default()), Ok(()));
