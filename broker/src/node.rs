@@ -257,7 +257,9 @@ pub async fn start(
             raft_config(&config, p)?,
             PartitionNetwork::new(p, Arc::clone(&transport)),
             store.log_store(p),
-            store.state_machine(p, config.dedup_window),
+            store
+                .state_machine(p, config.dedup_window)
+                .sharing_followers_commits(config.id),
         )
         .await
         .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;

@@ -22,7 +22,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId};
 use tracing::warn;
 
 use super::raft_log::{Framed, RaftLog, Record};
-use super::writer::StorageWriter;
+use super::writer::{Commit, StorageWriter};
 use super::{InstallState, StoreError};
 use crate::partition::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -134,7 +134,7 @@ impl LogStore {
     async fn durable_applied(&self) -> Result<Option<LogId>, StoreError> {
         let partition = self.partition;
         self.sm_writer
-            .write(true, move |txn| {
+            .write(Commit::Durable, move |txn| {
                 super::state_machine::applied_in(txn, partition)
             })
             .await

@@ -47,7 +47,7 @@ pub use log_dir::{FsLogDir, LogDir};
 pub use log_store::LogStore;
 pub use raft_log::{LogUsage, RaftLog};
 pub use state_machine::StateMachine;
-pub use writer::{StorageWriter, WriterMode};
+pub use writer::{Commit, StorageWriter, WriterMode};
 
 use crate::partition::apply::PartitionHead;
 use event_files::{EventFileMeta, EventFiles, EventRef};

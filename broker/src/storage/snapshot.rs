@@ -46,7 +46,7 @@ use super::tables::{
     CURSORS, DEDUP, DLQ, EVENTS, KEY_CATALOG, KEY_EVENT_FILE, KEY_HEAD, KEY_REPLAYS,
     SNAPSHOT_STAGING,
 };
-use super::writer::StorageWriter;
+use super::writer::{Commit, StorageWriter};
 use super::StoreError;
 use crate::delivery::dlq::ReplayWindows;
 use crate::partition::apply::PartitionHead;
@@ -798,7 +798,7 @@ impl Staging {
         let writer = self.writer.clone();
         self.pending = Some(Box::pin(async move {
             writer
-                .write(false, move |txn| {
+                .write(Commit::Now, move |txn| {
                     let mut staging = txn.open_table(SNAPSHOT_STAGING)?;
                     staging.insert(key, row.as_slice())?;
                     Ok(())
@@ -815,7 +815,7 @@ impl Staging {
         let writer = self.writer.clone();
         self.pending = Some(Box::pin(async move {
             writer
-                .write(false, move |txn| {
+                .write(Commit::Now, move |txn| {
                     let mut staging = txn.open_table(SNAPSHOT_STAGING)?;
                     let straddling = match staging.range((p, 0)..(p, to))?.next_back() {
                         Some(row) => {

@@ -25,13 +25,13 @@ use super::tables::{
     self, CURSORS, DEDUP, DLQ, EVENTS, KEY_APPLIED, KEY_CATALOG, KEY_EVENT_FILE, KEY_HEAD,
     KEY_MEMBERSHIP, KEY_REPLAYS, SM_META,
 };
-use super::writer::StorageWriter;
+use super::writer::{Commit, StorageWriter};
 use super::{InstallState, StoreError};
 use crate::delivery::dlq::{DeliveryCommand, DlqEntry, ReplayWindows};
 use crate::partition::apply::{apply_append, DedupEntry, PartitionHead};
 use crate::partition::types::{
-    Command, CommandResponse, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig,
+    Command, CommandResponse, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
 };
 
 /// The state machine of one partition.
@@ -46,6 +46,9 @@ pub struct StateMachine {
     /// it.
     installing: Arc<watch::Sender<InstallState>>,
     lengths: MeasuredLengths,
+    /// This node, if applies of entries other nodes proposed may wait for
+    /// company ([`Commit::Soon`]); `None` commits every apply at once.
+    own_node: Option<NodeId>,
 }
 
 /// Builds snapshots of one partition.
@@ -425,6 +428,26 @@ impl StateMachine {
             head,
             installing,
             lengths,
+            own_node: None,
+        }
+    }
+
+    /// Lets applies that hold only entries proposed by other nodes than
+    /// `node` share a later commit (up to [`super::writer::LINGER`]
+    /// later). Their clients wait on the node that proposed them, which
+    /// commits its own applies at once; here only this node's Raft core
+    /// waits, and reads on this node see them that much later.
+    pub fn sharing_followers_commits(mut self, node: NodeId) -> StateMachine {
+        self.own_node = Some(node);
+        self
+    }
+
+    /// How an apply of `entries` commits: at once if this node proposed
+    /// any of them (a client waits for its answer), else it may linger.
+    pub(crate) fn apply_commit(&self, entries: &[Entry]) -> Commit {
+        match self.own_node {
+            Some(own) if entries.iter().all(|e| e.log_id.leader_id.node_id != own) => Commit::Soon,
+            _ => Commit::Now,
         }
     }
 
@@ -515,9 +538,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let p = self.partition;
         let window = self.dedup_window;
         let files = Arc::clone(&self.events);
+        let commit = self.apply_commit(&entries);
         let (responses, next_offset) = self
             .writer
-            .write(false, move |txn| {
+            .write(commit, move |txn| {
                 apply_entries(txn, &files, p, window, &entries)
             })
             .await
@@ -539,7 +563,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.installing.send_replace(InstallState::Pending);
         let p = self.partition;
         self.writer
-            .write(false, move |txn| snapshot::clear_staged(txn, p))
+            .write(Commit::Now, move |txn| snapshot::clear_staged(txn, p))
             .await
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         Ok(Box::new(SnapshotData::staging(
@@ -569,7 +593,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let installed = async move {
             let source = snapshot.into_install_source().await?;
             writer
-                .write(true, move |txn| {
+                .write(Commit::Durable, move |txn| {
                     let installed = snapshot::install(txn, &files, p, &source)?;
                     put_sm_meta(txn, p, KEY_HEAD, &installed.head)?;
                     put_sm_meta(txn, p, KEY_CATALOG, &installed.catalog)?;

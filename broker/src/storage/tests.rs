@@ -38,6 +38,25 @@ fn openraft_storage_suite() {
     }
 }
 
+/// The store as a node's follower side runs it: every apply of entries
+/// another node proposed may wait to share a commit (`Commit::Soon`).
+struct LingeringBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for LingeringBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+        let (dir, log, sm) = Builder.build().await?;
+        // No entry of the suite is proposed by node 99.
+        Ok((dir, log, sm.sharing_followers_commits(99)))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_with_lingering_applies() {
+    if let Err(e) = Suite::test_all(LingeringBuilder) {
+        panic!("openraft storage suite, lingering applies: {e}");
+    }
+}
+
 fn event(id: &str) -> auditflow_protocol::Event {
     serde_json::from_value(serde_json::json!({
         "id": id,
@@ -59,6 +78,27 @@ fn append_entry(index: u64, ids: &[&str]) -> Entry {
             events: ids.iter().map(|id| event(id)).collect::<Vec<_>>().into(),
         }),
     }
+}
+
+/// Only applies of entries other nodes proposed may wait for a shared
+/// commit: a client waits on the node that proposed an entry.
+#[test]
+fn applies_linger_only_when_another_node_proposed_every_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let from_node = |node: u64, index: u64| {
+        let mut e = append_entry(index, &["a"]);
+        e.log_id = LogId::new(CommittedLeaderId::new(1, node), index);
+        e
+    };
+    let theirs = [from_node(2, 1), from_node(3, 2)];
+    let mixed = [from_node(2, 1), from_node(1, 2)];
+    let plain = store.state_machine(0, 10);
+    assert_eq!(plain.apply_commit(&theirs), writer::Commit::Now);
+    let node1 = store.state_machine(0, 10).sharing_followers_commits(1);
+    assert_eq!(node1.apply_commit(&theirs), writer::Commit::Soon);
+    assert_eq!(node1.apply_commit(&mixed), writer::Commit::Now);
+    assert_eq!(node1.apply_commit(&[from_node(1, 1)]), writer::Commit::Now);
 }
 
 /// Appends entries `indexes` (one event "x" each) to `log`, synced.

@@ -15,6 +15,14 @@
 //! what a crash makes a node re-apply from its log, and lets redb reuse
 //! the pages earlier commits freed (it cannot before a durable commit).
 //!
+//! A job nobody waits for ([`Commit::Soon`]: a follower applying entries
+//! another node proposed, whose clients wait on that node) may be held
+//! for up to [`LINGER`] to share a commit with the jobs that follow. A
+//! commit costs about the same whatever it holds, and at small windows
+//! each apply job holds one or two events, so without this a node paid a
+//! commit per entry of every partition it follows. Any other job ends the
+//! wait at once and takes the held ones with it.
+//!
 //! Stored events' bytes are in [`super::event_files`], written by apply
 //! jobs outside redb; they are synced before every durable commit, so a
 //! durable commit never refers to bytes a crash could lose.
@@ -41,6 +49,22 @@ const QUEUE_CAPACITY: usize = 4096;
 const MAX_JOBS_PER_TXN: usize = 1024;
 /// Every this many commits one is durable even if no job asked.
 pub const CHECKPOINT_EVERY: u64 = 128;
+/// Longest a [`Commit::Soon`] job waits for company before it commits.
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// When a job's transaction has to commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// At once and durably: the event files are synced and redb commits
+    /// with [`Durability::Immediate`] (log purges, snapshot installs).
+    Durable,
+    /// At once, not durably: someone waits for the job's effect (a
+    /// leader's apply answers clients).
+    Now,
+    /// Not durably, within [`LINGER`]: only the Raft core waits for it,
+    /// so it may share a later job's commit.
+    Soon,
+}
 
 /// Counts commits since the last durable one.
 #[derive(Default)]
@@ -64,6 +88,7 @@ type Run = Box<dyn FnMut(&WriteTransaction) -> Result<(), StoreError> + Send>;
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 struct Job {
+    commit: Commit,
     durable: bool,
     run: Run,
     finish: Finish,
@@ -82,7 +107,8 @@ enum Mode {
     // that the last handle closes the queue and then waits for the thread.
     Thread(mpsc::Sender<Job>, #[allow(dead_code)] Arc<JoinOnDrop>),
     /// Simulation: each job runs at once on the caller's thread in its own
-    /// transaction (the simulator may not start threads, DESIGN.md §6).
+    /// transaction (the simulator may not start threads, DESIGN.md §6);
+    /// nothing lingers.
     Inline(Arc<Database>, Arc<EventFiles>, Arc<Checkpoints>),
 }
 
@@ -121,9 +147,14 @@ impl StorageWriter {
     /// every handle is dropped.
     pub fn start(db: Arc<Database>, events: Arc<EventFiles>) -> std::io::Result<StorageWriter> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        // Only to wait on the queue with a deadline (LINGER); the jobs run
+        // on the thread itself.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         let handle = std::thread::Builder::new()
             .name("auditflow-writer".into())
-            .spawn(move || writer_loop(&db, &events, rx))?;
+            .spawn(move || writer_loop(&db, &events, &timer, rx))?;
         Ok(StorageWriter {
             mode: Mode::Thread(tx, Arc::new(JoinOnDrop(Some(handle)))),
         })
@@ -137,15 +168,15 @@ impl StorageWriter {
     }
 
     /// Queues `work` and returns a future that resolves once its
-    /// transaction committed (durably if `durable`). The job is queued
-    /// before this returns, so jobs run in submission order even if the
-    /// futures are awaited later or concurrently.
+    /// transaction committed, when and how `commit` says. The job is
+    /// queued before this returns, so jobs run in submission order even if
+    /// the futures are awaited later or concurrently.
     ///
     /// `work` may run more than once (in a batch that is then aborted, and
     /// again alone), so it must not consume what it captures.
     pub async fn submit<T, F>(
         &self,
-        durable: bool,
+        commit: Commit,
         mut work: F,
     ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
     where
@@ -156,7 +187,8 @@ impl StorageWriter {
         let (done_tx, done_rx) = oneshot::channel();
         let run_slot = Arc::clone(&slot);
         let job = Job {
-            durable,
+            commit,
+            durable: commit == Commit::Durable,
             run: Box::new(move |txn| {
                 let value = work(txn)?;
                 *lock(&run_slot) = Some(value);
@@ -181,12 +213,12 @@ impl StorageWriter {
     }
 
     /// Runs `work` in the writer and waits for its commit.
-    pub async fn write<T, F>(&self, durable: bool, work: F) -> Result<T, StoreError>
+    pub async fn write<T, F>(&self, commit: Commit, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnMut(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        let done = self.submit(durable, work).await?;
+        let done = self.submit(commit, work).await?;
         done.await.map_err(|_| StoreError::WriterStopped)?
     }
 }
@@ -215,10 +247,48 @@ pub(crate) fn next_batch<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max:
     true
 }
 
-fn writer_loop(db: &Database, events: &EventFiles, mut rx: mpsc::Receiver<Job>) {
+/// [`next_batch`], then, while every job in `batch` is [`Commit::Soon`],
+/// waits up to `linger` for more: until a job that may not wait arrives,
+/// the batch is full or the queue closes. `false` once the queue is
+/// closed and empty.
+fn next_lingering_batch(
+    timer: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    linger: std::time::Duration,
+) -> bool {
+    if !next_batch(rx, batch, MAX_JOBS_PER_TXN) {
+        return false;
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < MAX_JOBS_PER_TXN && batch.iter().all(|j| j.commit == Commit::Soon) {
+        // The timeout is made inside the runtime, whose timer it needs.
+        let next = timer.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
+        match next {
+            Ok(Some(job)) => batch.push(job),
+            // Closed (commit what is here) or waited long enough.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // Whatever queued up behind the job that ended the wait comes along.
+    while batch.len() < MAX_JOBS_PER_TXN {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+fn writer_loop(
+    db: &Database,
+    events: &EventFiles,
+    timer: &tokio::runtime::Runtime,
+    mut rx: mpsc::Receiver<Job>,
+) {
     let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
-    while next_batch(&mut rx, &mut batch, MAX_JOBS_PER_TXN) {
+    while next_lingering_batch(timer, &mut rx, &mut batch, LINGER) {
         let started = std::time::Instant::now();
         let durable = checkpoints.durable(batch.iter().any(|j| j.durable));
         let jobs = batch.len();
@@ -316,4 +386,123 @@ fn commit(txn: WriteTransaction, events: &EventFiles, durable: bool) -> Result<(
         }
     }
     Ok(txn.commit()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use redb::ReadableTable;
+
+    use super::*;
+
+    fn job(commit: Commit) -> Job {
+        Job {
+            commit,
+            durable: commit == Commit::Durable,
+            run: Box::new(|_| Ok(())),
+            finish: Box::new(|_| {}),
+        }
+    }
+
+    fn timer() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    fn kinds(batch: &[Job]) -> Vec<Commit> {
+        batch.iter().map(|j| j.commit).collect()
+    }
+
+    /// A job that may wait is held until one that may not arrives, and
+    /// both go in one batch; with a linger this long, a wait that a `Now`
+    /// job did not end would hang the test.
+    #[test]
+    fn a_job_that_may_not_wait_ends_the_linger_and_takes_the_held_ones() {
+        let timer = timer();
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.try_send(job(Commit::Soon)).unwrap();
+        let sender = std::thread::spawn(move || {
+            tx.blocking_send(job(Commit::Soon)).unwrap();
+            tx.blocking_send(job(Commit::Now)).unwrap();
+            tx
+        });
+        let mut batch = Vec::new();
+        let long = Duration::from_secs(3600);
+        assert!(next_lingering_batch(&timer, &mut rx, &mut batch, long));
+        let tx = sender.join().unwrap();
+        // Whatever raced in after the `Now` job may come along too.
+        assert_eq!(
+            kinds(&batch)[..3],
+            [Commit::Soon, Commit::Soon, Commit::Now]
+        );
+        batch.clear();
+
+        tx.try_send(job(Commit::Durable)).unwrap();
+        assert!(next_lingering_batch(&timer, &mut rx, &mut batch, long));
+        assert_eq!(kinds(&batch), [Commit::Durable]);
+    }
+
+    /// Held jobs commit on their own when the linger runs out or the
+    /// queue closes, and a closed, empty queue ends the loop.
+    #[test]
+    fn held_jobs_go_alone_after_the_linger_or_when_the_queue_closes() {
+        let timer = timer();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut batch = Vec::new();
+        tx.try_send(job(Commit::Soon)).unwrap();
+        assert!(next_lingering_batch(
+            &timer,
+            &mut rx,
+            &mut batch,
+            Duration::ZERO
+        ));
+        assert_eq!(kinds(&batch), [Commit::Soon]);
+        batch.clear();
+
+        tx.try_send(job(Commit::Soon)).unwrap();
+        drop(tx);
+        assert!(next_lingering_batch(
+            &timer,
+            &mut rx,
+            &mut batch,
+            Duration::from_secs(3600)
+        ));
+        assert_eq!(kinds(&batch), [Commit::Soon]);
+        batch.clear();
+        assert!(!next_lingering_batch(
+            &timer,
+            &mut rx,
+            &mut batch,
+            Duration::ZERO
+        ));
+    }
+
+    /// Through the writer thread: a lingering write commits (within
+    /// LINGER, with nothing after it) and is visible to the next.
+    #[tokio::test]
+    async fn a_lingering_write_commits_and_later_writes_see_it() {
+        const T: redb::TableDefinition<u32, u32> = redb::TableDefinition::new("t");
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("db.redb")).unwrap());
+        let events_dir = super::super::FsLogDir::create(&dir.path().join("events"), 1 << 20);
+        let events = EventFiles::open(Box::new(events_dir.unwrap()), &Default::default());
+        let events = Arc::new(events.unwrap());
+        let writer = StorageWriter::start(db, events).unwrap();
+        writer
+            .write(Commit::Soon, |txn| {
+                Ok(txn.open_table(T)?.insert(1, 10).map(|_| ())?)
+            })
+            .await
+            .unwrap();
+        let seen = writer
+            .write(Commit::Now, |txn| {
+                Ok(txn.open_table(T)?.get(1)?.map(|v| v.value()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, Some(10));
+    }
 }
