@@ -89,7 +89,6 @@ type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 struct Job {
     commit: Commit,
-    durable: bool,
     run: Run,
     finish: Finish,
 }
@@ -188,7 +187,6 @@ impl StorageWriter {
         let run_slot = Arc::clone(&slot);
         let job = Job {
             commit,
-            durable: commit == Commit::Durable,
             run: Box::new(move |txn| {
                 let value = work(txn)?;
                 *lock(&run_slot) = Some(value);
@@ -204,8 +202,8 @@ impl StorageWriter {
             Mode::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
             Mode::Inline(db, events, checkpoints) => {
                 let mut job = job;
-                job.durable = checkpoints.durable(job.durable);
-                let result = run_one(db, events, &mut job);
+                let durable = checkpoints.durable(job.commit == Commit::Durable);
+                let result = run_one(db, events, &mut job, durable);
                 (job.finish)(result);
             }
         }
@@ -238,13 +236,18 @@ pub(crate) fn next_batch<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max:
         return false;
     };
     batch.push(first);
+    take_queued(rx, batch, max);
+    true
+}
+
+/// Adds what is queued now to `batch`, up to `max` jobs in all.
+fn take_queued<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max: usize) {
     while batch.len() < max {
         match rx.try_recv() {
             Ok(job) => batch.push(job),
             Err(_) => break,
         }
     }
-    true
 }
 
 /// [`next_batch`], then, while every job in `batch` is [`Commit::Soon`],
@@ -261,22 +264,21 @@ fn next_lingering_batch(
         return false;
     }
     let deadline = tokio::time::Instant::now() + linger;
-    while batch.len() < MAX_JOBS_PER_TXN && batch.iter().all(|j| j.commit == Commit::Soon) {
+    let mut may_wait = batch.iter().all(|j| j.commit == Commit::Soon);
+    while may_wait && batch.len() < MAX_JOBS_PER_TXN {
         // The timeout is made inside the runtime, whose timer it needs.
         let next = timer.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
         match next {
-            Ok(Some(job)) => batch.push(job),
+            Ok(Some(job)) => {
+                may_wait = job.commit == Commit::Soon;
+                batch.push(job);
+            }
             // Closed (commit what is here) or waited long enough.
             Ok(None) | Err(_) => break,
         }
     }
     // Whatever queued up behind the job that ended the wait comes along.
-    while batch.len() < MAX_JOBS_PER_TXN {
-        match rx.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
-        }
-    }
+    take_queued(rx, batch, MAX_JOBS_PER_TXN);
     true
 }
 
@@ -290,7 +292,7 @@ fn writer_loop(
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
     while next_lingering_batch(timer, &mut rx, &mut batch, LINGER) {
         let started = std::time::Instant::now();
-        let durable = checkpoints.durable(batch.iter().any(|j| j.durable));
+        let durable = checkpoints.durable(batch.iter().any(|j| j.commit == Commit::Durable));
         let jobs = batch.len();
         match run_batch(db, events, &mut batch, durable) {
             Ok(()) => {
@@ -302,7 +304,8 @@ fn writer_loop(
             Err(BatchError::Job) => {
                 // Re-run one by one so only the failing jobs fail.
                 for mut job in batch.drain(..) {
-                    let result = run_one(db, events, &mut job);
+                    let durable = job.commit == Commit::Durable;
+                    let result = run_one(db, events, &mut job, durable);
                     (job.finish)(result);
                 }
             }
@@ -365,10 +368,16 @@ fn run_batch(
     commit(txn, events, durable).map_err(BatchError::Commit)
 }
 
-fn run_one(db: &Database, events: &EventFiles, job: &mut Job) -> Result<(), StoreError> {
-    let txn = begin(db, job.durable)?;
+/// Runs `job` in a transaction of its own, durable if `durable`.
+fn run_one(
+    db: &Database,
+    events: &EventFiles,
+    job: &mut Job,
+    durable: bool,
+) -> Result<(), StoreError> {
+    let txn = begin(db, durable)?;
     match (job.run)(&txn) {
-        Ok(()) => commit(txn, events, job.durable),
+        Ok(()) => commit(txn, events, durable),
         Err(e) => {
             let _ = txn.abort();
             Err(e)
@@ -399,7 +408,6 @@ mod tests {
     fn job(commit: Commit) -> Job {
         Job {
             commit,
-            durable: commit == Commit::Durable,
             run: Box::new(|_| Ok(())),
             finish: Box::new(|_| {}),
         }
