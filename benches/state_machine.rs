@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use auditflow_broker::partition::types::{Command, Entry, LogId};
+use auditflow_broker::storage::types::{Command, Entry, LogId};
 use auditflow_broker::storage::Store;
 use auditflow_protocol::{sample, Event, Timestamp};
 use openraft::storage::RaftStateMachine;

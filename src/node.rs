@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use auditflow_broker::config::NodeConfig;
-use auditflow_broker::node::run_quic_node;
+use auditflow_broker::daemon::run_quic_node;
 
 /// Arguments of `auditflow node`.
 #[derive(clap::Args, Debug)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use auditflow_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
-use crate::partition::NodeId;
+use crate::replicated::NodeId;
 
 /// Default partition count: enough to spread leaders over three nodes and
 /// to pipeline, few enough that per-partition overhead stays small.
@@ -18,7 +18,10 @@ pub const DEFAULT_PARTITIONS: u32 = 8;
 /// of a partition are remembered; the index lives on disk, not in memory.
 pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
 
-/// Why a configuration could not be used.
+/// Default size of a Raft log segment file: large enough that rolling is
+/// rare, small enough that a compacted segment frees its space soon. The
+/// same size storage takes when it is not told (`Store::open`).
+pub const DEFAULT_LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Smallest Raft log segment accepted (64 KiB): smaller would start a
 /// file for nearly every write.
 pub const MIN_SEGMENT_BYTES: u64 = 64 * 1024;
@@ -26,6 +29,7 @@ pub const MIN_SEGMENT_BYTES: u64 = 64 * 1024;
 /// start-up.
 pub const MAX_SEGMENT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
+/// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -118,7 +122,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 2000,
             snapshot_logs_since_last: 20_000,
             max_in_snapshot_log_to_keep: 1_000,
-            log_segment_bytes: crate::storage::raft_log::SEGMENT_BYTES,
+            log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
             rebalance_leaders_ms: 10_000,
         }
     }

@@ -1,12 +1,12 @@
 //! A node: its partitions' Raft groups and actors, the shared state the
 //! network handlers read, start-up and shutdown.
 //!
-//! [`start`] wires a node from its seams (store, Raft transport, clock) and
-//! is what the simulator calls; [`run_quic_node`] adds the real ones: a redb
-//! file and Raft log segment files, a QUIC endpoint and the system clock.
+//! [`start`] wires a node from its seams (store, Raft transport, clock,
+//! sinks) and is what the simulator calls; `daemon::run_quic_node` adds the
+//! real ones: a redb file and Raft log segment files, a QUIC endpoint and
+//! the system clock. Nothing here knows quinn.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,26 +18,17 @@ use auditflow_protocol::Hash32;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tracing::{info, warn};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::net::peer::{QuicPeers, RaftTransport};
-use crate::net::raft_network::PartitionNetwork;
-use crate::net::{server, tls};
-use crate::partition::actor::{PartitionActor, Shutdown};
+use crate::partition::actor::PartitionActor;
+use crate::partition::network::PartitionNetwork;
+use crate::partition::transport::RaftTransport;
 use crate::partition::{NodeId, Raft};
 use crate::storage::{PartitionReader, Store, StoreError};
 
-/// File name of the node's database inside its data directory.
-pub const DB_FILE: &str = "auditflow.redb";
 /// How long a node waits for the preferred node of a partition to
 /// initialise it before doing so itself (if still leaderless).
 const INIT_GRACE: Duration = Duration::from_secs(5);
-/// Longest a clean stop waits for delivery to record its progress (an
-/// idle actor answers at once and a send under way finishes first; a sink
-/// that hangs is not waited for).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a clean stop waits for its QUIC connections to finish closing.
-const CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,23 +36,12 @@ pub enum NodeError {
     /// The database could not be opened.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
-    /// TLS material is missing, invalid or expired.
-    #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
     /// The Raft configuration is invalid.
     #[error("raft config: {0}")]
     RaftConfig(String),
     /// A Raft group failed to start.
     #[error("raft: {0}")]
     Raft(String),
-    /// The endpoint could not be bound or the data directory created.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
 }
 
 /// One partition on this node.
@@ -148,6 +128,15 @@ impl NodeShared {
                 reason: "no leader elected".into(),
             }),
         }
+    }
+
+    /// Status of every (destination, partition) this node leads.
+    pub fn dest_status(
+        &self,
+    ) -> Result<Vec<auditflow_protocol::delivery::DestinationStatus>, RequestError> {
+        crate::delivery::status::dest_status(self.id, &self.board, self.clock.now(), |p| {
+            self.partition(p).map(|h| &h.reader)
+        })
     }
 
     /// Id and address of node `id`.
@@ -388,101 +377,4 @@ pub async fn initialize_partitions(node: Arc<NodeShared>) {
 /// initialised: there is nothing to do for it.
 async fn initialised(raft: &Raft) -> bool {
     raft.is_initialized().await.unwrap_or(true)
-}
-
-/// A node serving on QUIC.
-pub struct RunningNode {
-    /// The shared state.
-    pub shared: Arc<NodeShared>,
-    endpoint: quinn::Endpoint,
-    store: Store,
-}
-
-impl RunningNode {
-    /// Stops serving, shuts every Raft group down and closes the database.
-    pub async fn shutdown(self) {
-        // Before the endpoint closes: recording progress needs the peers.
-        self.shared.drain_delivery(DRAIN_TIMEOUT).await;
-        self.endpoint.close(0u32.into(), b"node shutting down");
-        for p in &self.shared.partitions {
-            if let Err(e) = p.actor.send(Shutdown).await {
-                warn!("partition actor already gone: {e}");
-            }
-        }
-        // Gives peers a chance to hear the close; not longer: when the
-        // peers are stopping too, connections to them can sit in draining
-        // for seconds (measured 2-4 s in one `up` stop out of five), and
-        // Raft does not need the close frame to move on.
-        if tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle())
-            .await
-            .is_err()
-        {
-            info!("peer connections still closing after {CLOSE_WAIT:?}; stopping anyway");
-        }
-        drop(self.store);
-    }
-}
-
-/// Starts a node with the production seams: redb file and log segments,
-/// QUIC, system clock.
-pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, NodeError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io {
-        what: format!("create data directory {}", config.data_dir.display()),
-        source,
-    })?;
-    let db_path: PathBuf = config.data_dir.join(DB_FILE);
-    let store = Store::open_with_segments(&db_path, config.raft.log_segment_bytes)?;
-    let server_config = tls::server_config(&config.tls)?;
-    let peer_config = tls::peer_client_config(&config.tls)?;
-    let endpoint_config = tls::endpoint_config(&config.tls)?;
-    let bind = |source| NodeError::Io {
-        what: format!("bind {}", config.listen),
-        source,
-    };
-    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
-    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
-        .map_err(bind)?;
-    let admin = match config.admin_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| NodeError::Io {
-                    what: format!("bind admin HTTP listener {addr} (admin_listen)"),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
-    let addrs = config
-        .peers
-        .iter()
-        .map(|p| (p.id, p.addr.clone()))
-        .collect();
-    let transport = QuicPeers::new(
-        endpoint.clone(),
-        peer_config,
-        config.tls.server_name.clone(),
-        addrs,
-    );
-    let shared = start(
-        config,
-        &store,
-        Arc::new(transport),
-        Arc::new(SystemClock),
-        crate::delivery::supervisor::real_sinks(),
-    )
-    .await?;
-    tokio::spawn(server::serve(endpoint.clone(), Arc::clone(&shared)));
-    tokio::spawn(initialize_partitions(Arc::clone(&shared)));
-    if let Some(listener) = admin {
-        tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)));
-    }
-    info!(node = shared.id, listen = %shared.config.listen, "node started");
-    Ok(RunningNode {
-        shared,
-        endpoint,
-        store,
-    })
 }

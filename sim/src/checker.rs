@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use auditflow_broker::delivery::dlq::DlqEntry;
 use auditflow_broker::delivery::DestinationConfig;
+use auditflow_broker::replicated::delivery::DlqEntry;
 use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::StoredEvent;
 use openraft::ServerState;

@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use auditflow_broker::net::peer::{
+use auditflow_broker::node::NodeShared;
+use auditflow_broker::partition::transport::{
     PeerRequest, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
     PEER_PROTOCOL_VERSION,
 };
-use auditflow_broker::node::NodeShared;
 use auditflow_broker::partition::NodeId;
 use auditflow_protocol::frame;
 use auditflow_protocol::wire::{Request, RequestError, Response, PROTOCOL_VERSION};
@@ -184,7 +184,7 @@ impl SimNet {
             let bytes = frame::encode(PROTOCOL_VERSION, &request, usize::MAX).ok()?;
             let payload = frame::payload_of(&bytes, usize::MAX).ok()?;
             let request: Request = frame::decode(PROTOCOL_VERSION, payload).ok()?;
-            let response = auditflow_broker::net::client_api::handle(&node, request).await;
+            let response = auditflow_broker::api::client_api::handle(&node, request).await;
             tokio::time::sleep(fate.back).await;
             net.link_up(to, CLIENT).then_some(response)
         };
@@ -209,7 +209,7 @@ async fn deliver(net: &SimNet, to: NodeId, request: PeerRequest) -> Option<PeerR
     let bytes = frame::encode(PEER_PROTOCOL_VERSION, &request, MAX_PEER_FRAME_BYTES).ok()?;
     let payload = frame::payload_of(&bytes, MAX_PEER_FRAME_BYTES).ok()?;
     let request: PeerRequest = frame::decode(PEER_PROTOCOL_VERSION, payload).ok()?;
-    Some(auditflow_broker::net::peer_api::handle(&node, request).await)
+    Some(auditflow_broker::api::peer_api::handle(&node, request).await)
 }
 
 impl RaftTransport for SimTransport {

@@ -316,7 +316,7 @@ async fn shutdown(node: &NodeShared) {
 /// Runs one simulation. Must be called outside any async runtime: it
 /// builds its own single-threaded one with paused time and the seed.
 pub fn run(opts: &SimOptions) -> Report {
-    auditflow_broker::partition::runtime::seed_thread_rng(opts.seed);
+    auditflow_broker::replicated::runtime::seed_thread_rng(opts.seed);
     let mut seed_bytes = opts.seed.to_le_bytes().to_vec();
     seed_bytes.extend_from_slice(b"auditflow-sim");
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -26,7 +26,7 @@ fn replay(seed: u64, real: Duration) {
 
 /// A long-poll read on a node whose partition had shut down (the node
 /// crashed while the read waited) looped on the closed watch for ever
-/// (fixed in `net::client_api::read`; the delivery actor's idle wait had
+/// (fixed in `api::client_api::read`; the delivery actor's idle wait had
 /// the same flaw). Found by the reader workload on seeds 2, 6 and 7.
 #[test]
 fn long_poll_on_a_stopped_partition_returns() {

@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /metrics` | Prometheus text exposition of this node's metrics ([`metrics`]) |
+//! | `GET /metrics` | Prometheus text exposition of this node's metrics ([`crate::metrics`], sampled by [`sampler`]) |
 //! | `GET /healthz` | `200 ok` while the process serves |
 //! | `GET /readyz` | `200` when every partition has a known leader and this node applied everything committed; else `503` with the reasons as JSON |
 //! | `GET /status` | this node's view of every partition (`NodeStatus`) as JSON |
@@ -13,8 +13,8 @@
 //! separate from the QUIC endpoint so that probes and scrapers need no
 //! client certificate. It only reads: nothing here changes the node.
 
-pub mod metrics;
 pub mod page;
+pub mod sampler;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::net::delivery_api::dest_status;
+use crate::metrics;
 use crate::node::NodeShared;
 use crate::partition::Raft;
 
@@ -60,7 +60,7 @@ pub fn router(node: Arc<NodeShared>) -> Router {
 pub async fn serve(listener: TcpListener, node: Arc<NodeShared>) {
     match metrics::install() {
         Ok(handle) => {
-            tokio::spawn(metrics::run_sampler(Arc::clone(&node), handle));
+            tokio::spawn(sampler::run_sampler(Arc::clone(&node), handle));
         }
         Err(e) => warn!("/metrics will answer 503: {e}"),
     }
@@ -100,7 +100,7 @@ struct ErrorBody {
 }
 
 async fn destinations(State(node): State<Arc<NodeShared>>) -> Response {
-    match dest_status(&node) {
+    match node.dest_status() {
         Ok(d) => Json(d).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -113,7 +113,7 @@ async fn destinations(State(node): State<Arc<NodeShared>>) -> Response {
 }
 
 async fn status_page(State(node): State<Arc<NodeShared>>) -> Html<String> {
-    let dests = dest_status(&node).map_err(|e| e.to_string());
+    let dests = node.dest_status().map_err(|e| e.to_string());
     Html(page::render(
         &node.status(),
         dests.as_ref().map(Vec::as_slice).map_err(Clone::clone),

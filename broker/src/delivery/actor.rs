@@ -43,13 +43,13 @@ use tracing::{debug, warn};
 
 use super::breaker::Breaker;
 use super::config::DestinationConfig;
-use super::dlq::{push_attempt, AttemptRecord, DeliveryCommand, DlqEntry};
 use super::mask;
 use super::status::StatusBoard;
-use crate::admin::metrics::DELIVERY_CURSOR_RECORDS_TOTAL;
 use crate::clock::Clock;
-use crate::partition::runtime::ThreadRng;
+use crate::metrics::DELIVERY_CURSOR_RECORDS_TOTAL;
 use crate::partition::{Command, Raft};
+use crate::replicated::delivery::{push_attempt, AttemptRecord, DeliveryCommand, DlqEntry};
+use crate::replicated::runtime::ThreadRng;
 use crate::sinks::{Body, Delivery, SendOutcome, Sink, SinkFailure};
 use crate::storage::PartitionReader;
 

@@ -4,8 +4,8 @@
 //! - [`config`]: destinations (sink, filter, masking, batching, retry).
 //! - [`filter`], [`mask`], [`backoff`], [`breaker`]: the pure rules, shared
 //!   with the simulator.
-//! - [`dlq`]: parked events, attempt history, and the delivery commands
-//!   replicated through Raft (cursors and DLQ live in the partition state
+//! - The delivery commands replicated through Raft are typed in
+//!   `replicated::delivery` (cursors and DLQ live in the partition state
 //!   machine, so a new leader resumes where the old one stopped).
 //! - [`actor`]: the `DeliveryActor` of one (destination, partition).
 //! - [`supervisor`]: starts and stops actors as partition leadership moves.
@@ -16,7 +16,6 @@ pub mod backoff;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
-pub mod dlq;
 pub mod filter;
 pub mod mask;
 pub mod status;

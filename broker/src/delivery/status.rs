@@ -5,9 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use auditflow_protocol::delivery::DestinationStatus;
+use auditflow_protocol::wire::RequestError;
 use auditflow_protocol::Timestamp;
 
 use super::breaker::BreakerState;
+use crate::storage::PartitionReader;
 
 /// Live state of one (destination, partition) actor.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,5 +61,62 @@ impl StatusBoard {
     /// A copy of every entry.
     pub fn snapshot(&self) -> BTreeMap<(String, u32), LiveStatus> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Status of every (destination, partition) this node leads.
+///
+/// `reader_of` gives a partition's reader, or the error a request for it
+/// answers (no such partition); `node` is this node's id, `now` the time
+/// the ages are measured at.
+pub fn dest_status<'a>(
+    node: u64,
+    board: &StatusBoard,
+    now: Timestamp,
+    reader_of: impl Fn(u32) -> Result<&'a PartitionReader, RequestError>,
+) -> Result<Vec<DestinationStatus>, RequestError> {
+    let live = board.snapshot();
+    let mut out = Vec::new();
+    for ((dest, partition), s) in live {
+        let reader = reader_of(partition)?;
+        let cursor = reader.cursor(&dest).map_err(internal)?;
+        let head = reader.head().map_err(internal)?.next_offset;
+        let oldest = if cursor < head {
+            reader
+                .read(cursor, 1)
+                .map_err(internal)?
+                .first()
+                .map(|e| (now.0.saturating_sub(e.received_at.0) / 1_000_000).max(0) as u64)
+        } else {
+            None
+        };
+        out.push(DestinationStatus {
+            dlq_size: reader.dlq_len(&dest).map_err(internal)?,
+            replay: reader.replay(&dest).map_err(internal)?,
+            dest,
+            partition,
+            node,
+            cursor,
+            head,
+            lag_events: head.saturating_sub(cursor),
+            oldest_undelivered_age_ms: oldest,
+            last_success: s.last_success,
+            last_error: s.last_error,
+            attempts: s.attempts,
+            breaker: match s.breaker {
+                BreakerState::Closed => "closed",
+                BreakerState::Open => "open",
+                BreakerState::HalfOpen => "half_open",
+            }
+            .into(),
+            delivered: s.delivered,
+        });
+    }
+    Ok(out)
+}
+
+fn internal(e: impl std::fmt::Display) -> RequestError {
+    RequestError::Internal {
+        reason: e.to_string(),
     }
 }

@@ -1,16 +1,13 @@
 //! Networking on quinn: the only broker module that knows about QUIC.
 //!
 //! - [`tls`]: certificates and rustls configurations.
-//! - [`server`]: the accept loop, dispatching by ALPN.
-//! - [`client_api`]: answers to client requests.
-//! - [`peer`]: Raft RPC messages, the transport seam, its QUIC version.
-//! - [`peer_api`]: answers to peers' Raft RPCs.
-//! - [`raft_network`]: openraft's network factory over the seam.
+//! - [`server`]: the accept loop: frames off QUIC streams, dispatched by
+//!   ALPN to the transport-free handlers in `api`.
+//! - [`peer`]: [`QuicPeers`](peer::QuicPeers), the Raft transport seam
+//!   (`partition::transport`) over QUIC.
+//! - [`endpoint`]: binding a node's QUIC endpoint and closing it.
 
-pub mod client_api;
-pub mod delivery_api;
+pub mod endpoint;
 pub mod peer;
-pub mod peer_api;
-pub mod raft_network;
 pub mod server;
 pub mod tls;

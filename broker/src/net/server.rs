@@ -6,14 +6,16 @@
 
 use std::sync::Arc;
 
-use auditflow_client::transport::{read_frame, write_frame};
+use auditflow_framing::{read_frame, write_frame};
 use auditflow_protocol::frame::{self, DEFAULT_MAX_FRAME_BYTES};
 use auditflow_protocol::wire::{Request, RequestError, Response, ALPN_PEER, PROTOCOL_VERSION};
 use tracing::{debug, warn};
 
-use super::peer::{PeerRequest, PeerResponse, MAX_PEER_FRAME_BYTES, PEER_PROTOCOL_VERSION};
-use super::{client_api, peer_api};
+use crate::api::{client_api, peer_api};
 use crate::node::NodeShared;
+use crate::partition::transport::{
+    PeerRequest, PeerResponse, MAX_PEER_FRAME_BYTES, PEER_PROTOCOL_VERSION,
+};
 
 /// QUIC application error code: the peer ALPN was used without a node
 /// certificate.

@@ -16,7 +16,7 @@ use auditflow_protocol::{canonical, Event};
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::oneshot;
 
-use super::types::{Command, CommandResponse, NodeId, Raft};
+use super::{Command, CommandResponse, NodeId, Raft};
 use crate::clock::Clock;
 
 /// Raft entries of one partition being replicated at once. Two lets one

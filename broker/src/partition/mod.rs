@@ -1,19 +1,24 @@
 //! Partitions: one openraft group per partition, driven by a
 //! [`PartitionActor`](actor::PartitionActor).
 //!
-//! - [`types`]: the openraft type configuration and the log payload.
-//! - [`runtime`]: the async runtime seam with a seedable RNG.
-//! - [`apply`]: the pure state-machine logic (offsets, hashes, dedup).
+//! - [`actor`]: the partition actor that group-commits appends.
+//! - [`transport`]: the Raft transport seam (peer messages and the
+//!   [`RaftTransport`](transport::RaftTransport) trait that `net` implements
+//!   over QUIC and the simulator over its network).
+//! - [`network`]: openraft's network factory over that seam.
 //! - [`compaction`]: asks quiet partitions to purge so old Raft log
 //!   segments can go.
 //! - [`rebalance`]: hands partitions back to their preferred leader after
 //!   failovers moved them.
+//!
+//! The openraft type configuration is `storage::types` (it names storage's
+//! snapshot type); the log payload is `replicated::Command`.
 
 pub mod actor;
-pub mod apply;
 pub mod compaction;
+pub mod network;
 pub mod rebalance;
-pub mod runtime;
-pub mod types;
+pub mod transport;
 
-pub use types::{Command, CommandResponse, NodeId, Raft, TypeConfig};
+pub use crate::replicated::{Command, CommandResponse, NodeId};
+pub use crate::storage::types::{Raft, TypeConfig};

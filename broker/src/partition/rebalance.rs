@@ -48,9 +48,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::actor::{Hold, PartitionActor, Release};
-use super::types::{NodeId, Raft};
-use crate::admin::metrics::LEADER_HANDOVERS_TOTAL;
-use crate::net::peer::{PeerRequest, PeerResponse, RaftTransport};
+use super::{NodeId, Raft};
+use crate::metrics::LEADER_HANDOVERS_TOTAL;
+use crate::partition::transport::{PeerRequest, PeerResponse, RaftTransport};
 
 /// How far behind the leader's log (in entries) the preferred node may be
 /// for a handover to start; the hold then lets it catch up the rest.

@@ -24,7 +24,7 @@ use tracing::warn;
 use super::raft_log::{Framed, RaftLog, Record};
 use super::writer::{Commit, StorageWriter};
 use super::{InstallState, StoreError};
-use crate::partition::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::storage::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// The Raft log of one partition; clones share state.
 #[derive(Clone)]

@@ -12,7 +12,9 @@
 //!   write.
 //! - [`log_store`]: openraft's log storage for one partition.
 //! - [`state_machine`]: openraft's state machine for one partition, over
-//!   the pure apply logic.
+//!   the pure apply logic in [`apply`].
+//! - [`types`]: openraft's type configuration (it names [`snapshot`]'s
+//!   data type, hence here).
 //! - [`snapshot`]: a partition's snapshot as a stream, read from redb as
 //!   it is sent and staged in redb as it is received.
 //! - [`PartitionReader`]: what the client API reads (stored events, the
@@ -23,6 +25,7 @@
 //! as the simulator's in-memory disk that loses unsynced writes on a
 //! crash.
 
+pub mod apply;
 mod error;
 pub mod event_files;
 pub mod event_runs;
@@ -32,6 +35,7 @@ pub mod raft_log;
 pub mod snapshot;
 pub mod state_machine;
 pub mod tables;
+pub mod types;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -49,7 +53,7 @@ pub use raft_log::{LogUsage, RaftLog};
 pub use state_machine::StateMachine;
 pub use writer::{Commit, StorageWriter, WriterMode};
 
-use crate::partition::apply::PartitionHead;
+use crate::storage::apply::PartitionHead;
 use event_files::{EventFileMeta, EventFiles, EventRef};
 use tables::{
     CURSORS, DEDUP, DLQ, EVENTS, FORMAT, FORMAT_VERSION, KEY_EVENT_FILE, KEY_HEAD, SM_META,
@@ -346,7 +350,7 @@ impl PartitionReader {
     /// end (exclusive).
     pub fn replay(&self, dest: &str) -> Result<Option<(u64, u64)>, StoreError> {
         let txn = self.db.begin_read()?;
-        let windows: crate::delivery::dlq::ReplayWindows =
+        let windows: crate::replicated::delivery::ReplayWindows =
             state_machine::read_sm_meta(&txn, self.partition, tables::KEY_REPLAYS)?
                 .unwrap_or_default();
         Ok(windows.get(dest).copied())
@@ -393,7 +397,7 @@ impl PartitionReader {
         dest: &str,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, crate::delivery::dlq::DlqEntry)>, StoreError> {
+    ) -> Result<Vec<(u64, crate::replicated::delivery::DlqEntry)>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(DLQ)?;
         let mut out = Vec::new();

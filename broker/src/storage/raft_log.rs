@@ -53,10 +53,10 @@ use tracing::{error, warn};
 
 use super::log_dir::LogDir;
 use super::{tables, StoreError, WriterMode};
-use crate::admin::metrics::{
+use crate::metrics::{
     RAFT_LOG_SEGMENTS, RAFT_LOG_WRITES_TOTAL, RAFT_LOG_WRITE_RECORDS, RAFT_LOG_WRITE_SECONDS,
 };
-use crate::partition::types::{Entry, LogId, Vote};
+use crate::storage::types::{Entry, LogId, Vote};
 
 /// First bytes of every segment.
 pub const MAGIC: &[u8; 8] = b"AFRLOG01";

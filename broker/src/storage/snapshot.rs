@@ -48,8 +48,8 @@ use super::tables::{
 };
 use super::writer::{Commit, StorageWriter};
 use super::StoreError;
-use crate::delivery::dlq::ReplayWindows;
-use crate::partition::apply::PartitionHead;
+use crate::replicated::delivery::ReplayWindows;
+use crate::storage::apply::PartitionHead;
 
 /// Version of the record stream; a snapshot of another version is refused.
 pub const SNAPSHOT_FORMAT: u32 = 1;

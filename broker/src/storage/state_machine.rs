@@ -27,9 +27,9 @@ use super::tables::{
 };
 use super::writer::{Commit, StorageWriter};
 use super::{InstallState, StoreError};
-use crate::delivery::dlq::{DeliveryCommand, DlqEntry, ReplayWindows};
-use crate::partition::apply::{apply_append, DedupEntry, PartitionHead};
-use crate::partition::types::{
+use crate::replicated::delivery::{DeliveryCommand, DlqEntry, ReplayWindows};
+use crate::storage::apply::{apply_append, DedupEntry, PartitionHead};
+use crate::storage::types::{
     Command, CommandResponse, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError,
     StoredMembership, TypeConfig,
 };

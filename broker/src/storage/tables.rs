@@ -65,7 +65,7 @@ pub const KEY_HEAD: &str = "head";
 /// `Vec<(name, config JSON)>` sorted by name.
 pub const KEY_CATALOG: &str = "catalog";
 /// `sm_meta` key: the partition's replay windows
-/// (`delivery::dlq::ReplayWindows`).
+/// (`replicated::delivery::ReplayWindows`).
 pub const KEY_REPLAYS: &str = "replays";
 
 /// Encodes a stored value.

@@ -7,7 +7,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 
 use super::*;
-use crate::partition::types::{Command, Entry, LogId, Snapshot, StorageError, TypeConfig};
+use crate::storage::types::{Command, Entry, LogId, Snapshot, StorageError, TypeConfig};
 
 struct Builder;
 
@@ -167,7 +167,7 @@ async fn applied_events_survive_reopen_and_snapshot_round_trips() {
     // The dedup index came along: re-applying "a" is a duplicate.
     let out = sm1.apply([append_entry(3, &["a", "d"])]).await.unwrap();
     match &out[0] {
-        crate::partition::CommandResponse::Appended(r) => {
+        crate::replicated::CommandResponse::Appended(r) => {
             assert!(
                 matches!(r[0], auditflow_protocol::wire::AppendResult::Stored(ref a) if a.duplicate && a.offset == 0)
             );
@@ -253,7 +253,7 @@ fn garbage_file_is_refused_with_its_path() {
     assert!(err.to_string().contains("bad.redb"), "{err}");
 }
 
-fn delivery_entry(index: u64, cmd: crate::delivery::dlq::DeliveryCommand) -> Entry {
+fn delivery_entry(index: u64, cmd: crate::replicated::delivery::DeliveryCommand) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Command::Delivery(cmd)),
@@ -262,7 +262,7 @@ fn delivery_entry(index: u64, cmd: crate::delivery::dlq::DeliveryCommand) -> Ent
 
 #[tokio::test]
 async fn replay_windows_are_clamped_to_the_cursor_and_ignore_stale_advances() {
-    use crate::delivery::dlq::DeliveryCommand as D;
+    use crate::replicated::delivery::DeliveryCommand as D;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("db.redb")).unwrap();
     let mut sm = store.state_machine(0, 1000);
@@ -465,7 +465,7 @@ fn sized_entry(index: u64, numbers: std::ops::Range<usize>) -> Entry {
 /// A partition with `n` events of about 1 KiB, a cursor and a parked
 /// event, applied to partition 0 of a new store at `path`.
 async fn filled_store(path: &std::path::Path, n: usize) -> Store {
-    use crate::delivery::dlq::DeliveryCommand as D;
+    use crate::replicated::delivery::DeliveryCommand as D;
     let store = Store::open(path).unwrap();
     let mut sm = store.state_machine(0, 1_000_000);
     let mut index = 0;
@@ -632,7 +632,7 @@ async fn a_snapshot_streams_through_retried_chunks_in_bounded_memory() {
     let mut sm1 = target.state_machine(0, 1_000_000);
     let out = sm1.apply([sized_entry(2000, 10..11)]).await.unwrap();
     match &out[0] {
-        crate::partition::CommandResponse::Appended(r) => assert!(
+        crate::replicated::CommandResponse::Appended(r) => assert!(
             matches!(r[0], auditflow_protocol::wire::AppendResult::Stored(ref a) if a.duplicate && a.offset == 10)
         ),
         other => panic!("{other:?}"),
@@ -1026,7 +1026,7 @@ async fn a_full_disk_fails_the_apply_with_its_cause_and_keeps_what_was_stored() 
 /// The offsets `sm.apply(entries)` acknowledged, per event, marked `d`
 /// where the event was a duplicate.
 async fn applied_offsets(sm: &mut StateMachine, entries: Vec<Entry>) -> Vec<String> {
-    use crate::partition::types::CommandResponse;
+    use crate::storage::types::CommandResponse;
     use auditflow_protocol::wire::AppendResult;
     let mut out = Vec::new();
     for response in sm.apply(entries).await.unwrap() {

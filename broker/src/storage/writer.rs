@@ -40,7 +40,7 @@ use tracing::error;
 
 use super::event_files::EventFiles;
 use super::StoreError;
-use crate::admin::metrics::{STORAGE_COMMITS_TOTAL, STORAGE_COMMIT_JOBS, STORAGE_COMMIT_SECONDS};
+use crate::metrics::{STORAGE_COMMITS_TOTAL, STORAGE_COMMIT_JOBS, STORAGE_COMMIT_SECONDS};
 
 /// Jobs waiting for the writer. Submitters wait when it is full, which is
 /// the back-pressure that keeps memory bounded when the disk is slow.

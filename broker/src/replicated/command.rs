@@ -1,4 +1,5 @@
-//! openraft type configuration and the Raft log payload.
+//! The Raft log payload: what one entry asks every replica's state machine
+//! to do, and what applying it answers the proposer.
 
 use std::sync::Arc;
 
@@ -6,8 +7,7 @@ use auditflow_protocol::wire::AppendResult;
 use auditflow_protocol::{Event, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use super::runtime::SeededRuntime;
-use crate::delivery::dlq::DeliveryCommand;
+use super::delivery::DeliveryCommand;
 
 /// A node id: 1-based, fixed in the cluster configuration.
 pub type NodeId = u64;
@@ -48,32 +48,3 @@ pub enum CommandResponse {
         touched: u64,
     },
 }
-
-openraft::declare_raft_types!(
-    /// The openraft type configuration shared by every partition group.
-    pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
-        NodeId = NodeId,
-        Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = crate::storage::snapshot::SnapshotData,
-        AsyncRuntime = SeededRuntime,
-);
-
-/// A Raft group handle.
-pub type Raft = openraft::Raft<TypeConfig>;
-/// A Raft log entry.
-pub type Entry = openraft::Entry<TypeConfig>;
-/// A log id.
-pub type LogId = openraft::LogId<NodeId>;
-/// A vote.
-pub type Vote = openraft::Vote<NodeId>;
-/// Membership as stored with its log id.
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
-/// Snapshot metadata.
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
-/// A snapshot.
-pub type Snapshot = openraft::Snapshot<TypeConfig>;
-/// Storage error as openraft wants it.
-pub type StorageError = openraft::StorageError<NodeId>;

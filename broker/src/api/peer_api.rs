@@ -1,7 +1,7 @@
 //! What a node answers to a peer's Raft RPC.
 
-use super::peer::{PeerRequest, PeerResponse};
 use crate::node::NodeShared;
+use crate::partition::transport::{PeerRequest, PeerResponse};
 
 /// Hands one Raft RPC to the partition's group.
 pub async fn handle(node: &NodeShared, request: PeerRequest) -> PeerResponse {

@@ -53,7 +53,7 @@ pub async fn handle(node: &NodeShared, request: Request) -> Response {
     }
 }
 
-/// Appends a batch and records its metrics (`admin::metrics`).
+/// Appends a batch and records its metrics (`crate::metrics`).
 async fn append(
     node: &NodeShared,
     partition: u32,
@@ -62,7 +62,7 @@ async fn append(
     let started = std::time::Instant::now();
     let count = events.len();
     let outcome = append_events(node, partition, events).await;
-    crate::admin::metrics::record_append(partition, count, &outcome, started.elapsed());
+    crate::metrics::record_append(partition, count, &outcome, started.elapsed());
     outcome
 }
 

@@ -12,7 +12,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 
-use super::peer::{PeerRequest, PeerResponse, RaftTransport, TransportFailure};
+use super::transport::{PeerRequest, PeerResponse, RaftTransport, TransportFailure};
 use crate::partition::{NodeId, TypeConfig};
 
 /// Creates per-target RPC clients for one partition's group.

@@ -1,14 +1,13 @@
 //! Client requests about delivery: status, DLQ listing, redrive, replay.
 
-use auditflow_protocol::delivery::{DestinationInfo, DestinationStatus, CATALOG_PARTITION};
+use auditflow_protocol::delivery::{DestinationInfo, CATALOG_PARTITION};
 use auditflow_protocol::wire::{ReplayFrom, Request, RequestError, Response};
 use openraft::error::{ClientWriteError, RaftError};
 
-use crate::delivery::breaker::BreakerState;
 use crate::delivery::catalog;
-use crate::delivery::dlq::DeliveryCommand;
 use crate::node::NodeShared;
 use crate::partition::{Command, CommandResponse};
+use crate::replicated::delivery::DeliveryCommand;
 
 /// Most DLQ entries one listing returns.
 pub const MAX_DLQ_PAGE: u32 = 1_000;
@@ -16,7 +15,7 @@ pub const MAX_DLQ_PAGE: u32 = 1_000;
 /// Answers a delivery request.
 pub async fn handle(node: &NodeShared, request: Request) -> Response {
     let result = match request {
-        Request::DestStatus => dest_status(node).map(Response::DestStatus),
+        Request::DestStatus => node.dest_status().map(Response::DestStatus),
         Request::DlqList {
             dest,
             partition,
@@ -133,50 +132,6 @@ fn internal(e: impl std::fmt::Display) -> RequestError {
     RequestError::Internal {
         reason: e.to_string(),
     }
-}
-
-/// Status of every (destination, partition) this node leads.
-pub fn dest_status(node: &NodeShared) -> Result<Vec<DestinationStatus>, RequestError> {
-    let live = node.board.snapshot();
-    let now = node.clock.now();
-    let mut out = Vec::new();
-    for ((dest, partition), s) in live {
-        let handle = node.partition(partition)?;
-        let cursor = handle.reader.cursor(&dest).map_err(internal)?;
-        let head = handle.reader.head().map_err(internal)?.next_offset;
-        let oldest = if cursor < head {
-            handle
-                .reader
-                .read(cursor, 1)
-                .map_err(internal)?
-                .first()
-                .map(|e| (now.0.saturating_sub(e.received_at.0) / 1_000_000).max(0) as u64)
-        } else {
-            None
-        };
-        out.push(DestinationStatus {
-            dlq_size: handle.reader.dlq_len(&dest).map_err(internal)?,
-            replay: handle.reader.replay(&dest).map_err(internal)?,
-            dest,
-            partition,
-            node: node.id,
-            cursor,
-            head,
-            lag_events: head.saturating_sub(cursor),
-            oldest_undelivered_age_ms: oldest,
-            last_success: s.last_success,
-            last_error: s.last_error,
-            attempts: s.attempts,
-            breaker: match s.breaker {
-                BreakerState::Closed => "closed",
-                BreakerState::Open => "open",
-                BreakerState::HalfOpen => "half_open",
-            }
-            .into(),
-            delivered: s.delivered,
-        });
-    }
-    Ok(out)
 }
 
 fn dlq_list(

@@ -1,10 +1,13 @@
 //! Prometheus metrics: names, descriptions, the process-wide recorder and
-//! what records into it.
+//! what records into it. A leaf: it imports nothing of the broker, so
+//! storage, delivery, partition and net can all record without importing
+//! each other or admin.
 //!
-//! Appends are counted where they are answered (`net::client_api`); the
-//! Raft and delivery gauges are sampled once a second by [`run_sampler`]
-//! from the same views `/status` and `/destinations` serve, so the numbers
-//! on a dashboard and in `auditflow status` agree.
+//! Appends are counted where they are answered (`api::client_api`); the
+//! Raft and delivery gauges are sampled once a second by
+//! `admin::sampler::run_sampler` from the same views `/status` and
+//! `/destinations` serve, so the numbers on a dashboard and in
+//! `auditflow status` agree.
 //!
 //! The recorder is installed once per process ([`install`]); recording
 //! before that (or in a process without an admin server, such as the
@@ -12,18 +15,14 @@
 //! nothing.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use auditflow_protocol::delivery::DestinationStatus;
 use auditflow_protocol::wire::{AppendResult, PartitionStatus, RequestError, Role};
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
-use tracing::warn;
-
-use crate::node::NodeShared;
-use crate::partition::NodeId;
 
 /// Events answered by `append`, by `partition` and `result`
 /// (`stored`, `duplicate`, `rejected`).
@@ -326,7 +325,7 @@ pub fn record_append(
 }
 
 /// Sets the Raft gauges of one partition as node `node` sees it.
-pub fn record_partition(node: NodeId, p: &PartitionStatus) {
+pub fn record_partition(node: u64, p: &PartitionStatus) {
     let partition = p.partition.to_string();
     let leads = p.role == Role::Leader && p.leader == Some(node);
     let set = |name: &'static str, v: f64| {
@@ -394,31 +393,6 @@ pub fn record_destinations(now: &[DestinationStatus], tracker: &mut DeliveredTra
         // Touch the counter even at 0 so the series exists from the start.
         counter!(DELIVERED_EVENTS_TOTAL, "dest" => dest, "partition" => partition.to_string())
             .increment(delta);
-    }
-}
-
-/// Samples the node once: partition gauges from `status()`, delivery
-/// gauges from `dest_status()`.
-pub fn sample(node: &NodeShared, tracker: &mut DeliveredTracker) {
-    for p in &node.status().partitions {
-        record_partition(node.id, p);
-    }
-    match crate::net::delivery_api::dest_status(node) {
-        Ok(dests) => record_destinations(&dests, tracker),
-        Err(e) => warn!("delivery metrics not sampled: {e}"),
-    }
-}
-
-/// Samples the node every [`SAMPLE_INTERVAL`] and runs the exporter's
-/// upkeep (draining histogram samples), for as long as the process runs.
-pub async fn run_sampler(node: Arc<NodeShared>, handle: &'static PrometheusHandle) {
-    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tracker = DeliveredTracker::default();
-    loop {
-        tick.tick().await;
-        sample(&node, &mut tracker);
-        handle.run_upkeep();
     }
 }
 
