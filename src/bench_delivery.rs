@@ -29,8 +29,8 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 
-use crate::bench::make_event;
 use crate::up::{self, UpArgs};
+use auditflow_bench_workload::make_event;
 
 /// Events per append batch while filling the cluster.
 const APPEND_BATCH: usize = 256;

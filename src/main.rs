@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_delivery;
-mod bench_nats;
 mod client_cmds;
 mod delivery_cmds;
 mod node;

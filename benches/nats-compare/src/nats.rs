@@ -1,5 +1,5 @@
-//! `auditflow bench --compare-nats`: the same workload against NATS
-//! JetStream, started here as a three-node cluster on loopback.
+//! The same workload as `auditflow bench` against NATS JetStream, started
+//! here as a three-node cluster on loopback.
 //!
 //! The stream is R3 with file storage, like auditflow's three replicas in
 //! redb. Each event is published as its canonical encoding (the bytes
@@ -20,7 +20,7 @@ use async_nats::jetstream;
 use auditflow_protocol::{canonical, Event};
 use bytes::Bytes;
 
-use crate::bench::{measure, BenchArgs, Op, Report};
+use auditflow_bench_workload::{measure, Op, Report, WorkloadArgs};
 
 /// Nodes of the NATS cluster.
 const NODES: usize = 3;
@@ -146,9 +146,10 @@ fn log_tail(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Runs the workload against a fresh NATS cluster.
+/// Runs the workload against a fresh NATS cluster, with
+/// `sync_interval: always` or NATS's lazy default.
 pub(crate) async fn run(
-    args: &BenchArgs,
+    args: &WorkloadArgs,
     events: &Arc<Vec<Event>>,
     warmup: usize,
     sync_always: bool,
