@@ -708,28 +708,19 @@ impl Core {
                 return self.done(Resume::Now);
             }
         }
-        let results = per_item_results(outcome, batch.len());
-        let mut delivered = 0u64;
-        let mut parked = Vec::new();
-        let mut blocked: Option<(usize, SinkFailure)> = None;
-        for (i, d) in batch.iter().enumerate() {
-            match results.get(i) {
-                Some(Ok(())) => delivered += 1,
-                Some(Err(f)) if !f.is_retryable() => {
-                    let history = vec![attempt_record(f, latency_ms, now)];
-                    let reason = format!("replay: {}", f.message);
-                    parked.push(parked_entry(d, history, reason, now));
-                }
-                Some(Err(f)) => {
-                    blocked = Some((i, f.clone()));
-                    break;
-                }
-                None => {
-                    blocked = Some((i, SinkFailure::retryable("sink returned too few results")));
-                    break;
-                }
-            }
-        }
+        let Classified {
+            delivered,
+            refused,
+            blocked,
+        } = classify(per_item_results(outcome, batch.len()), batch.len());
+        let parked: Vec<(u64, DlqEntry)> = refused
+            .into_iter()
+            .map(|(i, f)| {
+                let history = vec![attempt_record(&f, latency_ms, now)];
+                let reason = format!("replay: {}", f.message);
+                parked_entry(&batch[i], history, reason, now)
+            })
+            .collect();
         if !parked.is_empty() {
             self.emit(Effect::Propose(DeliveryCommand::Park {
                 dest: self.dest.name.clone(),
@@ -870,31 +861,21 @@ impl Core {
         latency_ms: u64,
         now: Now,
     ) {
-        let mut parked = Vec::new();
-        let mut delivered = 0u64;
-        let mut blocked: Option<(usize, SinkFailure)> = None;
-        for (i, d) in batch.iter().enumerate() {
-            match results.get(i) {
-                Some(Ok(())) => delivered += 1,
-                Some(Err(f)) if !f.is_retryable() => {
-                    // The head's earlier attempts belong to its record.
-                    let mut history = if i == 0 {
-                        std::mem::take(&mut self.history)
-                    } else {
-                        Vec::new()
-                    };
-                    push_attempt(&mut history, attempt_record(f, latency_ms, now));
-                    parked.push(parked_entry(d, history, f.message.clone(), now));
-                }
-                Some(Err(f)) => {
-                    blocked = Some((i, f.clone()));
-                    break;
-                }
-                None => {
-                    blocked = Some((i, SinkFailure::retryable("sink returned too few results")));
-                    break;
-                }
-            }
+        let Classified {
+            delivered,
+            refused,
+            blocked,
+        } = classify(results, batch.len());
+        let mut parked = Vec::with_capacity(refused.len());
+        for (i, f) in refused {
+            // The head's earlier attempts belong to its record.
+            let mut history = if i == 0 {
+                std::mem::take(&mut self.history)
+            } else {
+                Vec::new()
+            };
+            push_attempt(&mut history, attempt_record(&f, latency_ms, now));
+            parked.push(parked_entry(&batch[i], history, f.message, now));
         }
         let next_offset = match &blocked {
             Some((i, _)) => batch[*i].offset,
@@ -1102,6 +1083,43 @@ fn per_item_results(outcome: SendOutcome, len: usize) -> Vec<Result<(), SinkFail
         SendOutcome::Failed(f) => vec![Err(f); len],
         SendOutcome::PerItem(r) => r,
     }
+}
+
+/// A batch's per-item results, in the order delivery must keep (G4).
+struct Classified {
+    /// Items delivered before the first retryable failure.
+    delivered: u64,
+    /// Items refused for good before it, by index: they are parked.
+    refused: Vec<(usize, SinkFailure)>,
+    /// The first retryable failure (or missing result), by index: the
+    /// stream stops there and it becomes the head of line.
+    blocked: Option<(usize, SinkFailure)>,
+}
+
+/// Classifies the sink's per-item `results` for a batch of `len` items,
+/// up to the first item that has to be tried again.
+fn classify(results: Vec<Result<(), SinkFailure>>, len: usize) -> Classified {
+    let mut out = Classified {
+        delivered: 0,
+        refused: Vec::new(),
+        blocked: None,
+    };
+    let mut results = results.into_iter();
+    for i in 0..len {
+        match results.next() {
+            Some(Ok(())) => out.delivered += 1,
+            Some(Err(f)) if !f.is_retryable() => out.refused.push((i, f)),
+            Some(Err(f)) => {
+                out.blocked = Some((i, f));
+                break;
+            }
+            None => {
+                out.blocked = Some((i, SinkFailure::retryable("sink returned too few results")));
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// A server's Retry-After hint, if it gave one.

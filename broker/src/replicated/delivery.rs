@@ -306,3 +306,141 @@ pub fn apply_catalog(catalog: &mut Vec<(String, String)>, cmd: &DeliveryCommand)
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use auditflow_protocol::Timestamp;
+
+    use super::*;
+
+    fn entry(redrive: bool) -> DlqEntry {
+        DlqEntry {
+            event_id: "e".into(),
+            parked_at: Timestamp(0),
+            reason: "r".into(),
+            attempts: Vec::new(),
+            redrive,
+        }
+    }
+
+    /// Each row: the state before, a command, the answer and the state
+    /// after (cursor, replay window, DLQ offsets with their marks).
+    #[test]
+    fn rules() {
+        let d = || "d".to_string();
+        let dlq = |marks: &[(u64, bool)]| -> BTreeMap<u64, DlqEntry> {
+            marks.iter().map(|(o, m)| (*o, entry(*m))).collect()
+        };
+        type Row = (
+            &'static str,
+            DestState,
+            DeliveryCommand,
+            (u64, u64),
+            (u64, Option<(u64, u64)>, Vec<(u64, bool)>),
+        );
+        let at = |cursor, replay, marks: &[(u64, bool)]| DestState {
+            cursor,
+            replay,
+            dlq: dlq(marks),
+        };
+        let rows: Vec<Row> = vec![
+            (
+                "advance never moves back",
+                at(5, None, &[]),
+                DeliveryCommand::Advance {
+                    dest: d(),
+                    next_offset: 3,
+                },
+                (5, 0),
+                (5, None, vec![]),
+            ),
+            (
+                "park writes and moves on",
+                at(2, None, &[]),
+                DeliveryCommand::Park {
+                    dest: d(),
+                    entries: vec![(2, entry(false))],
+                    next_offset: Some(3),
+                },
+                (3, 1),
+                (3, None, vec![(2, false)]),
+            ),
+            (
+                "redrive marks the unmarked selected",
+                at(9, None, &[(1, false), (2, true), (3, false)]),
+                DeliveryCommand::Redrive {
+                    dest: d(),
+                    selection: RedriveSelection::Offsets(vec![1, 2]),
+                },
+                (9, 1),
+                (9, None, vec![(1, true), (2, true), (3, false)]),
+            ),
+            (
+                "resolve removes what exists, once",
+                at(9, None, &[(1, true)]),
+                DeliveryCommand::Resolve {
+                    dest: d(),
+                    offsets: vec![1, 1, 4],
+                },
+                (9, 1),
+                (9, None, vec![]),
+            ),
+            (
+                "replay is clamped to the cursor",
+                at(4, None, &[]),
+                DeliveryCommand::Replay {
+                    dest: d(),
+                    from: 1,
+                    until: Some(10),
+                },
+                (4, 3),
+                (4, Some((1, 4)), vec![]),
+            ),
+            (
+                "an empty replay closes the window",
+                at(4, Some((1, 4)), &[]),
+                DeliveryCommand::Replay {
+                    dest: d(),
+                    from: 4,
+                    until: None,
+                },
+                (4, 0),
+                (4, None, vec![]),
+            ),
+            (
+                "a stale replay advance is ignored",
+                at(4, Some((2, 4)), &[]),
+                DeliveryCommand::ReplayAdvance {
+                    dest: d(),
+                    expect: 1,
+                    next: 3,
+                },
+                (0, 0),
+                (4, Some((2, 4)), vec![]),
+            ),
+            (
+                "a replay advance to the end closes the window",
+                at(4, Some((2, 4)), &[]),
+                DeliveryCommand::ReplayAdvance {
+                    dest: d(),
+                    expect: 2,
+                    next: 9,
+                },
+                (0, 2),
+                (4, None, vec![]),
+            ),
+        ];
+        for (name, mut state, cmd, (cursor, touched), (c, replay, marks)) in rows {
+            let answer = state.apply(&cmd);
+            assert_eq!(
+                answer,
+                CommandResponse::Delivery { cursor, touched },
+                "{name}"
+            );
+            assert_eq!(state.cursor, c, "{name}");
+            assert_eq!(state.replay, replay, "{name}");
+            let got: Vec<(u64, bool)> = state.dlq.iter().map(|(o, e)| (*o, e.redrive)).collect();
+            assert_eq!(got, marks, "{name}");
+        }
+    }
+}
