@@ -110,6 +110,8 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonErro
         Arc::new(transport),
         Arc::new(SystemClock),
         crate::delivery::supervisor::real_sinks(),
+        // Delivery's randomness seam: seeded from the OS.
+        rand::random(),
     )
     .await?;
     tokio::spawn(endpoint.serve(Arc::clone(&shared)));

@@ -216,13 +216,16 @@ fn raft_config(config: &NodeConfig, partition: u32) -> Result<Arc<openraft::Conf
 }
 
 /// Starts every partition of a node over the given seams. Must run inside
-/// an actix system (the partition actors live on its arbiter).
+/// an actix system (the partition actors live on its arbiter). `seed` is
+/// the randomness seam of delivery (backoff jitter): from the OS in
+/// production, from the run's seed in the simulator.
 pub async fn start(
     config: NodeConfig,
     store: &Store,
     transport: Arc<dyn RaftTransport>,
     clock: Arc<dyn Clock>,
     sinks: crate::delivery::supervisor::SinkFactory,
+    seed: u64,
 ) -> Result<Arc<NodeShared>, NodeError> {
     let nodes: Arc<Vec<NodeAddr>> = Arc::new(
         config
@@ -310,6 +313,9 @@ pub async fn start(
         board: board.clone(),
         clock: Arc::clone(&clock),
         sinks,
+        seeds: Arc::new(std::sync::Mutex::new(
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+        )),
         draining,
         running: delivery_running,
     };

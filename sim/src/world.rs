@@ -257,6 +257,8 @@ impl World {
             Arc::new(self.net.transport(id)),
             self.clock.clone(),
             Arc::clone(&self.sink_factory),
+            // Delivery's randomness (backoff jitter), from the run's seed.
+            self.gen_range(0..u64::MAX),
         )
         .await
         .map_err(|e| format!("node {id} cannot start: {e}"))?;

@@ -7,7 +7,10 @@
 //! - The delivery commands replicated through Raft are typed in
 //!   `replicated::delivery` (cursors and DLQ live in the partition state
 //!   machine, so a new leader resumes where the old one stopped).
-//! - [`actor`]: the `DeliveryActor` of one (destination, partition).
+//! - [`core`]: the sans-IO delivery state machine of one (destination,
+//!   partition): every decision of delivery, driven by [`actor`].
+//! - [`actor`]: the `DeliveryActor` of one (destination, partition), a thin
+//!   driver of its core.
 //! - [`supervisor`]: starts and stops actors as partition leadership moves.
 //! - [`status`]: what each actor reports for `dest status` and metrics.
 
@@ -16,6 +19,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
+pub mod core;
 pub mod filter;
 pub mod mask;
 pub mod status;

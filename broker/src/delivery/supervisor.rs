@@ -3,11 +3,13 @@
 //! (so it starts from the latest replicated cursor). Stops them when
 //! leadership moves, and restarts any that died.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Actor, Addr};
 use openraft::ServerState;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -48,6 +50,11 @@ pub struct DeliveryContext {
     pub clock: Arc<dyn Clock>,
     /// Where sinks come from.
     pub sinks: SinkFactory,
+    /// Where delivery's randomness (backoff jitter) comes from: each
+    /// pipeline gets its own `StdRng`, seeded from this one in the order
+    /// pipelines start. Seeded from the OS in production and from the
+    /// run's seed in the simulator, so a simulated run replays exactly.
+    pub seeds: Arc<Mutex<StdRng>>,
     /// Turns true when the node stops cleanly: record delivery progress
     /// and stop (see [`crate::node::NodeShared::drain_delivery`]).
     pub draining: watch::Receiver<bool>,
@@ -124,12 +131,18 @@ pub async fn supervise(
                                 reader: reader.clone(),
                                 handing_over: handing_over.clone(),
                             };
+                            let seed = ctx
+                                .seeds
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .next_u64();
                             let pipeline = Pipeline::new(
                                 Arc::clone(&dest),
                                 source,
                                 sink,
                                 Arc::clone(&ctx.clock),
                                 ctx.board.clone(),
+                                StdRng::seed_from_u64(seed),
                             );
                             running.push((dest, DeliveryActor::new(pipeline).start()));
                         }

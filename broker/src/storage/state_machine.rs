@@ -27,7 +27,9 @@ use super::tables::{
 };
 use super::writer::{Commit, StorageWriter};
 use super::{InstallState, StoreError};
-use crate::replicated::delivery::{DeliveryCommand, DlqEntry, ReplayWindows};
+use crate::replicated::delivery::{
+    apply_catalog, apply_dest, DeliveryCommand, DestState, DlqEntry, DlqReads, ReplayWindows,
+};
 use crate::storage::apply::{apply_append, DedupEntry, PartitionHead};
 use crate::storage::types::{
     Command, CommandResponse, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError,
@@ -280,131 +282,79 @@ impl<'t> AppendTables<'t> {
     }
 }
 
-/// Applies a delivery command: cursor and DLQ rows of one destination.
+/// Applies a delivery command: reads what the pure rules
+/// ([`apply_catalog`], [`apply_dest`]) need of the destination's state,
+/// and writes what they change.
 fn apply_delivery(
     txn: &WriteTransaction,
     meta: &mut MetaTable<'_>,
     partition: u32,
     cmd: &DeliveryCommand,
 ) -> Result<CommandResponse, StoreError> {
-    match cmd {
-        DeliveryCommand::PutDestination { dest, config_json } => {
-            let mut catalog: Vec<(String, String)> =
-                get_meta(meta, partition, KEY_CATALOG)?.unwrap_or_default();
-            catalog.retain(|(name, _)| name != dest);
-            catalog.push((dest.clone(), config_json.clone()));
-            catalog.sort();
-            put_meta(meta, partition, KEY_CATALOG, &catalog)?;
-            return Ok(CommandResponse::Delivery {
-                cursor: 0,
-                touched: 1,
-            });
-        }
-        DeliveryCommand::RemoveDestination { dest } => {
-            let mut catalog: Vec<(String, String)> =
-                get_meta(meta, partition, KEY_CATALOG)?.unwrap_or_default();
-            let before = catalog.len();
-            catalog.retain(|(name, _)| name != dest);
-            let touched = (before - catalog.len()) as u64;
-            put_meta(meta, partition, KEY_CATALOG, &catalog)?;
-            return Ok(CommandResponse::Delivery { cursor: 0, touched });
-        }
-        DeliveryCommand::Replay { dest, from, until } => {
-            let cursor = txn
-                .open_table(CURSORS)?
-                .get((partition, dest.as_str()))?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            let end = until.map_or(cursor, |u| u.min(cursor));
-            let mut replays: ReplayWindows =
-                get_meta(meta, partition, KEY_REPLAYS)?.unwrap_or_default();
-            let touched = end.saturating_sub(*from);
-            if touched > 0 {
-                replays.insert(dest.clone(), (*from, end));
-            } else {
-                replays.remove(dest);
-            }
-            put_meta(meta, partition, KEY_REPLAYS, &replays)?;
-            return Ok(CommandResponse::Delivery { cursor, touched });
-        }
-        DeliveryCommand::ReplayAdvance { dest, expect, next } => {
-            let mut replays: ReplayWindows =
-                get_meta(meta, partition, KEY_REPLAYS)?.unwrap_or_default();
-            let mut touched = 0;
-            if let Some((start, end)) = replays.get(dest).copied() {
-                if start == *expect && *next > start {
-                    touched = next.min(&end) - start;
-                    if *next >= end {
-                        replays.remove(dest);
-                    } else {
-                        replays.insert(dest.clone(), (*next, end));
-                    }
-                    put_meta(meta, partition, KEY_REPLAYS, &replays)?;
-                }
-            }
-            return Ok(CommandResponse::Delivery { cursor: 0, touched });
-        }
-        _ => {}
+    if cmd.is_catalog() {
+        let mut catalog: Vec<(String, String)> =
+            get_meta(meta, partition, KEY_CATALOG)?.unwrap_or_default();
+        let touched = apply_catalog(&mut catalog, cmd).unwrap_or(0);
+        put_meta(meta, partition, KEY_CATALOG, &catalog)?;
+        return Ok(CommandResponse::Delivery { cursor: 0, touched });
     }
     let dest = cmd.dest();
     let mut cursors = txn.open_table(CURSORS)?;
     let mut dlq = txn.open_table(DLQ)?;
-    let current = cursors
-        .get((partition, dest))?
-        .map(|v| v.value())
-        .unwrap_or(0);
-    let mut cursor = current;
-    let mut touched = 0u64;
-    match cmd {
-        DeliveryCommand::Advance { next_offset, .. } => cursor = cursor.max(*next_offset),
-        DeliveryCommand::SetCursor { next_offset, .. } => cursor = cursor.min(*next_offset),
-        DeliveryCommand::Park {
-            entries,
-            next_offset,
-            ..
-        } => {
-            for (offset, entry) in entries {
-                let bytes = tables::encode(entry, "dlq entry")?;
-                dlq.insert((partition, dest, *offset), bytes.as_slice())?;
-                touched += 1;
-            }
-            if let Some(n) = next_offset {
-                cursor = cursor.max(*n);
-            }
-        }
-        DeliveryCommand::Redrive { selection, .. } => {
-            let mut updates = Vec::new();
+    let uses_replay = matches!(
+        cmd,
+        DeliveryCommand::Replay { .. } | DeliveryCommand::ReplayAdvance { .. }
+    );
+    let mut replays: ReplayWindows = if uses_replay {
+        get_meta(meta, partition, KEY_REPLAYS)?.unwrap_or_default()
+    } else {
+        ReplayWindows::new()
+    };
+    let mut state = DestState {
+        cursor: cursors
+            .get((partition, dest))?
+            .map(|v| v.value())
+            .unwrap_or(0),
+        replay: replays.get(dest).copied(),
+        dlq: Default::default(),
+    };
+    match cmd.dlq_reads() {
+        DlqReads::Nothing => {}
+        DlqReads::All => {
             for row in dlq.range((partition, dest, 0)..=(partition, dest, u64::MAX))? {
                 let (k, v) = row?;
-                let offset = k.value().2;
-                let mut entry: DlqEntry = tables::decode(v.value(), "dlq entry")?;
-                if !entry.redrive && selection.selects(offset, &entry) {
-                    entry.redrive = true;
-                    updates.push((offset, tables::encode(&entry, "dlq entry")?));
-                }
-            }
-            for (offset, bytes) in updates {
-                dlq.insert((partition, dest, offset), bytes.as_slice())?;
-                touched += 1;
+                let entry: DlqEntry = tables::decode(v.value(), "dlq entry")?;
+                state.dlq.insert(k.value().2, entry);
             }
         }
-        DeliveryCommand::Resolve { offsets, .. } => {
+        DlqReads::At(offsets) => {
             for offset in offsets {
-                if dlq.remove((partition, dest, *offset))?.is_some() {
-                    touched += 1;
+                if let Some(v) = dlq.get((partition, dest, *offset))? {
+                    let entry: DlqEntry = tables::decode(v.value(), "dlq entry")?;
+                    state.dlq.insert(*offset, entry);
                 }
             }
         }
-        // Handled above.
-        DeliveryCommand::PutDestination { .. }
-        | DeliveryCommand::RemoveDestination { .. }
-        | DeliveryCommand::Replay { .. }
-        | DeliveryCommand::ReplayAdvance { .. } => {}
     }
-    if cursor != current {
-        cursors.insert((partition, dest), cursor)?;
+    let change = apply_dest(&state, cmd);
+    for (offset, entry) in &change.put {
+        let bytes = tables::encode(entry, "dlq entry")?;
+        dlq.insert((partition, dest, *offset), bytes.as_slice())?;
     }
-    Ok(CommandResponse::Delivery { cursor, touched })
+    for offset in &change.remove {
+        dlq.remove((partition, dest, *offset))?;
+    }
+    if change.cursor != state.cursor {
+        cursors.insert((partition, dest), change.cursor)?;
+    }
+    if change.write_replay {
+        match change.replay {
+            Some(window) => replays.insert(dest.to_string(), window),
+            None => replays.remove(dest),
+        };
+        put_meta(meta, partition, KEY_REPLAYS, &replays)?;
+    }
+    Ok(change.response)
 }
 
 impl StateMachine {
