@@ -31,7 +31,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::world::Trace;
+use crate::trace::Trace;
 
 /// How an endpoint tells the sender it refuses some events of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
