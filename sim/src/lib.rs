@@ -3,7 +3,8 @@
 //! thread with paused time, where a seed decides everything else.
 //!
 //! - [`options`]: what a run does (seed, size, the seams tests plug broken
-//!   components into).
+//!   components into) and its fault rates: probabilities drawn from the
+//!   seed, validated, printed on one line.
 //! - [`disk`]: redb over a simulated disk that loses unsynced writes when
 //!   its node crashes, and fails on request.
 //! - [`net`]: the simulated network for Raft RPCs and client requests.
@@ -27,5 +28,5 @@ mod trace;
 mod workload;
 pub mod world;
 
-pub use options::{ClientHook, SimOptions};
+pub use options::{ClientHook, FaultOptions, OptionsError, SimOptions};
 pub use world::{run, Report};

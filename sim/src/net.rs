@@ -1,6 +1,7 @@
 //! The simulated network between nodes: Raft RPCs and client requests go
-//! through it with seeded delays, loss, duplication (hence reordering),
-//! and partitions that start and heal.
+//! through it with seeded delays, loss, duplication, held-back messages
+//! (delays and holds reorder them), and partitions that start and heal.
+//! The rates are the run's [`NetFaults`].
 //!
 //! Messages are encoded and decoded with the real frame codec on the way,
 //! so what crosses the simulated wire is what would cross the real one.
@@ -21,33 +22,11 @@ use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Network behaviour.
-#[derive(Clone, Debug)]
-pub struct NetConfig {
-    /// Shortest one-way delay.
-    pub min_delay: Duration,
-    /// Longest one-way delay.
-    pub max_delay: Duration,
-    /// Probability a message is lost.
-    pub loss: f64,
-    /// Probability a request is delivered twice.
-    pub duplicate: f64,
-}
-
-impl Default for NetConfig {
-    fn default() -> Self {
-        NetConfig {
-            min_delay: Duration::from_micros(200),
-            max_delay: Duration::from_millis(20),
-            loss: 0.01,
-            duplicate: 0.01,
-        }
-    }
-}
+use crate::options::NetFaults;
 
 struct State {
     rng: StdRng,
-    config: NetConfig,
+    config: NetFaults,
     nodes: BTreeMap<NodeId, Arc<NodeShared>>,
     /// Directed links that drop everything: (from, to).
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -72,7 +51,7 @@ struct Fate {
 
 impl SimNet {
     /// A network seeded with `seed`.
-    pub fn new(seed: u64, config: NetConfig) -> SimNet {
+    pub fn new(seed: u64, config: NetFaults) -> SimNet {
         SimNet {
             state: Arc::new(Mutex::new(State {
                 rng: StdRng::seed_from_u64(seed),
@@ -124,11 +103,13 @@ impl SimNet {
         self.lock().cut.clear();
     }
 
-    /// Sets loss and duplication (a quiet network for the end of a run).
-    pub fn set_faults(&self, loss: f64, duplicate: f64) {
+    /// No more loss, duplicates or held-back messages (a quiet network
+    /// for the end of a run); delays stay.
+    pub fn quiet(&self) {
         let mut s = self.lock();
-        s.config.loss = loss;
-        s.config.duplicate = duplicate;
+        s.config.loss = 0.0;
+        s.config.duplicate = 0.0;
+        s.config.reorder = 0.0;
     }
 
     /// Messages sent so far.
@@ -141,11 +122,13 @@ impl SimNet {
         s.messages += 1;
         let cfg = s.config.clone();
         let cut = s.cut.contains(&(from, to));
-        let lost = s.rng.gen_bool(cfg.loss.clamp(0.0, 1.0));
-        let duplicate = s.rng.gen_bool(cfg.duplicate.clamp(0.0, 1.0));
-        let span = cfg.max_delay.saturating_sub(cfg.min_delay).as_micros() as u64;
-        let there = cfg.min_delay + Duration::from_micros(s.rng.gen_range(0..=span));
-        let back = cfg.min_delay + Duration::from_micros(s.rng.gen_range(0..=span));
+        let lost = s.rng.gen_bool(cfg.loss);
+        let duplicate = s.rng.gen_bool(cfg.duplicate);
+        let mut there = cfg.delay.draw(&mut s.rng);
+        let back = cfg.delay.draw(&mut s.rng);
+        if s.rng.gen_bool(cfg.reorder) {
+            there += cfg.reorder_delay.draw(&mut s.rng);
+        }
         Fate {
             deliver: !cut && !lost,
             duplicate,

@@ -1,7 +1,8 @@
-//! One simulation run: three real nodes (openraft groups, partition actors,
-//! redb over [`SimDisk`], the real apply code) on one thread with paused
-//! time; a seeded client workload; seeded faults; then a quiet period and
-//! the checker.
+//! One simulation run, the driver: three real nodes (openraft groups,
+//! partition actors, redb over [`SimDisk`], the real apply code) on one
+//! thread with paused time; the seeded client workload (`workload`) and
+//! faults (`nemesis`, at the rates of the run's options); then a quiet
+//! period and the checker. The `World` is what they all share.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,8 +27,8 @@ use rand::{Rng, SeedableRng};
 use crate::checker;
 use crate::disk::SimDisk;
 use crate::nemesis::{nemesis, sink_nemesis};
-use crate::net::{NetConfig, SimNet};
-use crate::options::SimOptions;
+use crate::net::SimNet;
+use crate::options::{FaultOptions, SimOptions, Span};
 use crate::sink::{Refusal, SimSinks};
 use crate::trace::Trace;
 use crate::workload::{client, reader, Acked, Observed};
@@ -55,6 +56,27 @@ pub struct Report {
     pub sink_sends: u64,
     /// The last lines of the trace, for a failing seed.
     pub trace_tail: Vec<String>,
+    /// The fault rates the run had, to print beside a failing seed.
+    pub options: FaultOptions,
+}
+
+impl Report {
+    /// The report of a run that could not start.
+    fn refused(opts: &SimOptions, why: String) -> Report {
+        Report {
+            seed: opts.seed,
+            trace_hash: String::new(),
+            violations: vec![why],
+            acked: 0,
+            faults: 0,
+            messages: 0,
+            simulated: Duration::ZERO,
+            deliveries: 0,
+            sink_sends: 0,
+            trace_tail: Vec::new(),
+            options: opts.faults.clone(),
+        }
+    }
 }
 
 /// Simulated wall clock: a fixed epoch plus simulated time elapsed.
@@ -146,6 +168,16 @@ impl World {
         lock(&self.rng).gen_bool(p)
     }
 
+    /// A uniform draw in [0, 1) from the run's RNG.
+    pub(crate) fn gen_unit(&self) -> f64 {
+        lock(&self.rng).gen()
+    }
+
+    /// A duration in `span`, from the run's RNG.
+    pub(crate) fn gen_span(&self, span: Span) -> Duration {
+        span.draw(&mut *lock(&self.rng))
+    }
+
     /// Every node of the cluster.
     pub(crate) fn ids(&self) -> Vec<NodeId> {
         self.configs.keys().copied().collect()
@@ -219,6 +251,9 @@ async fn shutdown(node: &NodeShared) {
 /// Runs one simulation. Must be called outside any async runtime: it
 /// builds its own single-threaded one with paused time and the seed.
 pub fn run(opts: &SimOptions) -> Report {
+    if let Err(e) = opts.validate() {
+        return Report::refused(opts, format!("invalid options: {e}"));
+    }
     auditflow_broker::partition::runtime::seed_thread_rng(opts.seed);
     let mut seed_bytes = opts.seed.to_le_bytes().to_vec();
     seed_bytes.extend_from_slice(b"auditflow-sim");
@@ -230,18 +265,7 @@ pub fn run(opts: &SimOptions) -> Report {
     {
         Ok(rt) => rt,
         Err(e) => {
-            return Report {
-                seed: opts.seed,
-                trace_hash: String::new(),
-                violations: vec![format!("cannot build the simulation runtime: {e}")],
-                acked: 0,
-                faults: 0,
-                messages: 0,
-                simulated: Duration::ZERO,
-                deliveries: 0,
-                sink_sends: 0,
-                trace_tail: Vec::new(),
-            }
+            return Report::refused(opts, format!("cannot build the simulation runtime: {e}"))
         }
     };
     let system = actix_rt::System::with_tokio_rt(move || runtime);
@@ -357,16 +381,7 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
 
 async fn simulate(opts: SimOptions) -> Report {
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let net_cfg = if opts.faults {
-        NetConfig::default()
-    } else {
-        NetConfig {
-            loss: 0.0,
-            duplicate: 0.0,
-            ..NetConfig::default()
-        }
-    };
-    let net = SimNet::new(rng.gen(), net_cfg);
+    let net = SimNet::new(rng.gen(), opts.faults.network.clone());
     let ids: Vec<NodeId> = vec![1, 2, 3];
     let start = tokio::time::Instant::now();
     let trace = Arc::new(Mutex::new(Trace::new(opts.trace_lines)));
@@ -377,7 +392,7 @@ async fn simulate(opts: SimOptions) -> Report {
     let sinks = SimSinks::new(
         opts.seed,
         rng.gen(),
-        opts.faults,
+        &opts.faults.sinks,
         &refusals,
         start,
         Arc::clone(&trace),
@@ -404,7 +419,10 @@ async fn simulate(opts: SimOptions) -> Report {
         faults: Mutex::new(0),
         opts: opts.clone(),
     });
-    world.trace(format!("seed {} partitions {}", opts.seed, opts.partitions));
+    world.trace(format!(
+        "seed {} partitions {} faults: {}",
+        opts.seed, opts.partitions, opts.faults
+    ));
     for id in &ids {
         if let Err(e) = world.boot(*id).await {
             world.violation(e);
@@ -417,20 +435,16 @@ async fn simulate(opts: SimOptions) -> Report {
         clients.push(tokio::spawn(client(Arc::clone(&world), c, end)));
     }
     clients.push(tokio::spawn(reader(Arc::clone(&world), end)));
-    if opts.faults {
-        let sink_faults = tokio::spawn(sink_nemesis(Arc::clone(&world), end));
-        nemesis(&world, end).await;
-        let _ = sink_faults.await;
-    } else {
-        tokio::time::sleep(end).await;
-    }
+    let sink_faults = tokio::spawn(sink_nemesis(Arc::clone(&world), end));
+    nemesis(&world, end).await;
+    let _ = sink_faults.await;
     for c in clients {
         let _ = c.await;
     }
     // Quiet period: everything healed and restarted, no loss.
     world.trace("heal: network healed, every node up".into());
     world.net.heal();
-    world.net.set_faults(0.0, 0.0);
+    world.net.quiet();
     world.sinks.heal();
     for disk in world.disks.values() {
         disk.heal();
@@ -469,6 +483,7 @@ async fn simulate(opts: SimOptions) -> Report {
         deliveries,
         sink_sends,
         trace_tail,
+        options: opts.faults.clone(),
     }
 }
 
