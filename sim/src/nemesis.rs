@@ -1,7 +1,7 @@
 //! The nemesis: the faults of a run, injected until the workload ends, at
 //! the rates of the run's [`FaultOptions`](crate::options::FaultOptions).
 //! One task for the cluster (crashes and restarts, power failures,
-//! partitions, disk I/O errors) and one for the destinations' endpoints
+//! partitions, disk I/O errors, pauses) and one for the destinations' endpoints
 //! (outages and slowness); the network's per-message faults and the
 //! sinks' per-send faults are decided where the message or send is.
 
@@ -30,6 +30,8 @@ enum ClusterFault {
     Heal,
     /// A running node's disk fails its next I/O.
     DiskError,
+    /// A running node pauses.
+    Pause,
     /// Nothing this step.
     Nothing,
 }
@@ -52,6 +54,7 @@ fn choose(o: &ClusterFaults, all_up: bool, u: f64) -> ClusterFault {
         (o.cut, ClusterFault::Cut),
         (o.heal, ClusterFault::Heal),
         (o.disk_error, ClusterFault::DiskError),
+        (o.pause, ClusterFault::Pause),
     ] {
         edge += p;
         if u < edge {
@@ -63,7 +66,7 @@ fn choose(o: &ClusterFaults, all_up: bool, u: f64) -> ClusterFault {
 
 /// Injects cluster faults until `end`, one per step: crashes and
 /// restarts, power failures, isolation and asymmetric cuts that heal,
-/// disk read, write and sync failures. Outside power failures at most one
+/// disk read, write and sync failures, pauses. Outside power failures at most one
 /// node is down, so a quorum can always form again.
 pub(crate) async fn nemesis(world: &Arc<World>, end: Duration) {
     let o = world.opts.faults.cluster.clone();
@@ -134,7 +137,13 @@ pub(crate) async fn nemesis(world: &Arc<World>, end: Duration) {
                     }
                 }
             }
-            ClusterFault::DiskError | ClusterFault::Nothing => continue,
+            ClusterFault::Pause if !up.is_empty() => {
+                let id = pick(&up);
+                let length = world.gen_span(o.pause_duration);
+                world.trace(format!("fault: node {id} pauses for {length:?}"));
+                world.net.pause(id, length);
+            }
+            ClusterFault::DiskError | ClusterFault::Pause | ClusterFault::Nothing => continue,
         }
         *lock(&world.faults) += 1;
     }
@@ -197,6 +206,7 @@ mod tests {
                 (ClusterFault::Cut, o.cut),
                 (ClusterFault::Heal, o.heal),
                 (ClusterFault::DiskError, o.disk_error),
+                (ClusterFault::Pause, o.pause),
             ] {
                 assert!((share(fault) - p).abs() < 1e-3, "{fault:?}");
             }

@@ -1,6 +1,7 @@
 //! The simulated network between nodes: Raft RPCs and client requests go
 //! through it with seeded delays, loss, duplication, held-back messages
-//! (delays and holds reorder them), and partitions that start and heal.
+//! (delays and holds reorder them), partitions that start and heal, and
+//! paused nodes whose messages wait until they resume.
 //! The rates are the run's [`NetFaults`].
 //!
 //! Messages are encoded and decoded with the real frame codec on the way,
@@ -30,6 +31,8 @@ struct State {
     nodes: BTreeMap<NodeId, Arc<NodeShared>>,
     /// Directed links that drop everything: (from, to).
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Paused nodes and when they resume.
+    paused: BTreeMap<NodeId, tokio::time::Instant>,
     messages: u64,
 }
 
@@ -58,6 +61,7 @@ impl SimNet {
                 config,
                 nodes: BTreeMap::new(),
                 cut: BTreeSet::new(),
+                paused: BTreeMap::new(),
                 messages: 0,
             })),
         }
@@ -103,10 +107,33 @@ impl SimNet {
         self.lock().cut.clear();
     }
 
-    /// No more loss, duplicates or held-back messages (a quiet network
-    /// for the end of a run); delays stay.
+    /// Pauses node `id` for `length`, as a GC or VM stall would: nothing
+    /// it sends leaves and nothing sent to it is taken in until it
+    /// resumes; then what was held arrives late, except what its sender
+    /// stopped waiting for (a timed-out request is dropped with its
+    /// exchange). Only its messages stop: its timers and its disk
+    /// go on, which a truly frozen process's would not.
+    pub fn pause(&self, id: NodeId, length: Duration) {
+        let until = tokio::time::Instant::now() + length;
+        self.lock().paused.insert(id, until);
+    }
+
+    /// Waits until node `id` is not paused.
+    async fn resumed(&self, id: NodeId) {
+        loop {
+            let until = self.lock().paused.get(&id).copied();
+            match until {
+                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                _ => return,
+            }
+        }
+    }
+
+    /// No more loss, duplicates, held-back messages or pauses (a quiet
+    /// network for the end of a run); delays stay.
     pub fn quiet(&self) {
         let mut s = self.lock();
+        s.paused.clear();
         s.config.loss = 0.0;
         s.config.duplicate = 0.0;
         s.config.reorder = 0.0;
@@ -163,11 +190,13 @@ impl SimNet {
             if !fate.deliver {
                 return None;
             }
+            net.resumed(to).await;
             let node = net.node(to)?;
             let bytes = frame::encode(PROTOCOL_VERSION, &request, usize::MAX).ok()?;
             let payload = frame::payload_of(&bytes, usize::MAX).ok()?;
             let request: Request = frame::decode(PROTOCOL_VERSION, payload).ok()?;
             let response = auditflow_broker::net::client_api::handle(&node, request).await;
+            net.resumed(to).await;
             tokio::time::sleep(fate.back).await;
             net.link_up(to, CLIENT).then_some(response)
         };
@@ -210,7 +239,9 @@ impl RaftTransport for SimTransport {
             let copy = request.clone();
             let delay = fate.back;
             tokio::spawn(async move {
+                net2.resumed(from).await;
                 tokio::time::sleep(delay).await;
+                net2.resumed(target).await;
                 let _ = deliver(&net2, target, copy).await;
             });
         }
@@ -220,12 +251,16 @@ impl RaftTransport for SimTransport {
                 return Err(TransportFailure::Unreachable(target, "node is down".into()));
             }
             let exchange = async {
+                net.resumed(from).await;
                 tokio::time::sleep(fate.there).await;
                 if !fate.deliver {
                     return None;
                 }
+                net.resumed(target).await;
                 let response = deliver(&net, target, request).await?;
+                net.resumed(target).await;
                 tokio::time::sleep(fate.back).await;
+                net.resumed(from).await;
                 net.link_up(target, from).then_some(response)
             };
             match tokio::time::timeout(timeout, exchange).await {

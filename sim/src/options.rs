@@ -251,6 +251,12 @@ pub struct ClusterFaults {
     /// A running node's disk fails its next read, write or sync (one of
     /// the three, equally likely).
     pub disk_error: f64,
+    /// A running node pauses for `pause_duration` (a GC or VM stall):
+    /// what it sends and what is sent to it waits until it resumes, and
+    /// arrives late (or not at all, if its sender gave up first).
+    pub pause: f64,
+    /// How long a pause lasts.
+    pub pause_duration: Span,
 }
 
 /// The destinations' endpoints. The sink nemesis waits `interval`, then
@@ -331,6 +337,13 @@ mod ranges {
     pub const HEAL: (u64, u64) = (150, 250);
     /// Disk I/O errors.
     pub const DISK_ERROR: (u64, u64) = (50, 150);
+    /// Node pauses (new with the options: no old rate to centre on).
+    pub const PAUSE: (u64, u64) = (30, 100);
+    /// Shortest pause (ms).
+    pub const PAUSE_MIN_MS: (u64, u64) = (100, 300);
+    /// Longest pause (ms): past the 600 ms longest election timeout, so
+    /// a paused leader is deposed and comes back to a later term.
+    pub const PAUSE_MAX_MS: (u64, u64) = (1_000, 4_000);
 
     /// Shortest wait between sink faults (ms).
     pub const SINK_STEP_MIN_MS: (u64, u64) = (300, 700);
@@ -419,6 +432,8 @@ impl FaultOptions {
                 cut: d.p(CUT),
                 heal: d.p(HEAL),
                 disk_error: d.p(DISK_ERROR),
+                pause: d.p(PAUSE),
+                pause_duration: d.span_ms(PAUSE_MIN_MS, PAUSE_MAX_MS),
             },
             sinks: SinkFaults {
                 interval: d.span_ms(SINK_STEP_MIN_MS, SINK_STEP_MAX_MS),
@@ -437,7 +452,7 @@ impl FaultOptions {
         // Crash and restart exclude each other: the larger one counts.
         let node = c.crash.max(c.restart);
         scale_to_one(
-            c.power_failure + node + c.isolate + c.cut + c.heal + c.disk_error,
+            c.power_failure + node + c.isolate + c.cut + c.heal + c.disk_error + c.pause,
             &mut [
                 &mut c.power_failure,
                 &mut c.crash,
@@ -446,6 +461,7 @@ impl FaultOptions {
                 &mut c.cut,
                 &mut c.heal,
                 &mut c.disk_error,
+                &mut c.pause,
             ],
         );
         let s = &mut o.sinks;
@@ -479,6 +495,8 @@ impl FaultOptions {
                 cut: 0.0,
                 heal: 0.0,
                 disk_error: 0.0,
+                pause: 0.0,
+                pause_duration: Span::ms(0, 0),
             },
             sinks: SinkFaults {
                 interval: Span::ms(500, 3_000),
@@ -513,6 +531,7 @@ impl FaultOptions {
             ("cluster.cut", c.cut),
             ("cluster.heal", c.heal),
             ("cluster.disk_error", c.disk_error),
+            ("cluster.pause", c.pause),
             ("sinks.outage", s.outage),
             ("sinks.slow", s.slow),
             ("sinks.flaky", s.flaky),
@@ -530,11 +549,17 @@ impl FaultOptions {
         n.reorder_delay.check("net.reorder_delay")?;
         c.interval.check_wait("cluster.interval")?;
         c.power_outage.check("cluster.power_outage")?;
+        c.pause_duration.check("cluster.pause_duration")?;
         s.interval.check_wait("sinks.interval")?;
         s.fault_duration.check("sinks.fault_duration")?;
         // Crash and restart exclude each other (all up, or one down).
-        let cluster =
-            c.power_failure + c.crash.max(c.restart) + c.isolate + c.cut + c.heal + c.disk_error;
+        let cluster = c.power_failure
+            + c.crash.max(c.restart)
+            + c.isolate
+            + c.cut
+            + c.heal
+            + c.disk_error
+            + c.pause;
         if cluster > 1.0 + STEP_SLACK {
             return Err(OptionsError::StepOverOne {
                 step: "cluster",
@@ -578,7 +603,7 @@ impl fmt::Display for FaultOptions {
             f,
             "net delay={} loss={} duplicate={} reorder={} reorder_delay={}; \
              cluster interval={} power_failure={} power_outage={} crash={} restart={} \
-             isolate={} cut={} heal={} disk_error={}; \
+             isolate={} cut={} heal={} disk_error={} pause={} pause_duration={}; \
              sinks interval={} outage={} slow={} fault_duration={} flaky={} retry_after={} \
              partial={} duplicate={} spike={} permanent={}",
             n.delay,
@@ -595,6 +620,8 @@ impl fmt::Display for FaultOptions {
             c.cut,
             c.heal,
             c.disk_error,
+            c.pause,
+            c.pause_duration,
             s.interval,
             s.outage,
             s.slow,
