@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use auditflow_sim::{run, SimOptions};
+use auditflow_sim::{run, FaultOptions, SimOptions};
 
 /// Arguments of `auditflow sim`.
 #[derive(clap::Args, Debug)]
@@ -38,7 +38,9 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
         let mut o = SimOptions::new(seed);
         o.duration = Duration::from_secs(args.duration);
         o.partitions = args.partitions;
-        o.faults = !args.no_faults;
+        if args.no_faults {
+            o.faults = FaultOptions::none();
+        }
         o.trace_lines = args.trace_lines;
         o
     };
@@ -75,6 +77,7 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
             &report.trace_hash[..16.min(report.trace_hash.len())]
         );
         if !ok || args.seed.is_some() {
+            println!("  options: {}", report.options);
             for v in &report.violations {
                 println!("  violation: {v}");
             }

@@ -1,6 +1,8 @@
 //! The simulated network between nodes: Raft RPCs and client requests go
-//! through it with seeded delays, loss, duplication (hence reordering),
-//! and partitions that start and heal.
+//! through it with seeded delays, loss, duplication, held-back messages
+//! (delays and holds reorder them), partitions that start and heal, and
+//! paused nodes whose messages wait until they resume.
+//! The rates are the run's [`NetFaults`].
 //!
 //! Messages are encoded and decoded with the real frame codec on the way,
 //! so what crosses the simulated wire is what would cross the real one.
@@ -21,36 +23,16 @@ use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Network behaviour.
-#[derive(Clone, Debug)]
-pub struct NetConfig {
-    /// Shortest one-way delay.
-    pub min_delay: Duration,
-    /// Longest one-way delay.
-    pub max_delay: Duration,
-    /// Probability a message is lost.
-    pub loss: f64,
-    /// Probability a request is delivered twice.
-    pub duplicate: f64,
-}
-
-impl Default for NetConfig {
-    fn default() -> Self {
-        NetConfig {
-            min_delay: Duration::from_micros(200),
-            max_delay: Duration::from_millis(20),
-            loss: 0.01,
-            duplicate: 0.01,
-        }
-    }
-}
+use crate::options::NetFaults;
 
 struct State {
     rng: StdRng,
-    config: NetConfig,
+    config: NetFaults,
     nodes: BTreeMap<NodeId, Arc<NodeShared>>,
     /// Directed links that drop everything: (from, to).
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Paused nodes and when they resume.
+    paused: BTreeMap<NodeId, tokio::time::Instant>,
     messages: u64,
 }
 
@@ -72,13 +54,14 @@ struct Fate {
 
 impl SimNet {
     /// A network seeded with `seed`.
-    pub fn new(seed: u64, config: NetConfig) -> SimNet {
+    pub fn new(seed: u64, config: NetFaults) -> SimNet {
         SimNet {
             state: Arc::new(Mutex::new(State {
                 rng: StdRng::seed_from_u64(seed),
                 config,
                 nodes: BTreeMap::new(),
                 cut: BTreeSet::new(),
+                paused: BTreeMap::new(),
                 messages: 0,
             })),
         }
@@ -124,11 +107,36 @@ impl SimNet {
         self.lock().cut.clear();
     }
 
-    /// Sets loss and duplication (a quiet network for the end of a run).
-    pub fn set_faults(&self, loss: f64, duplicate: f64) {
+    /// Pauses node `id` for `length`, as a GC or VM stall would: nothing
+    /// it sends leaves and nothing sent to it is taken in until it
+    /// resumes; then what was held arrives late, except what its sender
+    /// stopped waiting for (a timed-out request is dropped with its
+    /// exchange). Only its messages stop: its timers and its disk
+    /// go on, which a truly frozen process's would not.
+    pub fn pause(&self, id: NodeId, length: Duration) {
+        let until = tokio::time::Instant::now() + length;
+        self.lock().paused.insert(id, until);
+    }
+
+    /// Waits until node `id` is not paused.
+    async fn resumed(&self, id: NodeId) {
+        loop {
+            let until = self.lock().paused.get(&id).copied();
+            match until {
+                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                _ => return,
+            }
+        }
+    }
+
+    /// No more loss, duplicates, held-back messages or pauses (a quiet
+    /// network for the end of a run); delays stay.
+    pub fn quiet(&self) {
         let mut s = self.lock();
-        s.config.loss = loss;
-        s.config.duplicate = duplicate;
+        s.paused.clear();
+        s.config.loss = 0.0;
+        s.config.duplicate = 0.0;
+        s.config.reorder = 0.0;
     }
 
     /// Messages sent so far.
@@ -141,11 +149,13 @@ impl SimNet {
         s.messages += 1;
         let cfg = s.config.clone();
         let cut = s.cut.contains(&(from, to));
-        let lost = s.rng.gen_bool(cfg.loss.clamp(0.0, 1.0));
-        let duplicate = s.rng.gen_bool(cfg.duplicate.clamp(0.0, 1.0));
-        let span = cfg.max_delay.saturating_sub(cfg.min_delay).as_micros() as u64;
-        let there = cfg.min_delay + Duration::from_micros(s.rng.gen_range(0..=span));
-        let back = cfg.min_delay + Duration::from_micros(s.rng.gen_range(0..=span));
+        let lost = s.rng.gen_bool(cfg.loss);
+        let duplicate = s.rng.gen_bool(cfg.duplicate);
+        let mut there = cfg.delay.draw(&mut s.rng);
+        let back = cfg.delay.draw(&mut s.rng);
+        if s.rng.gen_bool(cfg.reorder) {
+            there += cfg.reorder_delay.draw(&mut s.rng);
+        }
         Fate {
             deliver: !cut && !lost,
             duplicate,
@@ -180,11 +190,13 @@ impl SimNet {
             if !fate.deliver {
                 return None;
             }
+            net.resumed(to).await;
             let node = net.node(to)?;
             let bytes = frame::encode(PROTOCOL_VERSION, &request, usize::MAX).ok()?;
             let payload = frame::payload_of(&bytes, usize::MAX).ok()?;
             let request: Request = frame::decode(PROTOCOL_VERSION, payload).ok()?;
             let response = auditflow_broker::api::client_api::handle(&node, request).await;
+            net.resumed(to).await;
             tokio::time::sleep(fate.back).await;
             net.link_up(to, CLIENT).then_some(response)
         };
@@ -227,7 +239,9 @@ impl RaftTransport for SimTransport {
             let copy = request.clone();
             let delay = fate.back;
             tokio::spawn(async move {
+                net2.resumed(from).await;
                 tokio::time::sleep(delay).await;
+                net2.resumed(target).await;
                 let _ = deliver(&net2, target, copy).await;
             });
         }
@@ -237,12 +251,16 @@ impl RaftTransport for SimTransport {
                 return Err(TransportFailure::Unreachable(target, "node is down".into()));
             }
             let exchange = async {
+                net.resumed(from).await;
                 tokio::time::sleep(fate.there).await;
                 if !fate.deliver {
                     return None;
                 }
+                net.resumed(target).await;
                 let response = deliver(&net, target, request).await?;
+                net.resumed(target).await;
                 tokio::time::sleep(fate.back).await;
+                net.resumed(from).await;
                 net.link_up(target, from).then_some(response)
             };
             match tokio::time::timeout(timeout, exchange).await {

@@ -3,16 +3,19 @@
 //! Every [`SimSink`] of a run shares one [`SimSinks`]: the recorder of
 //! every accepted delivery in arrival order (what the checker verifies G2
 //! and G4 against) and the state of each destination's endpoint. What goes
-//! wrong is decided by a seeded RNG derived from the run's seed and happens
-//! in simulated time, so a seed replays exactly:
+//! wrong is decided by a seeded RNG derived from the run's seed, at the
+//! rates of the run's [`SinkFaults`], and happens in simulated time, so a
+//! seed replays exactly:
 //!
 //! - outages: every send to the endpoint fails retryably (HTTP 503) until
-//!   the world's sink nemesis ends it;
-//! - slowness: sends take hundreds of milliseconds to seconds;
-//! - transient errors: a send fails retryably now and then;
-//! - refused events: a fixed ~2% of event ids are refused permanently by
-//!   each destination (content it can never accept), so they must end in
-//!   that destination's DLQ;
+//!   the sink nemesis ends it;
+//! - slowness: sends take hundreds of milliseconds to seconds, while the
+//!   nemesis says so or now and then;
+//! - transient errors: a send fails retryably now and then (a flaky
+//!   endpoint), a bulk send stops part-way;
+//! - refused events: a share of event ids is refused permanently by each
+//!   destination (content it can never accept), so they must end in that
+//!   destination's DLQ;
 //! - duplicate acceptance: the endpoint records a batch twice (a retry
 //!   after a lost answer), which the checker must tolerate (G3).
 //!
@@ -31,7 +34,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::world::Trace;
+use crate::options::SinkFaults;
+use crate::trace::Trace;
 
 /// How an endpoint tells the sender it refuses some events of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,13 +60,6 @@ pub struct Arrival {
     pub event_id: String,
 }
 
-/// Probability that a send fails transiently while faults are on.
-const TRANSIENT: f64 = 0.03;
-/// Probability that an accepted batch is recorded twice while faults are on.
-const DUPLICATE: f64 = 0.02;
-/// Share of event ids (out of 256) each destination refuses permanently.
-const REFUSED_PER_256: u8 = 5;
-
 struct Endpoint {
     refusal: Refusal,
     down: bool,
@@ -71,9 +68,9 @@ struct Endpoint {
 
 struct State {
     rng: StdRng,
-    /// Transient faults (errors, duplicates, random slowness) on; turned
-    /// off when the run heals so delivery can finish.
-    faults: bool,
+    /// Per-send fault rates (errors, duplicates, random slowness); all
+    /// zero once the run heals, so delivery can finish.
+    rates: SinkFaults,
     endpoints: BTreeMap<String, Endpoint>,
     arrivals: Vec<Arrival>,
     sends: u64,
@@ -81,9 +78,9 @@ struct State {
 
 struct Shared {
     seed: u64,
-    /// Whether some events are refused permanently (off in fault-free
-    /// runs: nothing at all goes wrong there).
-    refuse: bool,
+    /// Share of event ids refused permanently: fixed for the whole run,
+    /// healing included (it is the events' content, not a fault).
+    permanent: f64,
     start: tokio::time::Instant,
     trace: Arc<Mutex<Trace>>,
     state: Mutex<State>,
@@ -111,12 +108,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl SimSinks {
     /// Endpoints for `destinations` (name and how each refuses events),
-    /// with faults decided by an RNG seeded with `rng_seed`. `seed` fixes
-    /// which events are refused.
+    /// with faults at `rates` decided by an RNG seeded with `rng_seed`.
+    /// `seed` fixes which events are refused.
     pub(crate) fn new(
         seed: u64,
         rng_seed: u64,
-        faults: bool,
+        rates: &SinkFaults,
         destinations: &[(String, Refusal)],
         start: tokio::time::Instant,
         trace: Arc<Mutex<Trace>>,
@@ -137,12 +134,12 @@ impl SimSinks {
         SimSinks {
             shared: Arc::new(Shared {
                 seed,
-                refuse: faults,
+                permanent: rates.permanent,
                 start,
                 trace,
                 state: Mutex::new(State {
                     rng: StdRng::seed_from_u64(rng_seed),
-                    faults,
+                    rates: rates.clone(),
                     endpoints,
                     arrivals: Vec::new(),
                     sends: 0,
@@ -173,15 +170,17 @@ impl SimSinks {
     /// the seed, so the checker asks the same question afterwards and a
     /// re-sent event is refused again.
     pub fn refuses(&self, dest: &str, event_id: &str) -> bool {
-        if !self.shared.refuse {
-            return false;
-        }
         let mut h = Sha256::new();
         h.update(self.shared.seed.to_le_bytes());
         h.update(dest.as_bytes());
         h.update([0]);
         h.update(event_id.as_bytes());
-        h.finalize()[0] < REFUSED_PER_256
+        let digest = h.finalize();
+        let mut first = [0; 8];
+        first.copy_from_slice(&digest[..8]);
+        // The top 53 bits, a uniform fraction in [0, 1) exact as an f64.
+        let fraction = (u64::from_le_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
+        fraction < self.shared.permanent
     }
 
     /// Every accepted delivery so far, in arrival order.
@@ -217,7 +216,10 @@ impl SimSinks {
     /// (refused events stay refused: that is their content, not a fault).
     pub(crate) fn heal(&self) {
         let mut s = lock(&self.shared.state);
-        s.faults = false;
+        s.rates = SinkFaults {
+            permanent: s.rates.permanent,
+            ..quiet()
+        };
         for e in s.endpoints.values_mut() {
             e.down = false;
             e.slow = false;
@@ -254,10 +256,10 @@ impl SimSink {
     fn plan(&self) -> Plan {
         let mut s = lock(&self.shared.state);
         s.sends += 1;
-        let faults = s.faults;
+        let spike = s.rates.spike;
         let slow = s.endpoints.get(&*self.dest).is_some_and(|e| e.slow);
         let mut latency = Duration::from_millis(s.rng.gen_range(1..10));
-        if slow || (faults && s.rng.gen_bool(0.02)) {
+        if slow || s.rng.gen_bool(spike) {
             latency += Duration::from_millis(s.rng.gen_range(200..2000));
         }
         Plan { latency }
@@ -290,16 +292,16 @@ impl SimSink {
             Some(e) => (e.down, e.refusal),
             None => (false, Refusal::WholeBatch),
         };
-        let faults = s.faults;
+        let rates = s.rates.clone();
         if down {
             drop(s);
             sinks.trace(format!("{what}: endpoint down"));
             return SendOutcome::Failed(unavailable("endpoint down"));
         }
-        if faults && s.rng.gen_bool(TRANSIENT) {
+        if s.rng.gen_bool(rates.flaky) {
             let hint = s
                 .rng
-                .gen_bool(0.3)
+                .gen_bool(rates.retry_after)
                 .then(|| Duration::from_millis(s.rng.gen_range(50..500)));
             drop(s);
             sinks.trace(format!("{what}: transient error"));
@@ -320,7 +322,7 @@ impl SimSink {
                 // An ordered bulk endpoint: a retryable item failure stops
                 // the items after it (they are reported retryable and not
                 // stored), so arrival order stays offset order.
-                let cut = if faults && s.rng.gen_bool(TRANSIENT) {
+                let cut = if s.rng.gen_bool(rates.partial) {
                     Some(s.rng.gen_range(0..batch.len()))
                 } else {
                     None
@@ -352,7 +354,7 @@ impl SimSink {
                 .collect(),
             _ => batch.iter().collect(),
         };
-        let copies = if faults && s.rng.gen_bool(DUPLICATE) {
+        let copies = if s.rng.gen_bool(rates.duplicate) {
             2
         } else {
             1
@@ -375,6 +377,11 @@ impl SimSink {
         ));
         outcome
     }
+}
+
+/// Per-send rates with nothing going wrong.
+fn quiet() -> SinkFaults {
+    crate::options::FaultOptions::none().sinks
 }
 
 fn unavailable(message: &str) -> SinkFailure {

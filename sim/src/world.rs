@@ -1,7 +1,8 @@
-//! One simulation run: three real nodes (openraft groups, partition actors,
-//! redb over [`SimDisk`], the real apply code) on one thread with paused
-//! time; a seeded client workload; seeded faults; then a quiet period and
-//! the checker.
+//! One simulation run, the driver: three real nodes (openraft groups,
+//! partition actors, redb over [`SimDisk`], the real apply code) on one
+//! thread with paused time; the seeded client workload (`workload`) and
+//! faults (`nemesis`, at the rates of the run's options); then a quiet
+//! period and the checker. The `World` is what they all share.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,65 +19,19 @@ use auditflow_broker::partition::actor::Shutdown;
 use auditflow_broker::partition::NodeId;
 use auditflow_broker::sinks::SinkConfig;
 use auditflow_broker::storage::{Store, WriterMode};
-use auditflow_protocol::partition::partition_of;
-use auditflow_protocol::wire::{AppendResult, Request, RequestError, Response};
-use auditflow_protocol::{Actor, Event, Hash32, Limits, Outcome, Target, Timestamp};
+use auditflow_protocol::{Event, Limits, Timestamp};
 use openraft::ServerState;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 
 use crate::checker;
 use crate::disk::SimDisk;
-use crate::net::{NetConfig, SimNet};
-use crate::sink::{sim_sinks, Refusal, SimSinks, SinkHook};
-
-/// What a run does.
-#[derive(Clone)]
-pub struct SimOptions {
-    /// Everything random derives from it.
-    pub seed: u64,
-    /// Simulated time with workload and faults (a quiet period follows).
-    pub duration: Duration,
-    /// Partitions.
-    pub partitions: u32,
-    /// Concurrent clients.
-    pub clients: usize,
-    /// Inject faults (crashes, partitions, disk errors, lossy network).
-    pub faults: bool,
-    /// Builds each node's disk (tests plug in broken disks here).
-    pub disk: Arc<dyn Fn(NodeId) -> SimDisk + Send + Sync>,
-    /// Sees every client request and may answer it instead of the
-    /// cluster (tests plug in a broken node that acks before commit).
-    pub client_hook: Option<ClientHook>,
-    /// Builds the sink factory of every node from the run's simulated
-    /// endpoints (tests plug in a broken sink here).
-    pub sinks: SinkHook,
-    /// How many of the trace's last lines the report keeps.
-    pub trace_lines: usize,
-}
-
-/// See [`SimOptions::client_hook`]: given the request, returns `Some`
-/// response to answer without asking the cluster.
-pub type ClientHook = Arc<dyn Fn(&Request, &mut StdRng) -> Option<Response> + Send + Sync>;
-
-impl SimOptions {
-    /// Defaults for `seed`: 20 simulated seconds, 4 partitions, 4 clients,
-    /// faults on, correct disks.
-    pub fn new(seed: u64) -> SimOptions {
-        SimOptions {
-            seed,
-            duration: Duration::from_secs(20),
-            partitions: 4,
-            clients: 4,
-            faults: true,
-            disk: Arc::new(|_| SimDisk::default()),
-            client_hook: None,
-            sinks: sim_sinks(),
-            trace_lines: 200,
-        }
-    }
-}
+use crate::nemesis::{nemesis, sink_nemesis};
+use crate::net::SimNet;
+use crate::options::{FaultOptions, SimOptions, Span};
+use crate::sink::{Refusal, SimSinks};
+use crate::trace::Trace;
+use crate::workload::{client, reader, Acked, Observed};
 
 /// What a run found.
 #[derive(Clone, Debug)]
@@ -101,6 +56,27 @@ pub struct Report {
     pub sink_sends: u64,
     /// The last lines of the trace, for a failing seed.
     pub trace_tail: Vec<String>,
+    /// The fault rates the run had, to print beside a failing seed.
+    pub options: FaultOptions,
+}
+
+impl Report {
+    /// The report of a run that could not start.
+    fn refused(opts: &SimOptions, why: String) -> Report {
+        Report {
+            seed: opts.seed,
+            trace_hash: String::new(),
+            violations: vec![why],
+            acked: 0,
+            faults: 0,
+            messages: 0,
+            simulated: Duration::ZERO,
+            deliveries: 0,
+            sink_sends: 0,
+            trace_tail: Vec::new(),
+            options: opts.faults.clone(),
+        }
+    }
 }
 
 /// Simulated wall clock: a fixed epoch plus simulated time elapsed.
@@ -109,7 +85,9 @@ pub(crate) struct SimClock {
     start: tokio::time::Instant,
 }
 
-const EPOCH_NANOS: i64 = 1_767_225_600_000_000_000; // 2026-01-01T00:00:00Z
+/// Simulated wall-clock time 0: 2026-01-01T00:00:00Z. Fixed, so no real
+/// clock leaks into a run (G9).
+pub(crate) const EPOCH_NANOS: i64 = 1_767_225_600_000_000_000;
 
 impl Clock for SimClock {
     fn now(&self) -> Timestamp {
@@ -117,63 +95,23 @@ impl Clock for SimClock {
     }
 }
 
-/// The trace: every line is hashed; the last ones are kept for printing.
-pub(crate) struct Trace {
-    hasher: Sha256,
-    tail: std::collections::VecDeque<String>,
-    keep: usize,
-}
-
-impl Trace {
-    fn new(keep: usize) -> Trace {
-        Trace {
-            hasher: Sha256::new(),
-            tail: std::collections::VecDeque::new(),
-            keep,
-        }
-    }
-
-    pub(crate) fn line(&mut self, at: Duration, text: String) {
-        let line = format!("{:>9.3}s {text}", at.as_secs_f64());
-        self.hasher.update(line.as_bytes());
-        self.hasher.update(b"\n");
-        if self.keep == 0 {
-            return;
-        }
-        if self.tail.len() == self.keep {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line);
-    }
-}
-
-/// An acknowledged append.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Acked {
-    pub partition: u32,
-    pub offset: u64,
-    pub hash: Hash32,
-}
-
-/// An event a read or a tail returned: it must be the one the log keeps
-/// at that offset (no read ever sees data that is later lost or changed).
-#[derive(Clone, Debug)]
-pub(crate) struct Observed {
-    pub node: NodeId,
-    pub partition: u32,
-    pub offset: u64,
-    pub id: String,
-    pub hash: Hash32,
-}
-
 /// Shared state of a run.
 pub(crate) struct World {
+    /// What the run was asked to do.
     pub opts: SimOptions,
+    /// Carries every Raft RPC and client request; knows which nodes
+    /// are up.
     pub net: SimNet,
+    /// Each node's disk; it outlives the node's incarnations.
     pub disks: BTreeMap<NodeId, SimDisk>,
+    /// Each node's configuration, the same at every boot.
     pub configs: BTreeMap<NodeId, NodeConfig>,
+    /// The store of each running node, dropped when it crashes.
     pub stores: Mutex<BTreeMap<NodeId, Store>>,
+    /// The wall clock every node reads.
     pub clock: Arc<SimClock>,
+    /// The workload's and the nemesis' randomness (the network and the
+    /// sinks have their own, so their draws do not shift these).
     pub rng: Mutex<StdRng>,
     /// Shared with the simulated sinks, which trace their sends.
     pub trace: Arc<Mutex<Trace>>,
@@ -181,48 +119,71 @@ pub(crate) struct World {
     pub sinks: SimSinks,
     /// What every node builds its sinks with.
     pub sink_factory: auditflow_broker::delivery::supervisor::SinkFactory,
+    /// Every acknowledged append, by event id: what G1 holds the
+    /// cluster to.
     pub acked: Mutex<BTreeMap<String, Acked>>,
     /// Events ever sent, by id (to re-send the same content).
     pub sent: Mutex<Vec<Event>>,
     /// What reads and tails returned.
     pub observed: Mutex<Vec<Observed>>,
+    /// Guarantee violations found so far.
     pub violations: Mutex<Vec<String>>,
     /// (partition, leader id term, leader id node) → the node seen leading.
     pub leaders: Mutex<BTreeMap<(u32, u64, NodeId), NodeId>>,
+    /// Faults injected so far (for the report).
     pub faults: Mutex<usize>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, ignoring poisoning: a panic in the one simulation thread
+/// ends the run anyway.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl World {
+    /// Simulated time since the run started.
     pub(crate) fn now(&self) -> Duration {
         self.clock.start.elapsed()
     }
 
+    /// Adds a line to the trace.
     pub(crate) fn trace(&self, text: String) {
         let at = self.now();
         lock(&self.trace).line(at, text);
     }
 
+    /// Records a guarantee violation (and traces it).
     pub(crate) fn violation(&self, text: String) {
         self.trace(format!("VIOLATION {text}"));
         lock(&self.violations).push(text);
     }
 
-    fn gen_range(&self, range: std::ops::Range<u64>) -> u64 {
+    /// A draw from the run's RNG.
+    pub(crate) fn gen_range(&self, range: std::ops::Range<u64>) -> u64 {
         lock(&self.rng).gen_range(range)
     }
 
-    fn gen_bool(&self, p: f64) -> bool {
+    /// `true` with probability `p`, from the run's RNG.
+    pub(crate) fn gen_bool(&self, p: f64) -> bool {
         lock(&self.rng).gen_bool(p)
     }
 
+    /// A uniform draw in [0, 1) from the run's RNG.
+    pub(crate) fn gen_unit(&self) -> f64 {
+        lock(&self.rng).gen()
+    }
+
+    /// A duration in `span`, from the run's RNG.
+    pub(crate) fn gen_span(&self, span: Span) -> Duration {
+        span.draw(&mut *lock(&self.rng))
+    }
+
+    /// Every node of the cluster.
     pub(crate) fn ids(&self) -> Vec<NodeId> {
         self.configs.keys().copied().collect()
     }
 
+    /// The nodes running now.
     pub(crate) fn up(&self) -> Vec<NodeId> {
         self.ids()
             .into_iter()
@@ -280,32 +241,6 @@ impl World {
         shutdown(&node).await;
         lock(&self.stores).remove(&id);
     }
-
-    fn event(&self, n: u64) -> Event {
-        let tenant = format!("t{}", self.gen_range(0..7));
-        Event {
-            id: format!("e{n}"),
-            tenant,
-            time: Timestamp(EPOCH_NANOS + n as i64),
-            actor: Actor {
-                id: format!("u{}", self.gen_range(0..50)),
-                kind: "user".into(),
-                name: None,
-                ip: None,
-            },
-            action: "doc.read".into(),
-            target: Target {
-                kind: "doc".into(),
-                id: format!("d{n}"),
-            },
-            outcome: Outcome::Success,
-            source: None,
-            context: Default::default(),
-            data: None,
-            schema_version: None,
-            partition_key: None,
-        }
-    }
 }
 
 async fn shutdown(node: &NodeShared) {
@@ -318,6 +253,9 @@ async fn shutdown(node: &NodeShared) {
 /// Runs one simulation. Must be called outside any async runtime: it
 /// builds its own single-threaded one with paused time and the seed.
 pub fn run(opts: &SimOptions) -> Report {
+    if let Err(e) = opts.validate() {
+        return Report::refused(opts, format!("invalid options: {e}"));
+    }
     auditflow_broker::replicated::runtime::seed_thread_rng(opts.seed);
     let mut seed_bytes = opts.seed.to_le_bytes().to_vec();
     seed_bytes.extend_from_slice(b"auditflow-sim");
@@ -329,18 +267,7 @@ pub fn run(opts: &SimOptions) -> Report {
     {
         Ok(rt) => rt,
         Err(e) => {
-            return Report {
-                seed: opts.seed,
-                trace_hash: String::new(),
-                violations: vec![format!("cannot build the simulation runtime: {e}")],
-                acked: 0,
-                faults: 0,
-                messages: 0,
-                simulated: Duration::ZERO,
-                deliveries: 0,
-                sink_sends: 0,
-                trace_tail: Vec::new(),
-            }
+            return Report::refused(opts, format!("cannot build the simulation runtime: {e}"))
         }
     };
     let system = actix_rt::System::with_tokio_rt(move || runtime);
@@ -456,16 +383,7 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
 
 async fn simulate(opts: SimOptions) -> Report {
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let net_cfg = if opts.faults {
-        NetConfig::default()
-    } else {
-        NetConfig {
-            loss: 0.0,
-            duplicate: 0.0,
-            ..NetConfig::default()
-        }
-    };
-    let net = SimNet::new(rng.gen(), net_cfg);
+    let net = SimNet::new(rng.gen(), opts.faults.network.clone());
     let ids: Vec<NodeId> = vec![1, 2, 3];
     let start = tokio::time::Instant::now();
     let trace = Arc::new(Mutex::new(Trace::new(opts.trace_lines)));
@@ -476,7 +394,7 @@ async fn simulate(opts: SimOptions) -> Report {
     let sinks = SimSinks::new(
         opts.seed,
         rng.gen(),
-        opts.faults,
+        &opts.faults.sinks,
         &refusals,
         start,
         Arc::clone(&trace),
@@ -503,7 +421,10 @@ async fn simulate(opts: SimOptions) -> Report {
         faults: Mutex::new(0),
         opts: opts.clone(),
     });
-    world.trace(format!("seed {} partitions {}", opts.seed, opts.partitions));
+    world.trace(format!(
+        "seed {} partitions {} faults: {}",
+        opts.seed, opts.partitions, opts.faults
+    ));
     for id in &ids {
         if let Err(e) = world.boot(*id).await {
             world.violation(e);
@@ -516,20 +437,16 @@ async fn simulate(opts: SimOptions) -> Report {
         clients.push(tokio::spawn(client(Arc::clone(&world), c, end)));
     }
     clients.push(tokio::spawn(reader(Arc::clone(&world), end)));
-    if opts.faults {
-        let sink_faults = tokio::spawn(sink_nemesis(Arc::clone(&world), end));
-        nemesis(&world, end).await;
-        let _ = sink_faults.await;
-    } else {
-        tokio::time::sleep(end).await;
-    }
+    let sink_faults = tokio::spawn(sink_nemesis(Arc::clone(&world), end));
+    nemesis(&world, end).await;
+    let _ = sink_faults.await;
     for c in clients {
         let _ = c.await;
     }
     // Quiet period: everything healed and restarted, no loss.
     world.trace("heal: network healed, every node up".into());
     world.net.heal();
-    world.net.set_faults(0.0, 0.0);
+    world.net.quiet();
     world.sinks.heal();
     for disk in world.disks.values() {
         disk.heal();
@@ -553,12 +470,13 @@ async fn simulate(opts: SimOptions) -> Report {
     let violations = lock(&world.violations).clone();
     let acked = lock(&world.acked).len();
     let faults = *lock(&world.faults);
-    let trace = std::mem::replace(&mut *lock(&world.trace), Trace::new(0));
+    let (trace_hash, trace_tail) =
+        std::mem::replace(&mut *lock(&world.trace), Trace::new(0)).finish();
     let deliveries = world.sinks.arrivals().len();
     let sink_sends = world.sinks.sends();
     Report {
         seed: opts.seed,
-        trace_hash: hex::encode(trace.hasher.finalize()),
+        trace_hash,
         violations,
         acked,
         faults,
@@ -566,7 +484,8 @@ async fn simulate(opts: SimOptions) -> Report {
         simulated: world.now(),
         deliveries,
         sink_sends,
-        trace_tail: trace.tail.into_iter().collect(),
+        trace_tail,
+        options: opts.faults.clone(),
     }
 }
 
@@ -619,268 +538,5 @@ async fn monitor_leaders(world: Arc<World>) {
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A client: appends new events and re-sends old ones (same content, same
-/// id), following redirects and retrying; records acknowledgements.
-async fn client(world: Arc<World>, c: usize, end: Duration) {
-    let mut leaders: BTreeMap<u32, NodeId> = BTreeMap::new();
-    let mut hook_rng = StdRng::seed_from_u64(world.gen_range(0..u64::MAX));
-    let mut n = 0u64;
-    while world.now() < end {
-        let resend = world.gen_bool(0.1) && !lock(&world.sent).is_empty();
-        let event = if resend {
-            let sent = lock(&world.sent);
-            let i = lock(&world.rng).gen_range(0..sent.len());
-            sent[i].clone()
-        } else {
-            n += 1;
-            let e = world.event(c as u64 * 1_000_000_000 + n);
-            lock(&world.sent).push(e.clone());
-            e
-        };
-        let partition = partition_of(&event, world.opts.partitions);
-        let mut attempts = 0;
-        while attempts < 50 && world.now() < end + Duration::from_secs(5) {
-            attempts += 1;
-            let up = world.ids();
-            let target = leaders
-                .get(&partition)
-                .copied()
-                .unwrap_or_else(|| up[world.gen_range(0..up.len() as u64) as usize]);
-            let request = Request::Append {
-                partition,
-                events: vec![event.clone()],
-            };
-            let hooked = world
-                .opts
-                .client_hook
-                .as_ref()
-                .and_then(|h| h(&request, &mut hook_rng));
-            let response = match hooked {
-                Some(r) => r,
-                None => {
-                    world
-                        .net
-                        .client_request(target, request, Duration::from_secs(2))
-                        .await
-                }
-            };
-            match response {
-                Response::Appended(results) => {
-                    match results.into_iter().next() {
-                        Some(AppendResult::Stored(ack)) => record_ack(&world, &event.id, ack),
-                        Some(AppendResult::Rejected(e)) => {
-                            world.violation(format!("event {} rejected: {e}", event.id))
-                        }
-                        None => world.violation("append answered without a result".into()),
-                    }
-                    break;
-                }
-                Response::Error(RequestError::NotLeader {
-                    leader: Some(l), ..
-                }) => {
-                    leaders.insert(partition, l.id);
-                }
-                Response::Error(_) => {
-                    leaders.remove(&partition);
-                    let pause = world.gen_range(5..100);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
-                other => {
-                    world.violation(format!("unexpected answer to an append: {other:?}"));
-                    break;
-                }
-            }
-        }
-        let think = world.gen_range(0..30);
-        tokio::time::sleep(Duration::from_millis(think)).await;
-    }
-}
-
-/// A reader: random reads from any node, and a tail of every partition
-/// that follows its position from node to node (long polls), as a client
-/// failing over would. Records what it saw for the checker; a tail must
-/// get its events contiguously from where it asked.
-async fn reader(world: Arc<World>, end: Duration) {
-    let partitions = world.opts.partitions;
-    let mut tails: BTreeMap<u32, u64> = (0..partitions).map(|p| (p, 0)).collect();
-    while world.now() < end {
-        let up = world.ids();
-        let node = up[world.gen_range(0..up.len() as u64) as usize];
-        let partition = world.gen_range(0..u64::from(partitions)) as u32;
-        let tail = world.gen_bool(0.5);
-        let from_offset = if tail {
-            tails[&partition]
-        } else {
-            world.gen_range(0..tails[&partition] + 20)
-        };
-        let request = Request::Read {
-            partition,
-            from_offset,
-            limit: 50,
-            wait_ms: if tail { 500 } else { 0 },
-        };
-        let response = world
-            .net
-            .client_request(node, request, Duration::from_secs(2))
-            .await;
-        if let Response::Events(page) = response {
-            let mut expect = from_offset;
-            for e in &page.events {
-                if e.partition != partition || e.offset != expect {
-                    world.violation(format!(
-                        "read: node {node} p{partition} from o{from_offset} returned p{} o{} where o{expect} was due",
-                        e.partition, e.offset
-                    ));
-                    break;
-                }
-                expect += 1;
-                lock(&world.observed).push(Observed {
-                    node,
-                    partition,
-                    offset: e.offset,
-                    id: e.event.id.clone(),
-                    hash: e.hash,
-                });
-            }
-            if tail && expect > from_offset {
-                world.trace(format!(
-                    "tail p{partition} o{from_offset}..o{expect} from node {node}"
-                ));
-                tails.insert(partition, expect);
-            }
-        }
-        let think = world.gen_range(10..200);
-        tokio::time::sleep(Duration::from_millis(think)).await;
-    }
-}
-
-fn record_ack(world: &World, id: &str, ack: auditflow_protocol::wire::Ack) {
-    let got = Acked {
-        partition: ack.partition,
-        offset: ack.offset,
-        hash: ack.hash,
-    };
-    let mut acked = lock(&world.acked);
-    match acked.get(id) {
-        Some(prev) if *prev != got => {
-            let msg = format!("G5: {id} acknowledged at {prev:?} and again at {got:?}");
-            drop(acked);
-            world.violation(msg);
-        }
-        Some(_) => {}
-        None => {
-            acked.insert(id.to_string(), got.clone());
-            drop(acked);
-            world.trace(format!(
-                "ack {id} p{} o{} {}",
-                got.partition,
-                got.offset,
-                &got.hash.to_hex()[..12]
-            ));
-        }
-    }
-}
-
-/// Injects faults until `end`: crashes and restarts, isolation and
-/// asymmetric cuts that heal, disk read, write and sync failures.
-async fn nemesis(world: &Arc<World>, end: Duration) {
-    while world.now() < end {
-        let pause = world.gen_range(300..2500);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        crate::checker::reap_failed(world).await;
-        let ids = world.ids();
-        let up = world.up();
-        let down: Vec<NodeId> = ids.iter().copied().filter(|i| !up.contains(i)).collect();
-        let pick = |v: &[NodeId]| v[world.gen_range(0..v.len() as u64) as usize];
-        let choice = world.gen_range(0..100);
-        *lock(&world.faults) += 1;
-        if choice < 5 {
-            world.trace("fault: power failure, every node crashes".into());
-            for id in &ids {
-                world.crash(*id).await;
-            }
-            let outage = world.gen_range(100..2000);
-            tokio::time::sleep(Duration::from_millis(outage)).await;
-            world.trace("power back: every node restarts".into());
-            for id in &ids {
-                if let Err(e) = world.boot(*id).await {
-                    world.violation(e);
-                }
-            }
-        } else if !down.is_empty() && choice < 35 {
-            let id = pick(&down);
-            world.trace(format!("fault: restart node {id}"));
-            if let Err(e) = world.boot(id).await {
-                world.violation(e);
-            }
-        } else if down.is_empty() && choice < 30 {
-            let id = pick(&up);
-            world.trace(format!("fault: crash node {id}"));
-            world.crash(id).await;
-        } else if choice < 50 {
-            let id = pick(&ids);
-            world.trace(format!("fault: isolate node {id}"));
-            world.net.isolate(id, &ids);
-        } else if choice < 60 {
-            let a = pick(&ids);
-            let b = pick(&ids);
-            if a != b {
-                world.trace(format!("fault: cut link {a} -> {b}"));
-                world.net.cut(a, b);
-            }
-        } else if choice < 80 {
-            world.trace("fault: heal network".into());
-            world.net.heal();
-        } else if choice < 90 && !up.is_empty() {
-            let id = pick(&up);
-            match world.gen_range(0..3) {
-                0 => {
-                    world.trace(format!("fault: node {id} disk fails its next read"));
-                    world.disks[&id].fail_reads(1);
-                }
-                1 => {
-                    world.trace(format!("fault: node {id} disk fails its next write"));
-                    world.disks[&id].fail_writes(1);
-                }
-                _ => {
-                    world.trace(format!("fault: node {id} disk fails its next sync"));
-                    world.disks[&id].fail_syncs(1);
-                }
-            }
-        } else {
-            *lock(&world.faults) -= 1;
-        }
-    }
-}
-
-/// Sink faults until `end`, one at a time: an endpoint goes down or gets
-/// slow for a while, then recovers. Transient errors and duplicates come
-/// from the sinks themselves.
-async fn sink_nemesis(world: Arc<World>, end: Duration) {
-    let dests = world.sinks.destinations();
-    if dests.is_empty() {
-        return;
-    }
-    while world.now() < end {
-        let pause = world.gen_range(500..3000);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        let dest = dests[world.gen_range(0..dests.len() as u64) as usize].clone();
-        let outage = world.gen_bool(0.6);
-        let length = Duration::from_millis(world.gen_range(300..5000));
-        *lock(&world.faults) += 1;
-        if outage {
-            world.trace(format!("sink fault: {dest} down for {length:?}"));
-            world.sinks.set_down(&dest, true);
-        } else {
-            world.trace(format!("sink fault: {dest} slow for {length:?}"));
-            world.sinks.set_slow(&dest, true);
-        }
-        tokio::time::sleep(length).await;
-        world.trace(format!("sink {dest} recovered"));
-        world.sinks.set_down(&dest, false);
-        world.sinks.set_slow(&dest, false);
     }
 }
