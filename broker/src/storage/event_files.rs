@@ -173,7 +173,7 @@ impl EventFiles {
     }
 
     fn io(&self, what: &str, e: std::io::Error) -> StoreError {
-        StoreError::EventFile(format!("{what} in {}: {e}", self.dir.describe()))
+        StoreError::io(format!("event file: {what} in {}", self.dir.describe()), e)
     }
 
     /// Opens (partition, generation), known to exist, and keeps it open.
@@ -202,10 +202,10 @@ impl EventFiles {
         if !existed && !create {
             // A reader's view from before a snapshot install replaced the
             // file: a retry reads the new one.
-            return Err(StoreError::EventFile(format!(
-                "{} is gone (replaced by a snapshot install)",
-                self.name(partition, generation)
-            )));
+            return Err(StoreError::Refused {
+                what: format!("event file {}", self.name(partition, generation)),
+                reason: "gone (replaced by a snapshot install)".into(),
+            });
         }
         let handle: Handle = Arc::from(self.dir.open(seg).map_err(|e| self.io("open", e))?);
         if !existed {

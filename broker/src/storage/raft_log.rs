@@ -262,7 +262,7 @@ struct State {
     /// End of the zeros written after them (at least `active_len`).
     active_filled: u64,
     /// Why writing stopped, after a failed write or sync.
-    failed: Option<String>,
+    failed: Option<StoreError>,
     /// Commit points set since the last write, already in `partitions`:
     /// written ahead of the next write's records instead of in a write of
     /// their own (openraft saves one at every commit of every partition
@@ -422,7 +422,10 @@ impl RaftLog {
                 let handle = std::thread::Builder::new()
                     .name("auditflow-raft-log".into())
                     .spawn(move || writer_loop(&s, rx))
-                    .map_err(|e| StoreError::Log(format!("cannot start the log writer: {e}")))?;
+                    .map_err(|e| StoreError::Internal {
+                        what: "raft log".into(),
+                        reason: format!("cannot start the log writer: {e}"),
+                    })?;
                 Writer::Thread(tx, Arc::new(super::writer::JoinOnDrop::new(handle)))
             }
         };
@@ -496,8 +499,10 @@ impl RaftLog {
                     .segments
                     .get(&loc.segment)
                     .map(|s| Arc::clone(&s.file))
-                    .ok_or_else(|| {
-                        StoreError::Log(format!("entry {i} is in missing segment {}", loc.segment))
+                    // The index points past what the log holds: a bug.
+                    .ok_or_else(|| StoreError::Internal {
+                        what: "raft log".into(),
+                        reason: format!("entry {i} is in missing segment {}", loc.segment),
                     })?;
                 wanted.push((*loc, file));
             }
@@ -517,8 +522,9 @@ impl RaftLog {
                 run_end += 1;
             }
             let mut buf = vec![0; bytes as usize];
-            file.read(first.pos, &mut buf)
-                .map_err(|e| StoreError::Log(format!("read segment {}: {e}", first.segment)))?;
+            file.read(first.pos, &mut buf).map_err(|e| {
+                StoreError::io(format!("raft log: read segment {}", first.segment), e)
+            })?;
             let mut rest = &buf[..];
             for (loc, _) in &wanted[at..run_end] {
                 let what = || format!("raft log segment {} at {}", loc.segment, loc.pos);
@@ -612,26 +618,30 @@ fn write_batch(shared: &Shared, jobs: Vec<Job>) {
     for job in jobs {
         let _ = job.done.send(match &result {
             Ok(()) => Ok(()),
-            Err(reason) => Err(StoreError::Log(reason.clone())),
+            Err(e) => Err(e.shared()),
         });
     }
 }
 
-fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
+fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     let (file, segment, start, filled, mut buf) = {
         let mut state = lock(&shared.state);
-        if let Some(reason) = &state.failed {
-            return Err(format!(
-                "log writes stopped after an earlier failure: {reason}"
-            ));
+        if let Some(failed) = &state.failed {
+            return Err(StoreError::Halted {
+                what: "raft log writes".into(),
+                reason: failed.to_string(),
+            });
         }
         if state.active_len >= shared.dir.segment_bytes() {
             if let Err(e) = roll(shared.dir.as_ref(), &mut state) {
-                let reason = format!("start a new segment in {}: {e}", shared.dir.describe());
-                error!("raft log: {reason}");
-                state.failed = Some(reason.clone());
-                return Err(reason);
+                let e = StoreError::io(
+                    format!("raft log: start a new segment in {}", shared.dir.describe()),
+                    e,
+                );
+                error!("{e}");
+                state.failed = Some(e.shared());
+                return Err(e);
             }
         }
         let total: usize = jobs.iter().flat_map(|j| &j.records).map(Framed::len).sum();
@@ -670,10 +680,10 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
     let io = file.write(start, &buf).and_then(|()| file.sync_data());
     let mut state = lock(&shared.state);
     if let Err(e) = io {
-        let reason = format!("write segment {segment}: {e}");
-        error!("raft log: {reason}");
-        state.failed = Some(reason.clone());
-        return Err(reason);
+        let e = StoreError::io(format!("raft log: write segment {segment}"), e);
+        error!("{e}");
+        state.failed = Some(e.shared());
+        return Err(e);
     }
     state.active_len = end;
     state.active_filled = filled.max(start + buf.len() as u64);
@@ -744,7 +754,7 @@ fn roll(dir: &dyn LogDir, state: &mut State) -> std::io::Result<()> {
 
 /// Rebuilds the index from the segments in `dir`.
 fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
-    let io_err = |what: String, e: std::io::Error| StoreError::Log(format!("{what}: {e}"));
+    let io_err = |what: String, e: std::io::Error| StoreError::io(format!("raft log: {what}"), e);
     let mut seqs = dir
         .list()
         .map_err(|e| io_err(format!("list {}", dir.describe()), e))?;

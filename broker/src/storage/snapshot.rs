@@ -126,7 +126,7 @@ fn corrupt(reason: impl Into<String>) -> StoreError {
 }
 
 fn io_err(e: StoreError) -> io::Error {
-    io::Error::other(e.to_string())
+    e.into()
 }
 
 /// Where the encoder is in the partition's tables: each section resumes
