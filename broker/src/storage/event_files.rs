@@ -4,7 +4,7 @@
 //! Every node stores every event; in redb each one cost a copy of its
 //! bytes into a B-tree leaf that redb copies again on write at every
 //! commit, its page checksums and its share of the pages each commit
-//! writes (docs/ARCHITECTURE.md, Performance: leaving the bytes out of
+//! writes (docs/performance.md: leaving the bytes out of
 //! the table took 4-16 % off the nodes' CPU per event). Here apply appends a
 //! run's encoded events to the partition's file with one positioned write per MiB,
 //! and the `events` table keeps an [`EventRef`] per offset: where the

@@ -4,8 +4,8 @@
 //! An acknowledged append costs one write of the new records and one
 //! `fdatasync`, shared by everything queued at the time (group commit
 //! across partitions), instead of a copy-on-write commit of a B-tree that
-//! rewrote about 25 pages whatever it held (docs/ARCHITECTURE.md,
-//! Performance). redb keeps only the state machine.
+//! rewrote about 25 pages whatever it held (docs/performance.md). redb
+//! keeps only the state machine.
 //!
 //! Record frame: `len: u32 LE`, `crc32: u32 LE` of the payload, payload.
 //! The payload is a bincode [`Record`] header, followed for an entry by
