@@ -16,7 +16,7 @@ mod sim;
 mod up;
 
 /// mimalloc instead of glibc malloc: the node allocates and frees many
-/// small buffers per event on several threads (measured in ARCHITECTURE.md).
+/// small buffers per event on several threads (measured in docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

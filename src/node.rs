@@ -56,7 +56,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 /// each first touch of freed-and-returned heap memory had the kernel clear
 /// 2 MiB: 7 % of a node's runtime thread at W=256. Without them node CPU
 /// per event was lower in six of seven alternating pairs of benchmark runs
-/// (ARCHITECTURE.md, Performance).
+/// (docs/performance.md).
 fn no_transparent_huge_pages() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
         return;

@@ -175,7 +175,7 @@ pub fn spawn_nodes(dir: &Path, nodes: &[DevNode]) -> anyhow::Result<Vec<tokio::p
     let exe = std::env::current_exe().context("cannot find own executable")?;
     // The three nodes share this machine's cores: with one thread each for
     // everything async they used less CPU per event and had a lower tail
-    // latency (ARCHITECTURE.md, Performance). The variable overrides.
+    // latency (docs/performance.md). The variable overrides.
     let threads = std::env::var("AUDITFLOW_NODE_THREADS").unwrap_or_else(|_| "1".into());
     let mut children = Vec::new();
     for (i, node) in nodes.iter().enumerate() {

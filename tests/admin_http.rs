@@ -81,7 +81,7 @@ async fn admin_endpoints_report_the_cluster() {
 
     // Nodes turn transparent huge pages off for themselves (the kernel
     // clearing 2 MiB per first touch of the allocator's memory cost them
-    // CPU: ARCHITECTURE.md, Performance). Kernels without THP have no line.
+    // CPU: docs/performance.md). Kernels without THP have no line.
     for n in &cluster.nodes {
         let pid = n.child.as_ref().expect("node running").id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

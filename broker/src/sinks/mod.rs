@@ -52,7 +52,7 @@ pub struct Delivery {
 /// built. Sinks that write the JSON copy the text as it is (serialising a
 /// `Body` writes it verbatim); the few that pick fields out of it parse it
 /// ([`Body::to_value`]). Building a `serde_json::Value` for every event
-/// had been half of the delivery path's CPU (ARCHITECTURE.md, Performance).
+/// had been half of the delivery path's CPU (docs/performance.md).
 #[derive(Clone, Debug)]
 pub struct Body(Box<serde_json::value::RawValue>);
 

@@ -4,7 +4,7 @@
 //! Every node stores every event; in redb each one cost a copy of its
 //! bytes into a B-tree leaf that redb copies again on write at every
 //! commit, its page checksums and its share of the pages each commit
-//! writes (docs/ARCHITECTURE.md, Performance: leaving the bytes out of
+//! writes (docs/performance.md: leaving the bytes out of
 //! the table took 4-16 % off the nodes' CPU per event). Here apply appends a
 //! run's encoded events to the partition's file with one positioned write per MiB,
 //! and the `events` table keeps an [`EventRef`] per offset: where the
@@ -173,7 +173,7 @@ impl EventFiles {
     }
 
     fn io(&self, what: &str, e: std::io::Error) -> StoreError {
-        StoreError::EventFile(format!("{what} in {}: {e}", self.dir.describe()))
+        StoreError::io(format!("event file: {what} in {}", self.dir.describe()), e)
     }
 
     /// Opens (partition, generation), known to exist, and keeps it open.
@@ -202,10 +202,10 @@ impl EventFiles {
         if !existed && !create {
             // A reader's view from before a snapshot install replaced the
             // file: a retry reads the new one.
-            return Err(StoreError::EventFile(format!(
-                "{} is gone (replaced by a snapshot install)",
-                self.name(partition, generation)
-            )));
+            return Err(StoreError::Refused {
+                what: format!("event file {}", self.name(partition, generation)),
+                reason: "gone (replaced by a snapshot install)".into(),
+            });
         }
         let handle: Handle = Arc::from(self.dir.open(seg).map_err(|e| self.io("open", e))?);
         if !existed {

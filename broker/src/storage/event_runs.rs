@@ -6,7 +6,7 @@
 //! Storing them as one row per run (keyed by the run's first offset)
 //! instead of one row per event makes an apply job cost one `events`
 //! insert instead of one per event: the per-event inserts were about 15 %
-//! of a storage writer's time at W=256 (ARCHITECTURE.md, Performance).
+//! of a storage writer's time at W=256 (docs/performance.md).
 //!
 //! A run never changes once written (only a snapshot install deletes a
 //! partition's runs, and writes its own); runs of a partition do not

@@ -357,10 +357,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 applied = self.durable_applied().await.map_err(err)?;
             }
             if !covers(applied) {
-                return Err(err(StoreError::Log(format!(
-                    "not purging up to {log_id}: the state machine holds only up to {}",
-                    applied.map_or_else(|| "nothing".to_string(), |a| a.to_string())
-                ))));
+                return Err(err(StoreError::Refused {
+                    what: format!("raft log: purge up to {log_id}"),
+                    reason: format!(
+                        "the state machine holds only up to {}",
+                        applied.map_or_else(|| "nothing".to_string(), |a| a.to_string())
+                    ),
+                }));
             }
         }
         lock(&self.cache).retain(|i| i > log_id.index);

@@ -97,20 +97,23 @@ impl Store {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|e| StoreError::from_redb(format!("database {}", path.display()), e))?;
         let log_path = Self::log_dir_of(path);
         let log_dir = FsLogDir::create(&log_path, segment_bytes).map_err(|e| {
-            StoreError::Log(format!("create log directory {}: {e}", log_path.display()))
+            StoreError::io(
+                format!("raft log: create log directory {}", log_path.display()),
+                e,
+            )
         })?;
         let events_path = Self::events_dir_of(path);
         let events_dir = FsLogDir::create(&events_path, segment_bytes).map_err(|e| {
-            StoreError::EventFile(format!(
-                "create event directory {}: {e}",
-                events_path.display()
-            ))
+            StoreError::io(
+                format!(
+                    "event file: create event directory {}",
+                    events_path.display()
+                ),
+                e,
+            )
         })?;
         Self::init(
             db,
@@ -145,10 +148,7 @@ impl Store {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create_with_backend(backend)
-            .map_err(|source| StoreError::Open {
-                path: PathBuf::from(name),
-                source,
-            })?;
+            .map_err(|e| StoreError::from_redb(format!("database {name}"), e))?;
         Self::init(
             db,
             Box::new(log_dir),
@@ -171,8 +171,8 @@ impl Store {
         let db = Arc::new(db);
         let writer = match mode {
             WriterMode::Thread => StorageWriter::start(Arc::clone(&db), Arc::clone(&events))
-                .map_err(|e| StoreError::Incompatible {
-                    path: path.clone(),
+                .map_err(|e| StoreError::Internal {
+                    what: format!("database {}", path.display()),
                     reason: format!("cannot start the writer thread: {e}"),
                 })?,
             WriterMode::Inline => StorageWriter::inline(Arc::clone(&db), Arc::clone(&events)),
@@ -281,7 +281,7 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
             Some(v) if v == FORMAT_VERSION => {}
             Some(v) => {
                 return Err(StoreError::Incompatible {
-                    path: path.to_path_buf(),
+                    what: format!("database {}", path.display()),
                     reason: format!(
                         "layout version {v}, this build reads {FORMAT_VERSION} (versions 2 to 4 \
                          moved the Raft log and the events' bytes out of the database and \

@@ -4,8 +4,8 @@
 //! An acknowledged append costs one write of the new records and one
 //! `fdatasync`, shared by everything queued at the time (group commit
 //! across partitions), instead of a copy-on-write commit of a B-tree that
-//! rewrote about 25 pages whatever it held (docs/ARCHITECTURE.md,
-//! Performance). redb keeps only the state machine.
+//! rewrote about 25 pages whatever it held (docs/performance.md). redb
+//! keeps only the state machine.
 //!
 //! Record frame: `len: u32 LE`, `crc32: u32 LE` of the payload, payload.
 //! The payload is a bincode [`Record`] header, followed for an entry by
@@ -41,323 +41,36 @@
 //! vote I/O are serialized holds. After a failed write or sync the log
 //! refuses every later write: what the disk holds is then unknown, and
 //! the node must restart and replay.
+//!
+//! Files: [`format`] the record frame, [`index`] where each entry is (the
+//! in-memory state replay rebuilds), [`writer`] the group-committed
+//! writes and segment rolls, [`replay`] reading the segments back at
+//! open.
+
+mod format;
+mod index;
+mod replay;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use openraft::RaftLogId;
 use redb::StorageBackend;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
 
 use super::log_dir::LogDir;
 use super::{tables, StoreError, WriterMode};
-use crate::metrics::{
-    RAFT_LOG_SEGMENTS, RAFT_LOG_WRITES_TOTAL, RAFT_LOG_WRITE_RECORDS, RAFT_LOG_WRITE_SECONDS,
-};
 use crate::storage::types::{Entry, LogId, Vote};
 
-/// First bytes of every segment.
-pub const MAGIC: &[u8; 8] = b"AFRLOG01";
+use format::{parse, Parsed};
+pub use format::{Framed, Record, MAGIC};
+use index::{Loc, State};
+use replay::replay;
+pub use writer::ZERO_FILL_BYTES;
+use writer::{write_batch, writer_loop, Job, QUEUE_CAPACITY};
+
 /// A segment is closed and a new one started once it holds this much.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// How far ahead of its records the active segment is zero-filled (at
-/// most the segment size).
-pub const ZERO_FILL_BYTES: u64 = 1024 * 1024;
-/// Largest record payload accepted when reading; a length field above it
-/// is damage, not a record.
-const MAX_PAYLOAD: u32 = 256 * 1024 * 1024;
-const FRAME_HEADER: usize = 8;
-/// Jobs waiting for the writer thread (back-pressure when the disk is
-/// slow).
-const QUEUE_CAPACITY: usize = 4096;
-/// Most jobs written with one sync.
-const MAX_JOBS_PER_WRITE: usize = 1024;
-
-/// What a record says; an entry record's body is the encoded entry.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Record {
-    /// Opens each write (see the module documentation).
-    Batch,
-    /// A log entry (the body).
-    Entry {
-        /// The partition.
-        partition: u32,
-        /// The entry's id.
-        log_id: LogId,
-    },
-    /// The partition's vote.
-    Vote {
-        /// The partition.
-        partition: u32,
-        /// The vote.
-        vote: Vote,
-    },
-    /// The partition's last known commit point.
-    Committed {
-        /// The partition.
-        partition: u32,
-        /// The commit point.
-        committed: Option<LogId>,
-    },
-    /// Entries from `from` on are gone.
-    Truncate {
-        /// The partition.
-        partition: u32,
-        /// First removed index.
-        from: u64,
-    },
-    /// Entries up to and including `upto` are gone.
-    Purge {
-        /// The partition.
-        partition: u32,
-        /// Last purged entry.
-        upto: LogId,
-    },
-}
-
-/// A record ready to write: what it says and its frame.
-pub struct Framed {
-    record: Record,
-    frame: Vec<u8>,
-}
-
-impl Framed {
-    /// Frames `record` (with no body).
-    pub fn meta(record: Record) -> Result<Framed, StoreError> {
-        Self::with_body(record, &[])
-    }
-
-    /// Frames entry `entry` of `partition`.
-    pub fn entry(partition: u32, entry: &Entry) -> Result<Framed, StoreError> {
-        let body = tables::encode(entry, "raft log entry")?;
-        Self::with_body(
-            Record::Entry {
-                partition,
-                log_id: *entry.get_log_id(),
-            },
-            &body,
-        )
-    }
-
-    fn with_body(record: Record, body: &[u8]) -> Result<Framed, StoreError> {
-        let header = tables::encode(&record, "raft log record")?;
-        let len = header.len() + body.len();
-        let len32 = u32::try_from(len)
-            .ok()
-            .filter(|l| *l <= MAX_PAYLOAD)
-            .ok_or_else(|| StoreError::Encode {
-                what: "raft log record".into(),
-                reason: format!("{len} bytes is over the {MAX_PAYLOAD}-byte limit"),
-            })?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&header);
-        crc.update(body);
-        let mut frame = Vec::with_capacity(FRAME_HEADER + len);
-        frame.extend_from_slice(&len32.to_le_bytes());
-        frame.extend_from_slice(&crc.finalize().to_le_bytes());
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(body);
-        Ok(Framed { record, frame })
-    }
-
-    /// Bytes on disk.
-    pub fn len(&self) -> usize {
-        self.frame.len()
-    }
-
-    /// Whether the frame is empty (never: a frame has a header).
-    pub fn is_empty(&self) -> bool {
-        self.frame.is_empty()
-    }
-}
-
-/// What reading one frame at a position found.
-enum Parsed<'a> {
-    /// A whole, intact record; the body and the frame's length.
-    Record(Record, &'a [u8], usize),
-    /// No bytes left.
-    End,
-    /// Cut short or damaged.
-    Bad(String),
-}
-
-fn parse(buf: &[u8]) -> Parsed<'_> {
-    if buf.is_empty() {
-        return Parsed::End;
-    }
-    if buf.len() < FRAME_HEADER {
-        return Parsed::Bad(format!("{} bytes, shorter than a frame header", buf.len()));
-    }
-    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if len > MAX_PAYLOAD || len == 0 {
-        return Parsed::Bad(format!("impossible record length {len}"));
-    }
-    let end = FRAME_HEADER + len as usize;
-    let Some(payload) = buf.get(FRAME_HEADER..end) else {
-        return Parsed::Bad(format!(
-            "record of {len} bytes cut short at {} bytes",
-            buf.len() - FRAME_HEADER
-        ));
-    };
-    if crc32fast::hash(payload) != crc {
-        return Parsed::Bad("checksum mismatch".into());
-    }
-    match bincode::serde::decode_from_slice::<Record, _>(payload, bincode::config::standard()) {
-        Ok((record, used)) => Parsed::Record(record, &payload[used..], end),
-        Err(e) => Parsed::Bad(format!("undecodable record: {e}")),
-    }
-}
-
-/// The first position after `bad` where an intact batch marker starts,
-/// if any: proof that the damaged frame was synced (a batch is written
-/// only after the previous one was synced). Only called on a damaged
-/// frame; a torn tail is at most one batch long, and damage inside the log
-/// is followed by the next batch, so the scan stays short either way.
-fn batch_after(buf: &[u8], bad: usize) -> Option<usize> {
-    (bad + 1..buf.len()).find(|&q| matches!(parse(&buf[q..]), Parsed::Record(Record::Batch, _, _)))
-}
-
-/// The frame that opens every write.
-fn batch_marker() -> Vec<u8> {
-    // Cannot fail: a unit record with no body.
-    Framed::meta(Record::Batch)
-        .map(|f| f.frame)
-        .unwrap_or_default()
-}
-
-/// Where an entry's frame is.
-#[derive(Clone, Copy, Debug)]
-struct Loc {
-    segment: u64,
-    pos: u64,
-    len: u32,
-    log_id: LogId,
-}
-
-/// One partition's part of the log, as replayed and kept up to date.
-#[derive(Default)]
-struct PartitionLog {
-    entries: BTreeMap<u64, Loc>,
-    vote: Option<Vote>,
-    committed: Option<LogId>,
-    purged: Option<LogId>,
-}
-
-struct Segment {
-    file: Arc<dyn StorageBackend>,
-    /// Highest entry index per partition written to this segment.
-    max_index: BTreeMap<u32, u64>,
-}
-
-#[derive(Default)]
-struct State {
-    partitions: BTreeMap<u32, PartitionLog>,
-    segments: BTreeMap<u64, Segment>,
-    active: u64,
-    /// End of the active segment's records.
-    active_len: u64,
-    /// End of the zeros written after them (at least `active_len`).
-    active_filled: u64,
-    /// Why writing stopped, after a failed write or sync.
-    failed: Option<String>,
-    /// Commit points set since the last write, already in `partitions`:
-    /// written ahead of the next write's records instead of in a write of
-    /// their own (openraft saves one at every commit of every partition
-    /// and waits for it).
-    unsaved_committed: BTreeMap<u32, Option<LogId>>,
-}
-
-impl State {
-    fn apply(&mut self, record: &Record, segment: u64, pos: u64, len: usize) {
-        match *record {
-            Record::Entry { partition, log_id } => {
-                let p = self.partitions.entry(partition).or_default();
-                if p.purged.is_some_and(|purged| log_id.index <= purged.index) {
-                    return;
-                }
-                p.entries.insert(
-                    log_id.index,
-                    Loc {
-                        segment,
-                        pos,
-                        len: len as u32,
-                        log_id,
-                    },
-                );
-                if let Some(s) = self.segments.get_mut(&segment) {
-                    let max = s.max_index.entry(partition).or_default();
-                    *max = (*max).max(log_id.index);
-                }
-            }
-            Record::Vote { partition, vote } => {
-                self.partitions.entry(partition).or_default().vote = Some(vote);
-            }
-            Record::Committed {
-                partition,
-                committed,
-            } => {
-                self.partitions.entry(partition).or_default().committed = committed;
-            }
-            Record::Truncate { partition, from } => {
-                let p = self.partitions.entry(partition).or_default();
-                p.entries.split_off(&from);
-            }
-            Record::Batch => {}
-            Record::Purge { partition, upto } => {
-                let p = self.partitions.entry(partition).or_default();
-                if p.purged.is_some_and(|purged| purged.index >= upto.index) {
-                    return;
-                }
-                p.entries = p.entries.split_off(&(upto.index + 1));
-                p.purged = Some(upto);
-            }
-        }
-    }
-
-    /// The records that open a new segment: each partition's metadata.
-    fn metadata(&self) -> Vec<Record> {
-        let mut out = Vec::new();
-        for (&partition, p) in &self.partitions {
-            if let Some(vote) = p.vote {
-                out.push(Record::Vote { partition, vote });
-            }
-            if p.committed.is_some() {
-                out.push(Record::Committed {
-                    partition,
-                    committed: p.committed,
-                });
-            }
-            if let Some(upto) = p.purged {
-                out.push(Record::Purge { partition, upto });
-            }
-        }
-        out
-    }
-
-    /// Oldest segments whose every entry is purged (never the active one).
-    fn purgeable(&self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (&seq, seg) in &self.segments {
-            if seq == self.active {
-                break;
-            }
-            let dead = seg.max_index.iter().all(|(p, max)| {
-                self.partitions
-                    .get(p)
-                    .and_then(|p| p.purged)
-                    .is_some_and(|purged| purged.index >= *max)
-            });
-            if !dead {
-                break;
-            }
-            out.push(seq);
-        }
-        out
-    }
-}
 
 struct Shared {
     dir: Box<dyn LogDir>,
@@ -366,11 +79,6 @@ struct Shared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-struct Job {
-    records: Vec<Framed>,
-    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// A partition's log metadata.
@@ -399,7 +107,7 @@ enum Writer {
     // handle closes the queue and then waits for the thread.
     Thread(
         mpsc::Sender<Job>,
-        #[allow(dead_code)] Arc<super::writer::JoinOnDrop>,
+        #[allow(dead_code)] Arc<crate::storage::writer::JoinOnDrop>,
     ),
     Inline,
 }
@@ -422,8 +130,14 @@ impl RaftLog {
                 let handle = std::thread::Builder::new()
                     .name("auditflow-raft-log".into())
                     .spawn(move || writer_loop(&s, rx))
-                    .map_err(|e| StoreError::Log(format!("cannot start the log writer: {e}")))?;
-                Writer::Thread(tx, Arc::new(super::writer::JoinOnDrop::new(handle)))
+                    .map_err(|e| StoreError::Internal {
+                        what: "raft log".into(),
+                        reason: format!("cannot start the log writer: {e}"),
+                    })?;
+                Writer::Thread(
+                    tx,
+                    Arc::new(crate::storage::writer::JoinOnDrop::new(handle)),
+                )
             }
         };
         Ok(RaftLog { shared, writer })
@@ -496,8 +210,10 @@ impl RaftLog {
                     .segments
                     .get(&loc.segment)
                     .map(|s| Arc::clone(&s.file))
-                    .ok_or_else(|| {
-                        StoreError::Log(format!("entry {i} is in missing segment {}", loc.segment))
+                    // The index points past what the log holds: a bug.
+                    .ok_or_else(|| StoreError::Internal {
+                        what: "raft log".into(),
+                        reason: format!("entry {i} is in missing segment {}", loc.segment),
                     })?;
                 wanted.push((*loc, file));
             }
@@ -517,8 +233,9 @@ impl RaftLog {
                 run_end += 1;
             }
             let mut buf = vec![0; bytes as usize];
-            file.read(first.pos, &mut buf)
-                .map_err(|e| StoreError::Log(format!("read segment {}: {e}", first.segment)))?;
+            file.read(first.pos, &mut buf).map_err(|e| {
+                StoreError::io(format!("raft log: read segment {}", first.segment), e)
+            })?;
             let mut rest = &buf[..];
             for (loc, _) in &wanted[at..run_end] {
                 let what = || format!("raft log segment {} at {}", loc.segment, loc.pos);
@@ -598,239 +315,11 @@ impl LogUsage {
     }
 }
 
-fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_JOBS_PER_WRITE);
-    while super::writer::next_batch(&mut rx, &mut batch, MAX_JOBS_PER_WRITE) {
-        write_batch(shared, std::mem::take(&mut batch));
-    }
-}
-
-/// Writes the jobs' records at the end of the active segment with one
-/// write and one sync, then updates the index.
-fn write_batch(shared: &Shared, jobs: Vec<Job>) {
-    let result = write_records(shared, &jobs);
-    for job in jobs {
-        let _ = job.done.send(match &result {
-            Ok(()) => Ok(()),
-            Err(reason) => Err(StoreError::Log(reason.clone())),
-        });
-    }
-}
-
-fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), String> {
-    let started = std::time::Instant::now();
-    let (file, segment, start, filled, mut buf) = {
-        let mut state = lock(&shared.state);
-        if let Some(reason) = &state.failed {
-            return Err(format!(
-                "log writes stopped after an earlier failure: {reason}"
-            ));
-        }
-        if state.active_len >= shared.dir.segment_bytes() {
-            if let Err(e) = roll(shared.dir.as_ref(), &mut state) {
-                let reason = format!("start a new segment in {}: {e}", shared.dir.describe());
-                error!("raft log: {reason}");
-                state.failed = Some(reason.clone());
-                return Err(reason);
-            }
-        }
-        let total: usize = jobs.iter().flat_map(|j| &j.records).map(Framed::len).sum();
-        let mut buf = Vec::with_capacity(total + 32 * (1 + state.unsaved_committed.len()));
-        buf.extend_from_slice(&batch_marker());
-        // Not indexed again after the write: the state already holds these
-        // (or newer) values.
-        for (partition, committed) in std::mem::take(&mut state.unsaved_committed) {
-            let record = Record::Committed {
-                partition,
-                committed,
-            };
-            if let Ok(framed) = Framed::meta(record) {
-                buf.extend_from_slice(&framed.frame);
-            }
-        }
-        let seg = &state.segments[&state.active];
-        (
-            Arc::clone(&seg.file),
-            state.active,
-            state.active_len,
-            state.active_filled,
-            buf,
-        )
-    };
-    let prefix = buf.len() as u64;
-    for r in jobs.iter().flat_map(|j| &j.records) {
-        buf.extend_from_slice(&r.frame);
-    }
-    let end = start + buf.len() as u64;
-    if end > filled {
-        // Zeros for the next writes, in this write and under its sync.
-        let step = ZERO_FILL_BYTES.min(shared.dir.segment_bytes()).max(1);
-        buf.resize((end + step - start) as usize, 0);
-    }
-    let io = file.write(start, &buf).and_then(|()| file.sync_data());
-    let mut state = lock(&shared.state);
-    if let Err(e) = io {
-        let reason = format!("write segment {segment}: {e}");
-        error!("raft log: {reason}");
-        state.failed = Some(reason.clone());
-        return Err(reason);
-    }
-    state.active_len = end;
-    state.active_filled = filled.max(start + buf.len() as u64);
-    let records = jobs.iter().map(|j| j.records.len()).sum::<usize>();
-    metrics::counter!(RAFT_LOG_WRITES_TOTAL).increment(1);
-    metrics::histogram!(RAFT_LOG_WRITE_RECORDS).record(records as f64);
-    metrics::histogram!(RAFT_LOG_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-    let mut pos = start + prefix;
-    let mut purged = false;
-    for r in jobs.iter().flat_map(|j| &j.records) {
-        state.apply(&r.record, segment, pos, r.len());
-        purged |= matches!(r.record, Record::Purge { .. });
-        pos += r.len() as u64;
-    }
-    // The purge is synced, so the segments it frees may go: replay never
-    // needs them again.
-    if purged {
-        let dead = state.purgeable();
-        for seq in dead {
-            state.segments.remove(&seq);
-            if let Err(e) = shared.dir.remove(seq) {
-                // Left behind it is harmless: replay drops purged entries.
-                warn!("raft log: cannot delete purged segment {seq}: {e}");
-            }
-        }
-    }
-    metrics::gauge!(RAFT_LOG_SEGMENTS).set(state.segments.len() as f64);
-    Ok(())
-}
-
-/// Closes the active segment and starts the next one with every
-/// partition's metadata.
-fn roll(dir: &dyn LogDir, state: &mut State) -> std::io::Result<()> {
-    // Every write of this process was synced, but the closing segment may
-    // end in bytes an earlier process wrote and never synced (its sync
-    // failed): replay treats damage in any but the newest segment as
-    // corruption, so it must be on disk before the next one starts, and
-    // without the zeros filled ahead of its records, which replay takes
-    // as damage in any but the newest segment.
-    if let Some(old) = state.segments.get(&state.active) {
-        old.file.set_len(state.active_len)?;
-        old.file.sync_data()?;
-    }
-    let seq = state.active + 1;
-    let file: Arc<dyn StorageBackend> = Arc::from(dir.open(seq)?);
-    let mut buf = MAGIC.to_vec();
-    buf.extend_from_slice(&batch_marker());
-    for record in state.metadata() {
-        let framed = Framed::meta(record).map_err(|e| std::io::Error::other(e.to_string()))?;
-        buf.extend_from_slice(&framed.frame);
-    }
-    file.set_len(0)?;
-    file.write(0, &buf)?;
-    file.sync_data()?;
-    dir.sync()?;
-    state.segments.insert(
-        seq,
-        Segment {
-            file,
-            max_index: BTreeMap::new(),
-        },
-    );
-    state.active = seq;
-    state.active_len = buf.len() as u64;
-    state.active_filled = state.active_len;
-    Ok(())
-}
-
-/// Rebuilds the index from the segments in `dir`.
-fn replay(dir: &dyn LogDir) -> Result<State, StoreError> {
-    let io_err = |what: String, e: std::io::Error| StoreError::Log(format!("{what}: {e}"));
-    let mut seqs = dir
-        .list()
-        .map_err(|e| io_err(format!("list {}", dir.describe()), e))?;
-    seqs.sort_unstable();
-    let mut state = State::default();
-    if seqs.is_empty() {
-        roll(dir, &mut state)
-            .map_err(|e| io_err(format!("create a segment in {}", dir.describe()), e))?;
-        return Ok(state);
-    }
-    let newest = seqs[seqs.len() - 1];
-    for seq in seqs {
-        let what = || format!("raft log segment {seq} in {}", dir.describe());
-        let file: Arc<dyn StorageBackend> =
-            Arc::from(dir.open(seq).map_err(|e| io_err(what(), e))?);
-        let len = file.len().map_err(|e| io_err(what(), e))?;
-        let mut buf = vec![0; len as usize];
-        file.read(0, &mut buf).map_err(|e| io_err(what(), e))?;
-        state.segments.insert(
-            seq,
-            Segment {
-                file: Arc::clone(&file),
-                max_index: BTreeMap::new(),
-            },
-        );
-        state.active = seq;
-        if buf.len() < MAGIC.len() && seq == newest && MAGIC.starts_with(&buf) {
-            // Created, and the crash came before its first sync.
-            file.set_len(0)
-                .and_then(|()| file.write(0, MAGIC))
-                .and_then(|()| file.sync_data())
-                .map_err(|e| io_err(what(), e))?;
-            state.active_len = MAGIC.len() as u64;
-            state.active_filled = state.active_len;
-            continue;
-        }
-        if !buf.starts_with(MAGIC) {
-            return Err(StoreError::Corrupt {
-                what: what(),
-                reason: "not an auditflow raft log segment (bad magic)".into(),
-            });
-        }
-        let mut pos = MAGIC.len();
-        // Where the file ends once replayed: its zeros stay, a torn write
-        // is cut off.
-        let mut file_end = len;
-        loop {
-            match parse(&buf[pos..]) {
-                Parsed::End => break,
-                Parsed::Record(record, _, used) => {
-                    state.apply(&record, seq, pos as u64, used);
-                    pos += used;
-                }
-                // The zeros filled ahead of the records (module docs).
-                Parsed::Bad(_) if seq == newest && buf[pos..].iter().all(|b| *b == 0) => break,
-                Parsed::Bad(reason) if seq == newest && batch_after(&buf, pos).is_none() => {
-                    warn!(
-                        "{}: cutting off {} bytes at offset {pos} ({reason}): a write the last \
-                         stop interrupted",
-                        what(),
-                        buf.len() - pos
-                    );
-                    file.set_len(pos as u64)
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| io_err(what(), e))?;
-                    file_end = pos as u64;
-                    break;
-                }
-                Parsed::Bad(reason) => {
-                    return Err(StoreError::Corrupt {
-                        what: format!("{} at offset {pos}", what()),
-                        reason,
-                    })
-                }
-            }
-        }
-        state.active_len = pos as u64;
-        state.active_filled = file_end;
-    }
-    Ok(state)
-}
-
 #[cfg(test)]
 mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
+    use super::format::batch_marker;
     use super::*;
     use crate::storage::FsLogDir;
 
