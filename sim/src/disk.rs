@@ -60,6 +60,19 @@ struct State {
     fail_syncs: u32,
     lying_sync: bool,
     syncs: u64,
+    /// Failures this disk injected (failed reads, writes and syncs, and
+    /// operations of a crashed incarnation), so that the world can tell an
+    /// injected fault from a bug by the disk's own count rather than by
+    /// an error's text.
+    injected: u64,
+}
+
+impl State {
+    /// Counts an injected failure and returns its error.
+    fn inject(&mut self, what: &str) -> io::Error {
+        self.injected += 1;
+        io::Error::other(format!("simulated {what}"))
+    }
 }
 
 /// One node's disk; clones share it.
@@ -149,7 +162,7 @@ impl auditflow_broker::storage::LogDir for SimLogDir {
         let mut s = self.live()?;
         if s.fail_syncs > 0 {
             s.fail_syncs -= 1;
-            return Err(io::Error::other("simulated directory fsync failure"));
+            return Err(s.inject("directory fsync failure"));
         }
         s.syncs += 1;
         if !s.lying_sync {
@@ -183,9 +196,9 @@ impl SimDisk {
     /// The disk, if incarnation `generation` is still alive: a crashed
     /// one fails every operation, as a dead process would.
     fn live(&self, generation: u64) -> io::Result<MutexGuard<'_, State>> {
-        let s = self.lock();
+        let mut s = self.lock();
         if s.generation != generation {
-            return Err(io::Error::other("simulated node crashed"));
+            return Err(s.inject("node crashed"));
         }
         Ok(s)
     }
@@ -253,6 +266,11 @@ impl SimDisk {
         s.fail_syncs = 0;
     }
 
+    /// Failures this disk has injected so far (see `State::injected`).
+    pub fn injected_faults(&self) -> u64 {
+        self.lock().injected
+    }
+
     /// Syncs so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
@@ -282,7 +300,7 @@ impl redb::StorageBackend for DiskHandle {
         let mut s = self.live()?;
         if s.fail_reads > 0 {
             s.fail_reads -= 1;
-            return Err(io::Error::other("simulated read failure"));
+            return Err(s.inject("read failure"));
         }
         let f = file(&mut s, &self.file)?;
         let at = offset as usize;
@@ -312,7 +330,7 @@ impl redb::StorageBackend for DiskHandle {
         let mut s = self.live()?;
         if s.fail_syncs > 0 {
             s.fail_syncs -= 1;
-            return Err(io::Error::other("simulated fsync failure"));
+            return Err(s.inject("fsync failure"));
         }
         s.syncs += 1;
         let lying = s.lying_sync;
@@ -328,7 +346,7 @@ impl redb::StorageBackend for DiskHandle {
         let mut s = self.live()?;
         if s.fail_writes > 0 {
             s.fail_writes -= 1;
-            return Err(io::Error::other("simulated write failure"));
+            return Err(s.inject("write failure"));
         }
         let f = file(&mut s, &self.file)?;
         let at = offset as usize;
