@@ -242,6 +242,16 @@ impl SimDisk {
         s.generation += 1;
     }
 
+    /// Loses everything on the disk, synced or not, as a replaced disk or
+    /// an emptied data directory would; older handles stop working.
+    pub fn wipe(&self) {
+        let mut s = self.lock();
+        s.files.clear();
+        s.created_unsynced.clear();
+        s.deleted_unsynced.clear();
+        s.generation += 1;
+    }
+
     /// Fails the next `n` reads.
     pub fn fail_reads(&self, n: u32) {
         self.lock().fail_reads = n;
@@ -366,6 +376,28 @@ mod tests {
     use redb::StorageBackend;
 
     use super::*;
+
+    #[test]
+    fn a_wiped_disk_comes_back_empty_and_its_old_handles_fail() {
+        use auditflow_broker::storage::LogDir;
+        let disk = SimDisk::default();
+        let (db, log, _) = disk.open();
+        db.write(0, b"state").unwrap();
+        db.sync_data().unwrap();
+        let seg = log.open(1).unwrap();
+        seg.write(0, b"one").unwrap();
+        seg.sync_data().unwrap();
+        log.sync().unwrap();
+        disk.wipe();
+        assert!(db.len().is_err(), "a handle of the lost disk still worked");
+        let (db, log, _) = disk.open();
+        assert_eq!(db.len().unwrap(), 0, "synced database bytes survived");
+        assert_eq!(
+            log.list().unwrap(),
+            Vec::<u64>::new(),
+            "synced segments survived"
+        );
+    }
 
     #[test]
     fn a_segment_is_created_or_deleted_for_good_only_once_the_directory_is_synced() {

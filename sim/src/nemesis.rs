@@ -94,6 +94,12 @@ pub(crate) async fn nemesis(world: &Arc<World>, end: Duration) {
             }
             ClusterFault::Restart => {
                 let id = pick(&down);
+                // Drawn only when enabled, so that runs without lost
+                // disks draw exactly as before.
+                if o.lost_disk > 0.0 && world.gen_unit() < o.lost_disk {
+                    world.trace(format!("fault: node {id} lost its disk"));
+                    world.disks[&id].wipe();
+                }
                 world.trace(format!("fault: restart node {id}"));
                 if let Err(e) = world.boot(id).await {
                     world.violation(e);
