@@ -232,6 +232,15 @@ pub enum RequestError {
 }
 
 impl RequestError {
+    /// An [`Internal`](RequestError::Internal) error whose reason is `e`'s
+    /// message: a failure inside the node (storage, encoding) that the
+    /// client can only report or retry.
+    pub fn internal(e: impl std::fmt::Display) -> RequestError {
+        RequestError::Internal {
+            reason: e.to_string(),
+        }
+    }
+
     /// Whether retrying the same request (elsewhere or later) can succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(

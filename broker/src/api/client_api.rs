@@ -143,16 +143,16 @@ async fn read(
 ) -> Result<EventsPage, RequestError> {
     let handle = node.partition(partition)?;
     let limit = limit.clamp(1, MAX_READ_EVENTS) as usize;
-    let internal = |e: crate::storage::StoreError| RequestError::Internal {
-        reason: e.to_string(),
-    };
     let mut watch = handle.reader.watch();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms)).min(MAX_READ_WAIT);
     loop {
-        let head = handle.reader.head().map_err(internal)?;
+        let head = handle.reader.head().map_err(RequestError::internal)?;
         if from_offset < head.next_offset || wait_ms == 0 {
-            let events = handle.reader.read(from_offset, limit).map_err(internal)?;
+            let events = handle
+                .reader
+                .read(from_offset, limit)
+                .map_err(RequestError::internal)?;
             let events = within_budget(events);
             let next_offset = events.last().map(|e| e.offset + 1).unwrap_or(from_offset);
             return Ok(EventsPage {

@@ -92,7 +92,7 @@ async fn dest_add(node: &NodeShared, config_json: &str) -> Result<Response, Requ
         });
     }
     // Stored as re-serialised settings: what every replica parses back.
-    let config_json = serde_json::to_string(&dest).map_err(internal)?;
+    let config_json = serde_json::to_string(&dest).map_err(RequestError::internal)?;
     let cmd = DeliveryCommand::PutDestination {
         dest: dest.name.clone(),
         config_json,
@@ -128,12 +128,6 @@ fn dest_list(node: &NodeShared) -> Vec<DestinationInfo> {
         .collect()
 }
 
-fn internal(e: impl std::fmt::Display) -> RequestError {
-    RequestError::Internal {
-        reason: e.to_string(),
-    }
-}
-
 fn dlq_list(
     node: &NodeShared,
     dest: &str,
@@ -146,7 +140,7 @@ fn dlq_list(
     handle
         .reader
         .dlq(dest, from, limit.min(MAX_DLQ_PAGE) as usize)
-        .map_err(internal)
+        .map_err(RequestError::internal)
 }
 
 /// The offset a replay starts (or ends) at: the given one, or the first
@@ -161,11 +155,15 @@ fn replay_offset(
     match from {
         ReplayFrom::Offset(o) => Ok(*o),
         ReplayFrom::Time(t) => {
-            let head = handle.reader.head().map_err(internal)?.next_offset;
+            let head = handle
+                .reader
+                .head()
+                .map_err(RequestError::internal)?
+                .next_offset;
             let (mut lo, mut hi) = (0u64, head);
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
-                let at = handle.reader.read(mid, 1).map_err(internal)?;
+                let at = handle.reader.read(mid, 1).map_err(RequestError::internal)?;
                 match at.first() {
                     Some(e) if e.received_at < *t => lo = e.offset + 1,
                     _ => hi = mid,
@@ -196,7 +194,7 @@ async fn propose_unchecked(
     match handle.raft.client_write(Command::Delivery(cmd)).await {
         Ok(resp) => match resp.data {
             CommandResponse::Delivery { cursor, touched } => Ok((cursor, touched)),
-            _ => Err(internal("unexpected apply result")),
+            _ => Err(RequestError::internal("unexpected apply result")),
         },
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(RequestError::NotLeader {

@@ -79,20 +79,20 @@ pub fn dest_status<'a>(
     let mut out = Vec::new();
     for ((dest, partition), s) in live {
         let reader = reader_of(partition)?;
-        let cursor = reader.cursor(&dest).map_err(internal)?;
-        let head = reader.head().map_err(internal)?.next_offset;
+        let cursor = reader.cursor(&dest).map_err(RequestError::internal)?;
+        let head = reader.head().map_err(RequestError::internal)?.next_offset;
         let oldest = if cursor < head {
             reader
                 .read(cursor, 1)
-                .map_err(internal)?
+                .map_err(RequestError::internal)?
                 .first()
                 .map(|e| (now.0.saturating_sub(e.received_at.0) / 1_000_000).max(0) as u64)
         } else {
             None
         };
         out.push(DestinationStatus {
-            dlq_size: reader.dlq_len(&dest).map_err(internal)?,
-            replay: reader.replay(&dest).map_err(internal)?,
+            dlq_size: reader.dlq_len(&dest).map_err(RequestError::internal)?,
+            replay: reader.replay(&dest).map_err(RequestError::internal)?,
             dest,
             partition,
             node,
@@ -113,10 +113,4 @@ pub fn dest_status<'a>(
         });
     }
     Ok(out)
-}
-
-fn internal(e: impl std::fmt::Display) -> RequestError {
-    RequestError::Internal {
-        reason: e.to_string(),
-    }
 }
