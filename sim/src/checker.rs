@@ -58,13 +58,10 @@ enum Core {
 /// Classifies a core from its metrics' `running_state` and whether the
 /// metrics sender is gone (the core task ended). Pure, so it is table
 /// tested.
-fn classify<E: std::fmt::Display>(
+fn classify<E: openraft::NodeId>(
     running_state: &Result<(), openraft::error::Fatal<E>>,
     ended: bool,
-) -> Core
-where
-    E: openraft::NodeId,
-{
+) -> Core {
     use openraft::error::Fatal;
     match running_state {
         Ok(()) if ended => Core::Panicked,
@@ -118,36 +115,6 @@ pub(crate) async fn reap_failed(world: &World) {
                 world.violation(e);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use openraft::error::Fatal;
-    use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
-
-    #[test]
-    fn a_core_that_ended_without_an_error_panicked() {
-        let storage = StorageError::<u64>::from(StorageIOError::new(
-            ErrorSubject::Logs,
-            ErrorVerb::Write,
-            openraft::AnyError::error("simulated write failure"),
-        ));
-        let check = |state: Result<(), Fatal<u64>>, ended, expected: &str| {
-            let got = format!("{:?}", classify(&state, ended));
-            assert!(got.starts_with(expected), "{state:?} ended {ended}: {got}");
-        };
-        check(Ok(()), false, "Running");
-        check(Ok(()), true, "Panicked");
-        check(Err(Fatal::Panicked), true, "Panicked");
-        check(Err(Fatal::Stopped), true, "Stopped");
-        check(
-            Err(Fatal::StorageError(storage.clone())),
-            true,
-            "StorageFailed",
-        );
-        check(Err(Fatal::StorageError(storage)), false, "StorageFailed");
     }
 }
 
@@ -561,5 +528,35 @@ fn check_delivery(world: &World, reference: &BTreeMap<usize, Vec<StoredEvent>>) 
             "delivery {name}: {count} arrivals, {} distinct, {parked} parked",
             delivered.len()
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::Fatal;
+    use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
+
+    #[test]
+    fn a_core_that_ended_without_an_error_panicked() {
+        let storage = StorageError::<u64>::from(StorageIOError::new(
+            ErrorSubject::Logs,
+            ErrorVerb::Write,
+            openraft::AnyError::error("simulated write failure"),
+        ));
+        let check = |state: Result<(), Fatal<u64>>, ended, expected: &str| {
+            let got = format!("{:?}", classify(&state, ended));
+            assert!(got.starts_with(expected), "{state:?} ended {ended}: {got}");
+        };
+        check(Ok(()), false, "Running");
+        check(Ok(()), true, "Panicked");
+        check(Err(Fatal::Panicked), true, "Panicked");
+        check(Err(Fatal::Stopped), true, "Stopped");
+        check(
+            Err(Fatal::StorageError(storage.clone())),
+            true,
+            "StorageFailed",
+        );
+        check(Err(Fatal::StorageError(storage)), false, "StorageFailed");
     }
 }
