@@ -4,7 +4,30 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use auditflow_sim::{run, FaultOptions, SimOptions};
+use auditflow_sim::{run, FaultOptions, PlantedBug, SimOptions};
+
+/// The names `--planted-bug` takes, with their bugs.
+const PLANTED_BUGS: [(&str, PlantedBug); 4] = [
+    ("g4", PlantedBug::G4Order),
+    ("g5", PlantedBug::G5Duplicates),
+    ("g6", PlantedBug::G6Chain),
+    ("masking", PlantedBug::Masking),
+];
+
+fn parse_planted_bug(name: &str) -> Result<PlantedBug, String> {
+    PLANTED_BUGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bug)| *bug)
+        .ok_or_else(|| format!("unknown planted bug {name}: one of g4, g5, g6, masking"))
+}
+
+fn planted_bug_name(bug: PlantedBug) -> &'static str {
+    PLANTED_BUGS
+        .iter()
+        .find(|(_, b)| *b == bug)
+        .map_or("?", |(n, _)| n)
+}
 
 /// Arguments of `auditflow sim`.
 #[derive(clap::Args, Debug)]
@@ -32,6 +55,18 @@ pub struct SimArgs {
     /// not survive it yet (issue 27), so a sweep with it finds failures.
     #[arg(long, default_value_t = 0.0)]
     lost_disk: f64,
+    /// Share of restarts whose node comes back with one bit flipped in
+    /// the synced part of a file (Raft log, database, event file), 0 to 1.
+    /// Off by default: until replay tells such damage from a torn tail and
+    /// the node repairs from a peer (issue 27), a sweep with it finds
+    /// failures.
+    #[arg(long, default_value_t = 0.0)]
+    synced_damage: f64,
+    /// Plant a known bug in the broker (g4: delivery order, g5: append
+    /// dedup, g6: hash chain, masking), to see the checker catch it: the
+    /// sweep must fail.
+    #[arg(long, value_parser = parse_planted_bug)]
+    planted_bug: Option<PlantedBug>,
     /// Lines of the trace printed for a failing (or single) seed.
     #[arg(long, default_value_t = 200)]
     trace_lines: usize,
@@ -47,12 +82,14 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
             o.faults = FaultOptions::none();
         }
         o.faults.cluster.lost_disk = args.lost_disk;
+        o.faults.cluster.synced_damage = args.synced_damage;
+        o.planted_bug = args.planted_bug;
         o.trace_lines = args.trace_lines;
         o
     };
     let replay = |seed: u64| {
         format!(
-            "auditflow sim --seed {seed} --duration {} --partitions {}{}{}",
+            "auditflow sim --seed {seed} --duration {} --partitions {}{}{}{}{}",
             args.duration,
             args.partitions,
             if args.no_faults { " --no-faults" } else { "" },
@@ -60,6 +97,15 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
                 format!(" --lost-disk {}", args.lost_disk)
             } else {
                 String::new()
+            },
+            if args.synced_damage > 0.0 {
+                format!(" --synced-damage {}", args.synced_damage)
+            } else {
+                String::new()
+            },
+            match args.planted_bug {
+                Some(bug) => format!(" --planted-bug {}", planted_bug_name(bug)),
+                None => String::new(),
             }
         )
     };

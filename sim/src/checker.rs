@@ -23,7 +23,6 @@ use auditflow_broker::delivery::DestinationConfig;
 use auditflow_broker::replicated::delivery::DlqEntry;
 use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::StoredEvent;
-use openraft::ServerState;
 
 use crate::world::World;
 
@@ -40,17 +39,72 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How a running node's Raft core stands, read off its metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Core {
+    /// Running.
+    Running,
+    /// Stopped on a storage error: a fail-stop, which an injected disk
+    /// fault explains (the node is restarted, as its supervisor would).
+    StorageFailed(String),
+    /// Stopped without an error while the node was meant to run.
+    Stopped,
+    /// The core task panicked: openraft reports `Fatal::Panicked`, or the
+    /// task ended without recording why (its metrics sender is gone while
+    /// the metrics still say it runs), which only a panic does.
+    Panicked,
+}
+
+/// Classifies a core from its metrics' `running_state` and whether the
+/// metrics sender is gone (the core task ended). Pure, so it is table
+/// tested.
+fn classify<E: openraft::NodeId>(
+    running_state: &Result<(), openraft::error::Fatal<E>>,
+    ended: bool,
+) -> Core {
+    use openraft::error::Fatal;
+    match running_state {
+        Ok(()) if ended => Core::Panicked,
+        Ok(()) => Core::Running,
+        Err(Fatal::Panicked) => Core::Panicked,
+        Err(Fatal::StorageError(e)) => Core::StorageFailed(e.to_string()),
+        Err(Fatal::Stopped) => Core::Stopped,
+    }
+}
+
 /// Restarts nodes whose Raft groups stopped on a storage failure: a node
-/// fail-stops on a fatal disk error and its supervisor restarts it.
+/// fail-stops on a fatal disk error and its supervisor restarts it. A
+/// core that panicked, stopped by itself, or failed on storage with no
+/// injected fault to explain it is a violation (and its node restarts
+/// too, so the run goes on to the other checks).
 pub(crate) async fn reap_failed(world: &World) {
     for id in world.ids() {
         let Some(node) = world.net.node(id) else {
             continue;
         };
-        let failed = node
-            .partitions
-            .iter()
-            .any(|p| p.raft.metrics().borrow().state == ServerState::Shutdown);
+        let mut failed = false;
+        for (p, handle) in node.partitions.iter().enumerate() {
+            let metrics = handle.raft.metrics();
+            let ended = metrics.has_changed().is_err();
+            let state = metrics.borrow().running_state.clone();
+            match classify(&state, ended) {
+                Core::Running => {}
+                Core::StorageFailed(e) if world.injected_since_boot(id) => {
+                    world.trace(format!("node {id} p{p} raft stopped: {e}"));
+                    failed = true;
+                }
+                Core::StorageFailed(e) => {
+                    world.violation(format!(
+                        "node {id} p{p}: raft core stopped on a storage error no injected fault explains: {e}"
+                    ));
+                    failed = true;
+                }
+                other => {
+                    world.violation(format!("node {id} p{p}: raft core {other:?}"));
+                    failed = true;
+                }
+            }
+        }
         drop(node);
         if failed {
             world.trace(format!(
@@ -324,6 +378,22 @@ impl Drop for Tally<'_> {
     }
 }
 
+/// Whether `body` (what `dest`'s endpoint received for stored event `e`)
+/// carries the event exactly as `dest`'s masking rules leave it, computed
+/// here from the stored event with the pure masking rules.
+fn check_masked(dest: &DestinationConfig, e: &StoredEvent, body: &str) -> Result<(), String> {
+    let mut expected = serde_json::to_value(&e.event).map_err(|err| err.to_string())?;
+    let key = dest.mask_key.as_deref().unwrap_or("").as_bytes();
+    auditflow_broker::delivery::mask::apply(&dest.masking, key, &mut expected);
+    let got: serde_json::Value = serde_json::from_str(body).map_err(|err| err.to_string())?;
+    match got.get("event") {
+        Some(event) if *event == expected => Ok(()),
+        _ => Err(format!(
+            "unmasked or changed: sent {body}, masking rules give {expected}"
+        )),
+    }
+}
+
 /// G2 and G4 against what the simulated endpoints recorded, the stored
 /// events (`reference`, identical on every replica by now) and each
 /// destination's DLQ as the first node's state machine holds it.
@@ -337,6 +407,7 @@ fn check_delivery(world: &World, reference: &BTreeMap<usize, Vec<StoredEvent>>) 
         let name = dest.name.as_str();
         let mut g2 = Tally::new(world, "G2");
         let mut g4 = Tally::new(world, "G4");
+        let mut masking = Tally::new(world, "masking");
         let mut dlqs: BTreeMap<usize, BTreeMap<u64, DlqEntry>> = BTreeMap::new();
         for p in reference.keys() {
             match reader_node.partitions[*p].reader.dlq(name, 0, usize::MAX) {
@@ -360,6 +431,18 @@ fn check_delivery(world: &World, reference: &BTreeMap<usize, Vec<StoredEvent>>) 
                 .get(&(a.partition as usize))
                 .and_then(|events| events.get(a.offset as usize))
                 .map(|e| e.event.id.as_str());
+            if let Some(e) = reference
+                .get(&(a.partition as usize))
+                .and_then(|events| events.get(a.offset as usize))
+                .filter(|e| e.event.id == a.event_id)
+            {
+                if let Err(why) = check_masked(&dest, e, &a.body) {
+                    masking.report(format!(
+                        "{name} received {} (p{} o{}) {why}",
+                        a.event_id, a.partition, a.offset
+                    ));
+                }
+            }
             if stored != Some(a.event_id.as_str()) {
                 g4.report(format!(
                     "{name} received {} as p{} o{}, where the log stores {stored:?}",
@@ -445,5 +528,35 @@ fn check_delivery(world: &World, reference: &BTreeMap<usize, Vec<StoredEvent>>) 
             "delivery {name}: {count} arrivals, {} distinct, {parked} parked",
             delivered.len()
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::Fatal;
+    use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
+
+    #[test]
+    fn a_core_that_ended_without_an_error_panicked() {
+        let storage = StorageError::<u64>::from(StorageIOError::new(
+            ErrorSubject::Logs,
+            ErrorVerb::Write,
+            openraft::AnyError::error("simulated write failure"),
+        ));
+        let check = |state: Result<(), Fatal<u64>>, ended, expected: &str| {
+            let got = format!("{:?}", classify(&state, ended));
+            assert!(got.starts_with(expected), "{state:?} ended {ended}: {got}");
+        };
+        check(Ok(()), false, "Running");
+        check(Ok(()), true, "Panicked");
+        check(Err(Fatal::Panicked), true, "Panicked");
+        check(Err(Fatal::Stopped), true, "Stopped");
+        check(
+            Err(Fatal::StorageError(storage.clone())),
+            true,
+            "StorageFailed",
+        );
+        check(Err(Fatal::StorageError(storage)), false, "StorageFailed");
     }
 }

@@ -23,23 +23,90 @@ use std::sync::{Arc, Mutex, MutexGuard};
 #[derive(Default)]
 struct FileState {
     data: Vec<u8>,
-    /// (offset, bytes there before the write), oldest first.
-    undo: Vec<(u64, Vec<u8>)>,
+    /// Writes since the last sync, oldest first, to undo at a crash.
+    undo: Vec<Undo>,
     len_at_sync: u64,
+}
+
+/// One write (or truncation) since the last sync.
+struct Undo {
+    /// Where it wrote.
+    offset: u64,
+    /// The bytes there before it (for a truncation: the cut tail).
+    old: Vec<u8>,
+    /// How many bytes it wrote (0 for a truncation).
+    written: usize,
+    /// The file's length before it.
+    len_before: usize,
 }
 
 impl FileState {
     fn crash(&mut self) {
-        while let Some((offset, old)) = self.undo.pop() {
-            let at = offset as usize;
-            let end = at + old.len();
+        self.undo_to(0);
+        let len = self.len_at_sync as usize;
+        self.data.resize(len, 0);
+    }
+
+    /// Undoes the writes from the `keep`th on, newest first, leaving the
+    /// file as the first `keep` writes since the sync left it.
+    fn undo_to(&mut self, keep: usize) {
+        while self.undo.len() > keep {
+            let Some(u) = self.undo.pop() else {
+                return;
+            };
+            let at = u.offset as usize;
+            let end = at + u.old.len();
             if self.data.len() < end {
                 self.data.resize(end, 0);
             }
-            self.data[at..end].copy_from_slice(&old);
+            self.data[at..end].copy_from_slice(&u.old);
+            self.data.resize(u.len_before, 0);
         }
-        let len = self.len_at_sync as usize;
+    }
+
+    /// A crash that tears the unsynced writes (see
+    /// [`crate::options::ClusterFaults::torn_write`]): the first `keep` of
+    /// them land whole, the next lands its first `landed` bytes, the rest
+    /// are lost; `flip` (a bit index into what landed) flips one bit.
+    /// Returns what it did, for the trace; `None` if nothing was unsynced.
+    fn tear(&mut self, keep: usize, landed: usize, flip: Option<usize>) -> Option<String> {
+        if self.undo.is_empty() {
+            return None;
+        }
+        let keep = keep.min(self.undo.len() - 1);
+        self.undo_to(keep + 1);
+        let u = self.undo.pop()?;
+        let at = u.offset as usize;
+        // A truncation or extension does not tear: it is lost whole.
+        let landed = if u.written == 0 {
+            0
+        } else {
+            landed.min(u.written)
+        };
+        let end = at + u.old.len();
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        self.data[at + landed..end].copy_from_slice(&u.old[landed..]);
+        let len = if landed > 0 {
+            u.len_before.max(at + landed)
+        } else {
+            u.len_before
+        };
         self.data.resize(len, 0);
+        let mut what = format!(
+            "{keep} unsynced writes whole, then {landed} of {} bytes at {at}",
+            u.written
+        );
+        if let Some(bit) = flip.filter(|_| landed > 0) {
+            let byte = at + (bit / 8) % landed;
+            self.data[byte] ^= 1 << (bit % 8);
+            what.push_str(&format!(", bit {} of byte {byte} flipped", bit % 8));
+        }
+        // What is on the disk now stays there.
+        self.undo.clear();
+        self.len_at_sync = self.data.len() as u64;
+        Some(what)
     }
 }
 
@@ -242,6 +309,61 @@ impl SimDisk {
         s.generation += 1;
     }
 
+    /// The node crashed, and its unsynced writes tear (see
+    /// [`crate::options::ClusterFaults::torn_write`]): each file with
+    /// unsynced writes tears with probability `p`, the others lose them
+    /// all. Draws from `rng`; returns what tore, for the trace.
+    pub fn crash_torn(&self, p: f64, rng: &mut impl rand::Rng) -> Vec<String> {
+        let mut torn = Vec::new();
+        let mut s = self.lock();
+        for name in std::mem::take(&mut s.created_unsynced) {
+            s.files.remove(&name);
+        }
+        for (name, file) in std::mem::take(&mut s.deleted_unsynced) {
+            s.files.insert(name, file);
+        }
+        for (name, file) in s.files.iter_mut() {
+            if file.undo.is_empty() || !rng.gen_bool(p) {
+                file.crash();
+                continue;
+            }
+            let keep = rng.gen_range(0..file.undo.len());
+            let landed = rng.gen_range(0..=file.undo[keep].written);
+            let flip = rng.gen_bool(0.5).then(|| rng.gen_range(0..usize::MAX / 2));
+            if let Some(what) = file.tear(keep, landed, flip) {
+                torn.push(format!("{name}: {what}"));
+            }
+        }
+        s.generation += 1;
+        torn
+    }
+
+    /// Flips one bit inside the synced part of one file, as a disk's
+    /// silent corruption would (see
+    /// [`crate::options::ClusterFaults::synced_damage`]); call it while
+    /// the node is down. Draws from `rng`; returns the file and where, or
+    /// `None` if no file holds a synced byte.
+    pub fn damage_synced(&self, rng: &mut impl rand::Rng) -> Option<String> {
+        let mut s = self.lock();
+        let synced: Vec<(String, usize)> = s
+            .files
+            .iter()
+            .filter(|(_, f)| f.len_at_sync > 0 && f.undo.is_empty())
+            .map(|(name, f)| (name.clone(), f.len_at_sync as usize))
+            .collect();
+        if synced.is_empty() {
+            return None;
+        }
+        let (name, len) = &synced[rng.gen_range(0..synced.len())];
+        let byte = rng.gen_range(0..*len);
+        let bit = rng.gen_range(0..8u8);
+        let f = s.files.get_mut(name)?;
+        f.data[byte] ^= 1 << bit;
+        // Counted as injected: the storage errors it causes are expected.
+        s.injected += 1;
+        Some(format!("{name} byte {byte} bit {bit}"))
+    }
+
     /// Loses everything on the disk, synced or not, as a replaced disk or
     /// an emptied data directory would; older handles stop working.
     pub fn wipe(&self) {
@@ -327,11 +449,19 @@ impl redb::StorageBackend for DiskHandle {
         let f = file(&mut s, &self.file)?;
         let old_len = f.data.len();
         let new_len = len as usize;
-        if new_len < old_len {
-            // Remember the cut tail so a crash can restore it.
-            let tail = f.data[new_len..].to_vec();
-            f.undo.push((len, tail));
-        }
+        // Remember the cut tail (or the old length) so a crash can
+        // restore it.
+        let tail = f
+            .data
+            .get(new_len..)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        f.undo.push(Undo {
+            offset: len.min(old_len as u64),
+            old: tail,
+            written: 0,
+            len_before: old_len,
+        });
         f.data.resize(new_len, 0);
         Ok(())
     }
@@ -361,11 +491,17 @@ impl redb::StorageBackend for DiskHandle {
         let f = file(&mut s, &self.file)?;
         let at = offset as usize;
         let end = at + data.len();
+        let len_before = f.data.len();
         if f.data.len() < end {
             f.data.resize(end, 0);
         }
         let old = f.data[at..end].to_vec();
-        f.undo.push((offset, old));
+        f.undo.push(Undo {
+            offset,
+            old,
+            written: data.len(),
+            len_before,
+        });
         f.data[at..end].copy_from_slice(data);
         Ok(())
     }
@@ -438,6 +574,51 @@ mod tests {
         disk.crash();
         let (_, log, _) = disk.open();
         assert_eq!(log.list().unwrap(), Vec::<u64>::new(), "synced deletion");
+    }
+
+    /// A torn crash keeps the unsynced writes in order up to one, of
+    /// which a prefix lands, and what it kept stays after the next crash.
+    #[test]
+    fn a_torn_crash_keeps_a_prefix_of_the_unsynced_writes() {
+        let check = |keep, landed, flip, expected: &[u8]| {
+            let mut f = FileState::default();
+            let disk = SimDisk::default();
+            let (h, _, _) = disk.open();
+            h.write(0, b"synced").unwrap();
+            h.sync_data().unwrap();
+            h.write(6, b"-one").unwrap();
+            h.write(0, b"S").unwrap();
+            h.write(10, b"-two").unwrap();
+            std::mem::swap(&mut f, disk.lock().files.get_mut(DB_FILE).unwrap());
+            f.tear(keep, landed, flip).unwrap();
+            assert_eq!(f.data, expected, "keep {keep} landed {landed}");
+            assert_eq!(f.len_at_sync, expected.len() as u64);
+            f.crash();
+            assert_eq!(f.data, expected, "what landed is on the disk for good");
+        };
+        check(0, 0, None, b"synced");
+        check(0, 2, None, b"synced-o");
+        check(1, 0, None, b"synced-one");
+        check(1, 1, None, b"Synced-one");
+        check(2, 3, None, b"Synced-one-tw");
+        check(9, 9, None, b"Synced-one-two");
+        // Bit 0 of the first landed byte: '-' (0x2d) becomes ','.
+        check(0, 2, Some(0), b"synced,o");
+    }
+
+    #[test]
+    fn synced_damage_flips_one_bit_of_a_synced_byte() {
+        use rand::SeedableRng;
+        let disk = SimDisk::default();
+        let (h, _, _) = disk.open();
+        h.write(0, &[0u8; 64]).unwrap();
+        h.sync_data().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        assert!(disk.damage_synced(&mut rng).is_some());
+        let mut out = vec![0; 64];
+        h.read(0, &mut out).unwrap();
+        let ones: u32 = out.iter().map(|b| b.count_ones()).sum();
+        assert_eq!(ones, 1, "{out:?}");
     }
 
     #[test]

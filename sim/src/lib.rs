@@ -28,5 +28,5 @@ mod trace;
 mod workload;
 pub mod world;
 
-pub use options::{ClientHook, FaultOptions, OptionsError, SimOptions};
+pub use options::{ClientHook, FaultOptions, OptionsError, PlantedBug, SimOptions};
 pub use world::{run, Report};

@@ -32,6 +32,8 @@ enum ClusterFault {
     DiskError,
     /// A running node pauses.
     Pause,
+    /// A node's wall clock jumps forward or back.
+    ClockJump,
     /// Nothing this step.
     Nothing,
 }
@@ -55,6 +57,7 @@ fn choose(o: &ClusterFaults, all_up: bool, u: f64) -> ClusterFault {
         (o.heal, ClusterFault::Heal),
         (o.disk_error, ClusterFault::DiskError),
         (o.pause, ClusterFault::Pause),
+        (o.clock_jump, ClusterFault::ClockJump),
     ] {
         edge += p;
         if u < edge {
@@ -99,6 +102,12 @@ pub(crate) async fn nemesis(world: &Arc<World>, end: Duration) {
                 if o.lost_disk > 0.0 && world.gen_unit() < o.lost_disk {
                     world.trace(format!("fault: node {id} lost its disk"));
                     world.disks[&id].wipe();
+                }
+                if o.synced_damage > 0.0 && world.gen_unit() < o.synced_damage {
+                    let damage = world.disks[&id].damage_synced(&mut *lock(&world.rng));
+                    if let Some(what) = damage {
+                        world.trace(format!("fault: node {id} disk damaged: {what}"));
+                    }
                 }
                 world.trace(format!("fault: restart node {id}"));
                 if let Err(e) = world.boot(id).await {
@@ -148,6 +157,13 @@ pub(crate) async fn nemesis(world: &Arc<World>, end: Duration) {
                 let length = world.gen_span(o.pause_duration);
                 world.trace(format!("fault: node {id} pauses for {length:?}"));
                 world.net.pause(id, length);
+            }
+            ClusterFault::ClockJump => {
+                let id = pick(&ids);
+                let size = world.gen_span(o.clock_jump_size).as_nanos() as i64;
+                let ns = if world.gen_bool(0.5) { size } else { -size };
+                world.trace(format!("fault: node {id} clock jumps {}ms", ns / 1_000_000));
+                world.clocks[&id].jump(ns);
             }
             ClusterFault::DiskError | ClusterFault::Pause | ClusterFault::Nothing => continue,
         }
@@ -213,6 +229,7 @@ mod tests {
                 (ClusterFault::Heal, o.heal),
                 (ClusterFault::DiskError, o.disk_error),
                 (ClusterFault::Pause, o.pause),
+                (ClusterFault::ClockJump, o.clock_jump),
             ] {
                 assert!((share(fault) - p).abs() < 1e-3, "{fault:?}");
             }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow_broker::partition::NodeId;
+pub use auditflow_broker::replicated::planted::PlantedBug;
 use auditflow_protocol::wire::{Request, Response};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -48,6 +49,10 @@ pub struct SimOptions {
     pub sinks: SinkHook,
     /// How many of the trace's last lines the report keeps.
     pub trace_lines: usize,
+    /// A bug planted in the broker for this run (G4, G5, G6 or masking
+    /// broken on purpose), to show the checker catches it; `None` for the
+    /// real system.
+    pub planted_bug: Option<PlantedBug>,
 }
 
 /// See [`SimOptions::client_hook`]: given the request, returns `Some`
@@ -68,6 +73,7 @@ impl SimOptions {
             client_hook: None,
             sinks: sim_sinks(),
             trace_lines: 200,
+            planted_bug: None,
         }
     }
 
@@ -204,6 +210,40 @@ pub struct FaultOptions {
     pub cluster: ClusterFaults,
     /// Faults of the destinations' endpoints.
     pub sinks: SinkFaults,
+    /// Which storage writer the nodes run: drawn per seed, so sweeps
+    /// cover the production writer (group commit and linger) as well as
+    /// the inline one.
+    pub writer: SimWriter,
+}
+
+/// The storage writer of a run's nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimWriter {
+    /// Each job commits at once on the caller's task (one transaction,
+    /// one Raft log write per job).
+    Inline,
+    /// The production writer's group commit and linger, in a task
+    /// ([`auditflow_broker::storage::WriterMode::Task`]).
+    Group,
+}
+
+impl SimWriter {
+    /// The broker's writer mode for it.
+    pub fn mode(self) -> auditflow_broker::storage::WriterMode {
+        match self {
+            SimWriter::Inline => auditflow_broker::storage::WriterMode::Inline,
+            SimWriter::Group => auditflow_broker::storage::WriterMode::Task,
+        }
+    }
+}
+
+impl fmt::Display for SimWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SimWriter::Inline => "inline",
+            SimWriter::Group => "group",
+        })
+    }
 }
 
 /// How the network treats each message (Raft RPC or client request).
@@ -264,6 +304,25 @@ pub struct ClusterFaults {
     /// fresh member; issue 27), and a sweep with it would fail. With 0
     /// no draw is made, so runs without it are unchanged.
     pub lost_disk: f64,
+    /// Per crashed node and file with unsynced writes: the crash tears
+    /// them instead of dropping them all: the writes since the last sync
+    /// reach the disk in order up to one, of which only a prefix lands,
+    /// and half the time a bit of what landed is flipped (damage past the
+    /// synced point, which the storage must cut off or ignore).
+    pub torn_write: f64,
+    /// Of the restarts, the share whose node comes back with one bit
+    /// flipped inside the synced part of one of its files (the Raft log,
+    /// the database, an event file). Not drawn from the seed: 0 unless set
+    /// (`auditflow sim --synced-damage P`), because until replay tells
+    /// damage from a torn tail and the node repairs from a peer (issue 27
+    /// points 1 and 2), such damage cannot be repaired. With 0 no draw is
+    /// made.
+    pub synced_damage: f64,
+    /// A running node's wall clock jumps forward or back by
+    /// `clock_jump_size` (an NTP step, a VM restored from a snapshot).
+    pub clock_jump: f64,
+    /// How far a clock jumps.
+    pub clock_jump_size: Span,
 }
 
 /// The destinations' endpoints. The sink nemesis waits `interval`, then
@@ -377,6 +436,18 @@ mod ranges {
     pub const SPIKE: (u64, u64) = (0, 50);
     /// Event ids refused for good.
     pub const PERMANENT: (u64, u64) = (5, 40);
+
+    /// Torn writes at a crash, per file with unsynced writes.
+    pub const TORN_WRITE: (u64, u64) = (200, 800);
+    /// Clock jumps per cluster step.
+    pub const CLOCK_JUMP: (u64, u64) = (20, 80);
+    /// Smallest clock jump (ms).
+    pub const CLOCK_JUMP_MIN_MS: (u64, u64) = (100, 1_000);
+    /// Largest clock jump (ms): up to two hours, past any retry or
+    /// linger setting of the run.
+    pub const CLOCK_JUMP_MAX_MS: (u64, u64) = (60_000, 7_200_000);
+    /// Seeds (thousandths) whose nodes run the group-commit writer.
+    pub const GROUP_WRITER: (u64, u64) = (500, 500);
 }
 
 /// Draws rates and spans from [`ranges`].
@@ -442,6 +513,12 @@ impl FaultOptions {
                 pause: d.p(PAUSE),
                 pause_duration: d.span_ms(PAUSE_MIN_MS, PAUSE_MAX_MS),
                 lost_disk: 0.0,
+                // Drawn below, after every older option, so that adding
+                // them shifted no older option's draw.
+                torn_write: 0.0,
+                synced_damage: 0.0,
+                clock_jump: 0.0,
+                clock_jump_size: Span::ms(0, 0),
             },
             sinks: SinkFaults {
                 interval: d.span_ms(SINK_STEP_MIN_MS, SINK_STEP_MAX_MS),
@@ -455,13 +532,28 @@ impl FaultOptions {
                 spike: d.p(SPIKE),
                 permanent: d.p(PERMANENT),
             },
+            writer: SimWriter::Inline,
         };
+        o.cluster.torn_write = d.p(TORN_WRITE);
+        o.cluster.clock_jump = d.p(CLOCK_JUMP);
+        o.cluster.clock_jump_size = d.span_ms(CLOCK_JUMP_MIN_MS, CLOCK_JUMP_MAX_MS);
+        if d.0.gen_bool(GROUP_WRITER.0 as f64 / 1000.0) {
+            o.writer = SimWriter::Group;
+        }
         let c = &mut o.cluster;
         // Crash and restart exclude each other: the larger one counts.
         let node = c.crash.max(c.restart);
         scale_to_one(
-            c.power_failure + node + c.isolate + c.cut + c.heal + c.disk_error + c.pause,
+            c.power_failure
+                + node
+                + c.isolate
+                + c.cut
+                + c.heal
+                + c.disk_error
+                + c.pause
+                + c.clock_jump,
             &mut [
+                &mut c.clock_jump,
                 &mut c.power_failure,
                 &mut c.crash,
                 &mut c.restart,
@@ -506,6 +598,10 @@ impl FaultOptions {
                 pause: 0.0,
                 pause_duration: Span::ms(0, 0),
                 lost_disk: 0.0,
+                torn_write: 0.0,
+                synced_damage: 0.0,
+                clock_jump: 0.0,
+                clock_jump_size: Span::ms(0, 0),
             },
             sinks: SinkFaults {
                 interval: Span::ms(500, 3_000),
@@ -519,6 +615,7 @@ impl FaultOptions {
                 spike: 0.0,
                 permanent: 0.0,
             },
+            writer: SimWriter::Inline,
         }
     }
 
@@ -542,6 +639,9 @@ impl FaultOptions {
             ("cluster.disk_error", c.disk_error),
             ("cluster.pause", c.pause),
             ("cluster.lost_disk", c.lost_disk),
+            ("cluster.torn_write", c.torn_write),
+            ("cluster.synced_damage", c.synced_damage),
+            ("cluster.clock_jump", c.clock_jump),
             ("sinks.outage", s.outage),
             ("sinks.slow", s.slow),
             ("sinks.flaky", s.flaky),
@@ -560,6 +660,7 @@ impl FaultOptions {
         c.interval.check_wait("cluster.interval")?;
         c.power_outage.check("cluster.power_outage")?;
         c.pause_duration.check("cluster.pause_duration")?;
+        c.clock_jump_size.check("cluster.clock_jump_size")?;
         s.interval.check_wait("sinks.interval")?;
         s.fault_duration.check("sinks.fault_duration")?;
         // Crash and restart exclude each other (all up, or one down).
@@ -569,7 +670,8 @@ impl FaultOptions {
             + c.cut
             + c.heal
             + c.disk_error
-            + c.pause;
+            + c.pause
+            + c.clock_jump;
         if cluster > 1.0 + STEP_SLACK {
             return Err(OptionsError::StepOverOne {
                 step: "cluster",
@@ -613,9 +715,10 @@ impl fmt::Display for FaultOptions {
             f,
             "net delay={} loss={} duplicate={} reorder={} reorder_delay={}; \
              cluster interval={} power_failure={} power_outage={} crash={} restart={} \
-             isolate={} cut={} heal={} disk_error={} pause={} pause_duration={} lost_disk={}; \
+             isolate={} cut={} heal={} disk_error={} pause={} pause_duration={} lost_disk={} \
+             torn_write={} synced_damage={} clock_jump={} clock_jump_size={}; \
              sinks interval={} outage={} slow={} fault_duration={} flaky={} retry_after={} \
-             partial={} duplicate={} spike={} permanent={}",
+             partial={} duplicate={} spike={} permanent={}; writer={}",
             n.delay,
             n.loss,
             n.duplicate,
@@ -633,6 +736,10 @@ impl fmt::Display for FaultOptions {
             c.pause,
             c.pause_duration,
             c.lost_disk,
+            c.torn_write,
+            c.synced_damage,
+            c.clock_jump,
+            c.clock_jump_size,
             s.interval,
             s.outage,
             s.slow,
@@ -643,6 +750,7 @@ impl fmt::Display for FaultOptions {
             s.duplicate,
             s.spike,
             s.permanent,
+            self.writer,
         )
     }
 }
@@ -702,7 +810,8 @@ mod tests {
             line.contains(&format!("crash={} ", o.cluster.crash)),
             "{line}"
         );
-        assert!(line.ends_with(&format!("permanent={}", o.sinks.permanent)));
+        assert!(line.contains(&format!("permanent={};", o.sinks.permanent)));
+        assert!(line.ends_with(&format!("writer={}", o.writer)));
         let span = Span {
             min: Duration::from_micros(250),
             max: Duration::from_millis(20),
@@ -820,6 +929,21 @@ mod tests {
         o.cluster.restart = 0.6;
         o.cluster.heal = 0.4;
         assert_eq!(o.validate(), Ok(()));
+    }
+
+    /// Sweeps cover both storage writers and every seed draws the new
+    /// faults into its mix (synced damage stays off unless asked for).
+    #[test]
+    fn seeds_mix_both_writers_and_the_storage_and_clock_faults() {
+        let mut writers = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            let o = FaultOptions::from_seed(seed);
+            writers.insert(o.writer.to_string());
+            assert!(o.cluster.torn_write > 0.0, "seed {seed}");
+            assert!(o.cluster.clock_jump > 0.0, "seed {seed}");
+            assert_eq!(o.cluster.synced_damage, 0.0, "seed {seed}");
+        }
+        assert_eq!(writers.len(), 2, "{writers:?}");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Arrival {
     pub offset: u64,
     /// Its id (the idempotency key).
     pub event_id: String,
+    /// The body as sent (masked by the destination's rules), so the
+    /// checker can hold masking to account.
+    pub body: Arc<str>,
 }
 
 struct Endpoint {
@@ -366,6 +369,7 @@ impl SimSink {
                     partition: d.partition,
                     offset: d.offset,
                     event_id: d.event_id.clone(),
+                    body: Arc::from(d.body.as_str()),
                 });
             }
         }

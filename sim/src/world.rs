@@ -18,7 +18,7 @@ use auditflow_broker::node::{self, NodeShared};
 use auditflow_broker::partition::actor::Shutdown;
 use auditflow_broker::partition::NodeId;
 use auditflow_broker::sinks::SinkConfig;
-use auditflow_broker::storage::{Store, WriterMode};
+use auditflow_broker::storage::Store;
 use auditflow_protocol::{Event, Limits, Timestamp};
 use openraft::ServerState;
 use rand::rngs::StdRng;
@@ -79,10 +79,30 @@ impl Report {
     }
 }
 
-/// Simulated wall clock: a fixed epoch plus simulated time elapsed.
+/// Simulated wall clock: a fixed epoch plus simulated time elapsed, plus
+/// the jumps this clock made (each node has its own, so one node's clock
+/// can be stepped while the others' run on).
 #[derive(Debug)]
 pub(crate) struct SimClock {
     start: tokio::time::Instant,
+    /// Sum of the jumps so far (ns; negative: set back).
+    jumped_ns: std::sync::atomic::AtomicI64,
+}
+
+impl SimClock {
+    fn new(start: tokio::time::Instant) -> SimClock {
+        SimClock {
+            start,
+            jumped_ns: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Steps the clock by `ns` (back if negative), as an NTP step or a
+    /// VM restored from a snapshot would.
+    pub(crate) fn jump(&self, ns: i64) {
+        self.jumped_ns
+            .fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Simulated wall-clock time 0: 2026-01-01T00:00:00Z. Fixed, so no real
@@ -91,7 +111,8 @@ pub(crate) const EPOCH_NANOS: i64 = 1_767_225_600_000_000_000;
 
 impl Clock for SimClock {
     fn now(&self) -> Timestamp {
-        Timestamp(EPOCH_NANOS + self.start.elapsed().as_nanos() as i64)
+        let jumped = self.jumped_ns.load(std::sync::atomic::Ordering::Relaxed);
+        Timestamp(EPOCH_NANOS + self.start.elapsed().as_nanos() as i64 + jumped)
     }
 }
 
@@ -108,8 +129,10 @@ pub(crate) struct World {
     pub configs: BTreeMap<NodeId, NodeConfig>,
     /// The store of each running node, dropped when it crashes.
     pub stores: Mutex<BTreeMap<NodeId, Store>>,
-    /// The wall clock every node reads.
+    /// Simulated time of the run (never jumps).
     pub clock: Arc<SimClock>,
+    /// Each node's wall clock (the clock seam): they jump.
+    pub clocks: BTreeMap<NodeId, Arc<SimClock>>,
     /// The workload's and the nemesis' randomness (the network and the
     /// sinks have their own, so their draws do not shift these).
     pub rng: Mutex<StdRng>,
@@ -132,6 +155,10 @@ pub(crate) struct World {
     pub leaders: Mutex<BTreeMap<(u32, u64, NodeId), NodeId>>,
     /// Faults injected so far (for the report).
     pub faults: Mutex<usize>,
+    /// Each node's disk's count of injected faults when it last booted:
+    /// a storage failure of the node since then is explained by one only
+    /// if the count grew.
+    pub booted_at_fault: Mutex<BTreeMap<NodeId, u64>>,
 }
 
 /// Locks `m`, ignoring poisoning: a panic in the one simulation thread
@@ -210,17 +237,26 @@ impl World {
         }
     }
 
+    /// Whether node `id`'s disk injected a fault since the node booted
+    /// (or its last boot was damaged by one).
+    pub(crate) fn injected_since_boot(&self, id: NodeId) -> bool {
+        let at_boot = lock(&self.booted_at_fault).get(&id).copied();
+        at_boot.is_none_or(|n| self.disks[&id].injected_faults() > n)
+    }
+
     async fn try_boot(&self, id: NodeId) -> Result<(), String> {
         let disk = &self.disks[&id];
+        lock(&self.booted_at_fault).insert(id, disk.injected_faults());
         let (db, log, events) = disk.open();
-        let store = Store::with_backend(db, log, events, &format!("node{id}"), WriterMode::Inline)
+        let writer = self.opts.faults.writer.mode();
+        let store = Store::with_backend(db, log, events, &format!("node{id}"), writer)
             .map_err(|e| format!("node {id} cannot open its disk: {e}"))?;
         let config = self.configs[&id].clone();
         let shared = node::start(
             config,
             &store,
             Arc::new(self.net.transport(id)),
-            self.clock.clone(),
+            self.clocks[&id].clone(),
             Arc::clone(&self.sink_factory),
             // Delivery's randomness (backoff jitter), from the run's seed.
             self.gen_range(0..u64::MAX),
@@ -240,8 +276,18 @@ impl World {
             return;
         };
         // The disk dies first, so nothing the node does while it is torn
-        // down (a clean close of redb) can reach it.
-        self.disks[&id].crash();
+        // down (a clean close of redb) can reach it. Its unsynced writes
+        // may tear instead of vanishing whole.
+        let p = self.opts.faults.cluster.torn_write;
+        let torn = if p > 0.0 {
+            self.disks[&id].crash_torn(p, &mut *lock(&self.rng))
+        } else {
+            self.disks[&id].crash();
+            Vec::new()
+        };
+        for t in torn {
+            self.trace(format!("node {id} torn write: {t}"));
+        }
         shutdown(&node).await;
         lock(&self.stores).remove(&id);
     }
@@ -276,7 +322,11 @@ pub fn run(opts: &SimOptions) -> Report {
     };
     let system = actix_rt::System::with_tokio_rt(move || runtime);
     let opts = opts.clone();
-    system.block_on(simulate(opts))
+    // The whole run is on this thread, where the broker reads the switch.
+    auditflow_broker::replicated::planted::plant(opts.planted_bug);
+    let report = system.block_on(simulate(opts));
+    auditflow_broker::replicated::planted::plant(None);
+    report
 }
 
 fn node_config(id: NodeId, partitions: u32) -> NodeConfig {
@@ -412,7 +462,11 @@ async fn simulate(opts: SimOptions) -> Report {
             .map(|id| (*id, node_config(*id, opts.partitions)))
             .collect(),
         stores: Mutex::default(),
-        clock: Arc::new(SimClock { start }),
+        clock: Arc::new(SimClock::new(start)),
+        clocks: ids
+            .iter()
+            .map(|id| (*id, Arc::new(SimClock::new(start))))
+            .collect(),
         rng: Mutex::new(StdRng::seed_from_u64(rng.gen())),
         trace,
         sinks,
@@ -423,6 +477,7 @@ async fn simulate(opts: SimOptions) -> Report {
         violations: Mutex::default(),
         leaders: Mutex::default(),
         faults: Mutex::new(0),
+        booted_at_fault: Mutex::default(),
         opts: opts.clone(),
     });
     world.trace(format!(

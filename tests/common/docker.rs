@@ -168,6 +168,10 @@ impl DockerCluster {
         }
         write_client_config(cluster.dir.path(), &peers);
         let mount = format!("{}:/cluster", cluster.dir.path().display());
+        // As the test's own user, so the test can remove a node's data
+        // directory (a lost disk) without root.
+        // SAFETY: getuid and getgid cannot fail and touch no memory.
+        let user = unsafe { format!("{}:{}", libc::getuid(), libc::getgid()) };
         for n in &cluster.nodes {
             let config = format!("/cluster/node{}.toml", n.id);
             must(&[
@@ -183,6 +187,8 @@ impl DockerCluster {
                 &mount,
                 "-w",
                 "/cluster",
+                "--user",
+                &user,
                 "-e",
                 "AUDITFLOW_LOG=warn,auditflow=info",
                 &cluster.image,
@@ -231,6 +237,25 @@ impl DockerCluster {
     /// Thaws node `i`.
     pub fn unpause(&self, i: usize) {
         must(&["unpause", &self.nodes[i].container]);
+    }
+
+    /// Kills node `i`'s process with SIGKILL (`kill -9`): no clean
+    /// shutdown, the container stops.
+    pub fn kill(&self, i: usize) {
+        must(&["kill", "--signal", "KILL", &self.nodes[i].container]);
+    }
+
+    /// Starts node `i`'s stopped container again, with its data directory
+    /// as the kill left it.
+    pub fn restart(&self, i: usize) {
+        must(&["start", &self.nodes[i].container]);
+    }
+
+    /// Empties node `i`'s data directory (a lost or replaced disk); call
+    /// it while the node is stopped.
+    pub fn wipe(&self, i: usize) {
+        let dir = self.dir.path().join(format!("node{}", self.nodes[i].id));
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
     }
 
     /// Every node's (id, address), for `verify_acked`.

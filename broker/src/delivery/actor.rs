@@ -259,6 +259,17 @@ impl Pipeline {
 
     async fn send(&mut self, batch: &[Delivery]) -> (SendOutcome, u64) {
         let started = Instant::now();
+        let swapped;
+        let batch = if batch.len() >= 2
+            && crate::replicated::planted::planted(crate::replicated::planted::PlantedBug::G4Order)
+        {
+            let mut b = batch.to_vec();
+            b.swap(0, 1);
+            swapped = b;
+            &swapped[..]
+        } else {
+            batch
+        };
         let send = AssertUnwindSafe(self.sink.send(batch)).catch_unwind();
         let outcome = match tokio::time::timeout(SEND_TIMEOUT, send).await {
             Ok(Ok(outcome)) => outcome,

@@ -176,6 +176,7 @@ impl Store {
                     reason: format!("cannot start the writer thread: {e}"),
                 })?,
             WriterMode::Inline => StorageWriter::inline(Arc::clone(&db), Arc::clone(&events)),
+            WriterMode::Task => StorageWriter::task(Arc::clone(&db), Arc::clone(&events)),
         };
         Ok(Store {
             db,

@@ -242,7 +242,15 @@ impl<'t> AppendTables<'t> {
         events: &[auditflow_protocol::Event],
         dedup_window: u64,
     ) -> Result<Vec<auditflow_protocol::wire::AppendResult>, StoreError> {
+        use crate::replicated::planted::{planted, PlantedBug};
+        if planted(PlantedBug::G6Chain) && head.next_offset % 2 == 1 {
+            head.last_hash = auditflow_protocol::Hash32::ZERO;
+        }
+        let forget_ids = planted(PlantedBug::G5Duplicates);
         let effects = apply_append(head, partition, received_at, events, dedup_window, |id| {
+            if forget_ids {
+                return Ok(None);
+            }
             self.dedup_entry(partition, id)
         })?;
         for (stored, entry) in &effects.stored {

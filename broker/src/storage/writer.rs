@@ -109,6 +109,10 @@ enum Mode {
     /// transaction (the simulator may not start threads, DESIGN.md §6);
     /// nothing lingers.
     Inline(Arc<Database>, Arc<EventFiles>, Arc<Checkpoints>),
+    /// Simulation of production: the same group commit and linger as
+    /// `Thread`, run by a task on the caller's runtime instead of a
+    /// thread, so the simulator exercises the writer production runs.
+    Task(mpsc::Sender<Job>),
 }
 
 /// How the writer runs.
@@ -118,6 +122,10 @@ pub enum WriterMode {
     Thread,
     /// On the caller's thread, one transaction per job (simulator).
     Inline,
+    /// Group commit and linger as in [`WriterMode::Thread`], in a task of
+    /// the current tokio runtime (simulator: it may not start threads, and
+    /// its paused clock then drives the linger).
+    Task,
 }
 
 /// Joins the writer thread when the last handle goes, so that once a
@@ -157,6 +165,17 @@ impl StorageWriter {
         Ok(StorageWriter {
             mode: Mode::Thread(tx, Arc::new(JoinOnDrop(Some(handle)))),
         })
+    }
+
+    /// Starts a task on the current tokio runtime that group-commits
+    /// queued jobs as the production thread does (simulator). It stops
+    /// when every handle is dropped.
+    pub fn task(db: Arc<Database>, events: Arc<EventFiles>) -> StorageWriter {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(task_loop(db, events, rx));
+        StorageWriter {
+            mode: Mode::Task(tx),
+        }
     }
 
     /// A writer that runs each job on the caller's thread (simulator).
@@ -199,7 +218,9 @@ impl StorageWriter {
             }),
         };
         match &self.mode {
-            Mode::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
+            Mode::Thread(tx, _) | Mode::Task(tx) => {
+                tx.send(job).await.map_err(|_| StoreError::WriterStopped)?
+            }
             Mode::Inline(db, events, checkpoints) => {
                 let mut job = job;
                 let durable = checkpoints.durable(job.commit == Commit::Durable);
@@ -241,7 +262,7 @@ pub(crate) fn next_batch<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max:
 }
 
 /// Adds what is queued now to `batch`, up to `max` jobs in all.
-fn take_queued<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max: usize) {
+pub(crate) fn take_queued<J>(rx: &mut mpsc::Receiver<J>, batch: &mut Vec<J>, max: usize) {
     while batch.len() < max {
         match rx.try_recv() {
             Ok(job) => batch.push(job),
@@ -263,12 +284,23 @@ fn next_lingering_batch(
     if !next_batch(rx, batch, MAX_JOBS_PER_TXN) {
         return false;
     }
+    timer.block_on(linger_for_more(rx, batch, linger));
+    true
+}
+
+/// While every job in `batch` is [`Commit::Soon`], waits up to `linger`
+/// for more: until a job that may not wait arrives, the batch is full or
+/// the queue closes; then takes whatever queued up behind. Shared by the
+/// writer thread and the writer task, so both linger alike.
+async fn linger_for_more(
+    rx: &mut mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    linger: std::time::Duration,
+) {
     let deadline = tokio::time::Instant::now() + linger;
     let mut may_wait = batch.iter().all(|j| j.commit == Commit::Soon);
     while may_wait && batch.len() < MAX_JOBS_PER_TXN {
-        // The timeout is made inside the runtime, whose timer it needs.
-        let next = timer.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
-        match next {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(job)) => {
                 may_wait = job.commit == Commit::Soon;
                 batch.push(job);
@@ -279,7 +311,19 @@ fn next_lingering_batch(
     }
     // Whatever queued up behind the job that ended the wait comes along.
     take_queued(rx, batch, MAX_JOBS_PER_TXN);
-    true
+}
+
+/// The writer task's loop ([`WriterMode::Task`]): the writer thread's,
+/// waiting asynchronously.
+async fn task_loop(db: Arc<Database>, events: Arc<EventFiles>, mut rx: mpsc::Receiver<Job>) {
+    let checkpoints = Checkpoints::default();
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        take_queued(&mut rx, &mut batch, MAX_JOBS_PER_TXN);
+        linger_for_more(&mut rx, &mut batch, LINGER).await;
+        commit_batch(&db, &events, &checkpoints, &mut batch);
+    }
 }
 
 fn writer_loop(
@@ -291,29 +335,40 @@ fn writer_loop(
     let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
     while next_lingering_batch(timer, &mut rx, &mut batch, LINGER) {
-        let started = std::time::Instant::now();
-        let durable = checkpoints.durable(batch.iter().any(|j| j.commit == Commit::Durable));
-        let jobs = batch.len();
-        match run_batch(db, events, &mut batch, durable) {
-            Ok(()) => {
-                record_commit(durable, jobs, started.elapsed());
-                for job in batch.drain(..) {
-                    (job.finish)(Ok(()));
-                }
+        commit_batch(db, events, &checkpoints, &mut batch);
+    }
+}
+
+/// Commits `batch` in one transaction and completes its jobs (each alone
+/// if one of them failed); leaves `batch` empty.
+fn commit_batch(
+    db: &Database,
+    events: &EventFiles,
+    checkpoints: &Checkpoints,
+    batch: &mut Vec<Job>,
+) {
+    let started = std::time::Instant::now();
+    let durable = checkpoints.durable(batch.iter().any(|j| j.commit == Commit::Durable));
+    let jobs = batch.len();
+    match run_batch(db, events, batch, durable) {
+        Ok(()) => {
+            record_commit(durable, jobs, started.elapsed());
+            for job in batch.drain(..) {
+                (job.finish)(Ok(()));
             }
-            Err(BatchError::Job) => {
-                // Re-run one by one so only the failing jobs fail.
-                for mut job in batch.drain(..) {
-                    let durable = job.commit == Commit::Durable;
-                    let result = run_one(db, events, &mut job, durable);
-                    (job.finish)(result);
-                }
+        }
+        Err(BatchError::Job) => {
+            // Re-run one by one so only the failing jobs fail.
+            for mut job in batch.drain(..) {
+                let durable = job.commit == Commit::Durable;
+                let result = run_one(db, events, &mut job, durable);
+                (job.finish)(result);
             }
-            Err(BatchError::Commit(e)) => {
-                error!("storage commit failed: {e}");
-                for job in batch.drain(..) {
-                    (job.finish)(Err(e.shared()));
-                }
+        }
+        Err(BatchError::Commit(e)) => {
+            error!("storage commit failed: {e}");
+            for job in batch.drain(..) {
+                (job.finish)(Err(e.shared()));
             }
         }
     }

@@ -1170,7 +1170,9 @@ pub fn to_delivery(dest: &DestinationConfig, e: &StoredEvent) -> Result<Delivery
     } else {
         let mut body = serde_json::to_value(e).map_err(|err| format!("encode event: {err}"))?;
         let key = dest.mask_key.as_deref().unwrap_or("").as_bytes();
-        if let Some(event) = body.get_mut("event") {
+        let planted =
+            crate::replicated::planted::planted(crate::replicated::planted::PlantedBug::Masking);
+        if let Some(event) = body.get_mut("event").filter(|_| !planted) {
             mask::apply(&dest.masking, key, event);
         }
         Body::from_value(&body)

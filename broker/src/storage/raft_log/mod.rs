@@ -67,7 +67,7 @@ pub use format::{Framed, Record, MAGIC};
 use index::{Loc, State};
 use replay::replay;
 pub use writer::ZERO_FILL_BYTES;
-use writer::{write_batch, writer_loop, Job, QUEUE_CAPACITY};
+use writer::{task_loop, write_batch, writer_loop, Job, QUEUE_CAPACITY};
 
 /// A segment is closed and a new one started once it holds this much.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -110,6 +110,9 @@ enum Writer {
         #[allow(dead_code)] Arc<crate::storage::writer::JoinOnDrop>,
     ),
     Inline,
+    /// A task of the current runtime runs the writer thread's loop
+    /// ([`WriterMode::Task`], the simulator's production writer).
+    Task(mpsc::Sender<Job>),
 }
 
 impl RaftLog {
@@ -124,6 +127,11 @@ impl RaftLog {
         });
         let writer = match mode {
             WriterMode::Inline => Writer::Inline,
+            WriterMode::Task => {
+                let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+                tokio::spawn(task_loop(Arc::clone(&shared), rx));
+                Writer::Task(tx)
+            }
             WriterMode::Thread => {
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
                 let s = Arc::clone(&shared);
@@ -152,7 +160,9 @@ impl RaftLog {
         let (done, rx) = oneshot::channel();
         let job = Job { records, done };
         match &self.writer {
-            Writer::Thread(tx, _) => tx.send(job).await.map_err(|_| StoreError::WriterStopped)?,
+            Writer::Thread(tx, _) | Writer::Task(tx) => {
+                tx.send(job).await.map_err(|_| StoreError::WriterStopped)?
+            }
             Writer::Inline => write_batch(&self.shared, vec![job]),
         }
         Ok(rx)

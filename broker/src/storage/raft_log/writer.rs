@@ -39,6 +39,17 @@ pub(super) fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
+/// [`writer_loop`] in a task ([`crate::storage::WriterMode::Task`]): the
+/// same group commit, waiting asynchronously.
+pub(super) async fn task_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_JOBS_PER_WRITE);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        crate::storage::writer::take_queued(&mut rx, &mut batch, MAX_JOBS_PER_WRITE);
+        write_batch(&shared, std::mem::take(&mut batch));
+    }
+}
+
 /// Writes the jobs' records at the end of the active segment with one
 /// write and one sync, then updates the index.
 pub(super) fn write_batch(shared: &Shared, jobs: Vec<Job>) {
