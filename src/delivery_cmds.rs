@@ -230,13 +230,14 @@ pub fn dest(cmd: DestCommand) -> anyhow::Result<ExitCode> {
         } else {
             writeln!(
                 out,
-                "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6} {:>15}  last error",
-                "destination", "part", "node", "cursor", "lag", "oldest_ms", "tries", "breaker", "dlq", "replay"
+                "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6} {:>15} {:>7} {:>8} {:>10} {:>10}  last error",
+                "destination", "part", "node", "cursor", "lag", "oldest_ms", "tries", "breaker", "dlq", "replay",
+                "err_1m", "retries", "backoff_ms", "breaker_ms"
             )?;
             for s in &all {
                 writeln!(
                     out,
-                    "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6} {:>15}  {}",
+                    "{:<16} {:>4} {:>4} {:>10} {:>8} {:>10} {:>6} {:>9} {:>6} {:>15} {:>6.1}% {:>8} {:>10} {:>10}  {}",
                     s.dest,
                     s.partition,
                     s.node,
@@ -247,6 +248,10 @@ pub fn dest(cmd: DestCommand) -> anyhow::Result<ExitCode> {
                     s.breaker,
                     s.dlq_size,
                     s.replay.map_or("-".into(), |(next, end)| format!("{next}..{end}")),
+                    s.error_rate_1m() * 100.0,
+                    s.retries,
+                    s.backoff_wait_ms,
+                    s.breaker_wait_ms,
                     s.last_error.as_deref().unwrap_or("-")
                 )?;
             }

@@ -50,6 +50,16 @@ pub const DELIVERY_DLQ_SIZE: &str = "auditflow_delivery_dlq_size";
 pub const DELIVERY_ATTEMPTS: &str = "auditflow_delivery_attempts";
 /// 1 while the destination's circuit breaker is open, else 0.
 pub const DELIVERY_BREAKER_OPEN: &str = "auditflow_delivery_breaker_open";
+/// Share of requests to the destination that failed retryably over the
+/// last minute (0 to 1).
+pub const DELIVERY_ERROR_RATE_1M: &str = "auditflow_delivery_error_rate_1m";
+/// Retries since the partition's leader took over.
+pub const DELIVERY_RETRIES: &str = "auditflow_delivery_retries";
+/// Time spent waiting on backoff since the leader took over (seconds).
+pub const DELIVERY_BACKOFF_WAIT_SECONDS: &str = "auditflow_delivery_backoff_wait_seconds";
+/// Time spent waiting on the open breaker since the leader took over
+/// (seconds).
+pub const DELIVERY_BREAKER_WAIT_SECONDS: &str = "auditflow_delivery_breaker_wait_seconds";
 /// Events this node delivered, per destination and partition.
 pub const DELIVERED_EVENTS_TOTAL: &str = "auditflow_delivered_events_total";
 /// Cursor advances a delivery actor recorded through Raft after confirmed
@@ -273,6 +283,26 @@ pub fn describe() {
         Unit::Count,
         "1 while the destination's circuit breaker is open for the partition, else 0."
     );
+    describe_gauge!(
+        DELIVERY_ERROR_RATE_1M,
+        Unit::Count,
+        "Share of requests that failed retryably over the last minute, per destination and partition."
+    );
+    describe_gauge!(
+        DELIVERY_RETRIES,
+        Unit::Count,
+        "Retries since the partition's leader took over, per destination and partition."
+    );
+    describe_gauge!(
+        DELIVERY_BACKOFF_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time spent waiting on retry backoff since the partition's leader took over."
+    );
+    describe_gauge!(
+        DELIVERY_BREAKER_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time spent waiting on the open circuit breaker since the partition's leader took over."
+    );
     describe_counter!(
         DELIVERED_EVENTS_TOTAL,
         Unit::Count,
@@ -388,6 +418,16 @@ pub fn record_destinations(now: &[DestinationStatus], tracker: &mut DeliveredTra
             DELIVERY_BREAKER_OPEN,
             if d.breaker == "open" { 1.0 } else { 0.0 },
         );
+        set(DELIVERY_ERROR_RATE_1M, d.error_rate_1m());
+        set(DELIVERY_RETRIES, d.retries as f64);
+        set(
+            DELIVERY_BACKOFF_WAIT_SECONDS,
+            d.backoff_wait_ms as f64 / 1000.0,
+        );
+        set(
+            DELIVERY_BREAKER_WAIT_SECONDS,
+            d.breaker_wait_ms as f64 / 1000.0,
+        );
     }
     for ((dest, partition), delta) in tracker.deltas(now) {
         // Touch the counter even at 0 so the series exists from the start.
@@ -429,6 +469,11 @@ mod tests {
             dlq_size: 2,
             delivered,
             replay: None,
+            requests_1m: 400,
+            failed_requests_1m: 20,
+            retries: 7,
+            backoff_wait_ms: 250,
+            breaker_wait_ms: 2000,
         }
     }
 
@@ -516,6 +561,10 @@ mod tests {
             r#"auditflow_delivery_attempts{dest="hook",partition="3"} 3"#,
             r#"auditflow_delivery_breaker_open{dest="hook",partition="3"} 1"#,
             r#"auditflow_delivered_events_total{dest="hook",partition="3"} 45"#,
+            r#"auditflow_delivery_error_rate_1m{dest="hook",partition="3"} 0.05"#,
+            r#"auditflow_delivery_retries{dest="hook",partition="3"} 7"#,
+            r#"auditflow_delivery_backoff_wait_seconds{dest="hook",partition="3"} 0.25"#,
+            r#"auditflow_delivery_breaker_wait_seconds{dest="hook",partition="3"} 2"#,
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

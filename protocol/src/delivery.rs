@@ -128,4 +128,33 @@ pub struct DestinationStatus {
     /// A replay in progress: the next offset it re-delivers and its end
     /// (exclusive).
     pub replay: Option<(u64, u64)>,
+    /// Requests to the destination answered in the last minute.
+    #[serde(default)]
+    pub requests_1m: u64,
+    /// Of them, failed retryably: `failed_requests_1m / requests_1m` is
+    /// the error rate an alert can watch.
+    #[serde(default)]
+    pub failed_requests_1m: u64,
+    /// Retries since this leader took over.
+    #[serde(default)]
+    pub retries: u64,
+    /// Time spent waiting on backoff since this leader took over (ms).
+    #[serde(default)]
+    pub backoff_wait_ms: u64,
+    /// Time spent waiting on the open breaker since this leader took over
+    /// (ms).
+    #[serde(default)]
+    pub breaker_wait_ms: u64,
+}
+
+impl DestinationStatus {
+    /// Share of requests that failed retryably over the last minute, in
+    /// [0, 1] (0 without requests).
+    pub fn error_rate_1m(&self) -> f64 {
+        if self.requests_1m == 0 {
+            0.0
+        } else {
+            self.failed_requests_1m as f64 / self.requests_1m as f64
+        }
+    }
 }

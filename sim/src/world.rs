@@ -396,6 +396,7 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                 batch_size: 20,
                 linger_ms: 10,
                 retry: RetryPolicy {
+                    first_retry_ms: 5,
                     initial_ms: 50,
                     multiplier: 2.0,
                     max_ms: 1000,
@@ -405,6 +406,7 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                 breaker: BreakerPolicy {
                     failure_threshold: 4,
                     open_ms: 500,
+                    ..BreakerPolicy::default()
                 },
             },
             Refusal::PerItem,
@@ -419,6 +421,7 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                 batch_size: 50,
                 linger_ms: 20,
                 retry: RetryPolicy {
+                    first_retry_ms: 5,
                     initial_ms: 50,
                     multiplier: 2.0,
                     max_ms: 2000,
@@ -428,6 +431,7 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                 breaker: BreakerPolicy {
                     failure_threshold: 5,
                     open_ms: 1000,
+                    ..BreakerPolicy::default()
                 },
             },
             Refusal::WholeBatch,

@@ -95,6 +95,7 @@ pub fn render(status: &NodeStatus, dests: Result<&[DestinationStatus], String>) 
                 "<table><tr><th class=\"l\">destination</th><th>partition</th><th>cursor</th>\
                  <th>head</th><th>lag</th><th>oldest undelivered</th><th>DLQ</th>\
                  <th>attempts</th><th class=\"l\">breaker</th><th>delivered</th><th>replay</th>\
+                 <th>errors (1 min)</th><th>retries</th><th>backoff wait</th><th>breaker wait</th>\
                  <th class=\"l\">last success</th><th class=\"l\">last error</th></tr>\n",
             );
             for d in dests {
@@ -107,6 +108,7 @@ pub fn render(status: &NodeStatus, dests: Result<&[DestinationStatus], String>) 
                     html,
                     "<tr><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
                      <td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{breaker}</td><td>{}</td><td>{}</td>\
+                     <td>{:.1} % of {}</td><td>{}</td><td>{:.1} s</td><td>{:.1} s</td>\
                      <td class=\"l\">{}</td><td class=\"l\">{}</td></tr>",
                     escape(&d.dest),
                     d.partition,
@@ -120,6 +122,11 @@ pub fn render(status: &NodeStatus, dests: Result<&[DestinationStatus], String>) 
                     d.attempts,
                     d.delivered,
                     opt(d.replay.map(|(next, end)| format!("{next}..{end}"))),
+                    d.error_rate_1m() * 100.0,
+                    d.requests_1m,
+                    d.retries,
+                    d.backoff_wait_ms as f64 / 1000.0,
+                    d.breaker_wait_ms as f64 / 1000.0,
                     opt(d.last_success.map(|t| t.to_rfc3339())),
                     escape(d.last_error.as_deref().unwrap_or("")),
                 );
@@ -175,6 +182,11 @@ mod tests {
             dlq_size: 0,
             delivered: 1,
             replay: None,
+            requests_1m: 200,
+            failed_requests_1m: 10,
+            retries: 12,
+            backoff_wait_ms: 1500,
+            breaker_wait_ms: 0,
         };
         let html = render(&status(), Ok(std::slice::from_ref(&d)));
         assert!(html.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
@@ -184,6 +196,7 @@ mod tests {
         assert!(html.contains("&lt;hook&gt;"));
         assert!(html.contains("HTTP 500: &lt;html&gt;&quot;boom&quot;"));
         assert!(html.contains("1.5 s"));
+        assert!(html.contains("<td>5.0 % of 200</td><td>12</td><td>1.5 s</td><td>0.0 s</td>"));
         assert!(!html.contains("<hook>"));
         assert!(!html.contains("<script"));
     }

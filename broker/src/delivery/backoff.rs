@@ -1,5 +1,12 @@
 //! Retry schedule (pure): exponential backoff with full jitter, and when to
 //! give up.
+//!
+//! The first retry of an item is cheap: a transient failure (one 503 from
+//! a busy load balancer) is retried after a few jittered milliseconds
+//! ([`RetryPolicy::first_retry_ms`]), not after the destination's full
+//! backoff unit. The exponential schedule starts only from the second
+//! failure of the same item, so a flaky endpoint costs little and a dead
+//! one is still backed off (issue 33).
 
 use std::time::Duration;
 
@@ -9,7 +16,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
-    /// First delay bound.
+    /// Bound of the first retry's delay (full jitter): short, so a
+    /// one-off transient failure costs milliseconds.
+    #[serde(default = "default_first_retry_ms")]
+    pub first_retry_ms: u64,
+    /// Delay bound after the second failure of the same item.
     #[serde(default = "default_initial_ms")]
     pub initial_ms: u64,
     /// Growth per attempt.
@@ -27,6 +38,9 @@ pub struct RetryPolicy {
     pub max_age_secs: Option<u64>,
 }
 
+fn default_first_retry_ms() -> u64 {
+    5
+}
 fn default_initial_ms() -> u64 {
     100
 }
@@ -40,6 +54,7 @@ fn default_max_ms() -> u64 {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
+            first_retry_ms: default_first_retry_ms(),
             initial_ms: default_initial_ms(),
             multiplier: default_multiplier(),
             max_ms: default_max_ms(),
@@ -65,11 +80,15 @@ impl RetryPolicy {
     }
 
     /// Upper bound of the delay after the `attempt`-th failure (1-based):
-    /// `initial * multiplier^(attempt-1)`, capped at `max`.
+    /// `first_retry` after the first, then `initial *
+    /// multiplier^(attempt-2)`, capped at `max`.
     pub fn bound(&self, attempt: u32) -> Duration {
+        if attempt <= 1 {
+            return Duration::from_millis(self.first_retry_ms.min(self.max_ms));
+        }
         let exp = self
             .multiplier
-            .powi(attempt.saturating_sub(1).min(64) as i32);
+            .powi(attempt.saturating_sub(2).min(64) as i32);
         let ms = (self.initial_ms as f64 * exp).min(self.max_ms as f64);
         Duration::from_millis(ms as u64)
     }
@@ -108,6 +127,14 @@ mod tests {
             prop_assert!(d <= p.bound(attempt));
             prop_assert!(p.bound(attempt) <= Duration::from_millis(p.max_ms));
             prop_assert!(p.bound(attempt) <= p.bound(attempt + 1));
+        }
+
+        #[test]
+        fn the_first_retry_is_cheap_and_backoff_grows_after(unit in 0.0f64..1.0) {
+            let p = RetryPolicy::default();
+            prop_assert!(p.delay(1, unit, None) <= Duration::from_millis(p.first_retry_ms));
+            prop_assert_eq!(p.bound(2), Duration::from_millis(p.initial_ms));
+            prop_assert_eq!(p.bound(3), Duration::from_millis(2 * p.initial_ms));
         }
 
         #[test]

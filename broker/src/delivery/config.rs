@@ -109,6 +109,9 @@ impl DestinationConfig {
         self.retry
             .check()
             .map_err(|e| format!("destination {n}: retry: {e}"))?;
+        self.breaker
+            .check()
+            .map_err(|e| format!("destination {n}: breaker: {e}"))?;
         Ok(())
     }
 }

@@ -25,6 +25,54 @@ pub struct LiveStatus {
     pub breaker: BreakerState,
     /// Events delivered since the actor started.
     pub delivered: u64,
+    /// Requests and failures over the last minute.
+    pub errors: ErrorWindow,
+    /// Retries since the actor started.
+    pub retries: u64,
+    /// Time spent waiting on backoff since the actor started (ms).
+    pub backoff_wait_ms: u64,
+    /// Time spent waiting on the open breaker since the actor started (ms).
+    pub breaker_wait_ms: u64,
+}
+
+/// Length of one bucket of an [`ErrorWindow`] (seconds).
+pub const ERROR_BUCKET_SECS: i64 = 10;
+/// Buckets of an [`ErrorWindow`]: six of ten seconds, the last minute. A
+/// fixed array, so the window's memory is bounded whatever the traffic.
+pub const ERROR_BUCKETS: usize = 6;
+
+/// Requests and retryable failures over the last minute, in buckets of
+/// [`ERROR_BUCKET_SECS`] keyed by wall-clock time (the clock seam).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorWindow {
+    /// (bucket index since the epoch, requests, failures).
+    buckets: [(i64, u64, u64); ERROR_BUCKETS],
+}
+
+impl ErrorWindow {
+    fn bucket(at: Timestamp) -> i64 {
+        at.0.div_euclid(1_000_000_000 * ERROR_BUCKET_SECS)
+    }
+
+    /// Adds `requests`, of which `failed` failed, answered at `at`.
+    pub fn add(&mut self, at: Timestamp, requests: u64, failed: u64) {
+        let b = Self::bucket(at);
+        let slot = &mut self.buckets[b.rem_euclid(ERROR_BUCKETS as i64) as usize];
+        if slot.0 != b {
+            *slot = (b, 0, 0);
+        }
+        slot.1 += requests;
+        slot.2 += failed;
+    }
+
+    /// (requests, failures) over the minute before `now`.
+    pub fn last_minute(&self, now: Timestamp) -> (u64, u64) {
+        let current = Self::bucket(now);
+        self.buckets
+            .iter()
+            .filter(|(b, _, _)| *b <= current && current - *b < ERROR_BUCKETS as i64)
+            .fold((0, 0), |(r, f), (_, br, bf)| (r + br, f + bf))
+    }
 }
 
 impl Default for LiveStatus {
@@ -35,6 +83,10 @@ impl Default for LiveStatus {
             attempts: 0,
             breaker: BreakerState::Closed,
             delivered: 0,
+            errors: ErrorWindow::default(),
+            retries: 0,
+            backoff_wait_ms: 0,
+            breaker_wait_ms: 0,
         }
     }
 }
@@ -110,7 +162,32 @@ pub fn dest_status<'a>(
             }
             .into(),
             delivered: s.delivered,
+            requests_1m: s.errors.last_minute(now).0,
+            failed_requests_1m: s.errors.last_minute(now).1,
+            retries: s.retries,
+            backoff_wait_ms: s.backoff_wait_ms,
+            breaker_wait_ms: s.breaker_wait_ms,
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: i64 = 1_000_000_000;
+
+    #[test]
+    fn error_window_keeps_the_last_minute() {
+        let mut w = ErrorWindow::default();
+        w.add(Timestamp(0), 100, 5);
+        w.add(Timestamp(30 * SEC), 50, 10);
+        assert_eq!(w.last_minute(Timestamp(31 * SEC)), (150, 15));
+        // The first bucket has aged out; its slot is reused for new ones.
+        assert_eq!(w.last_minute(Timestamp(65 * SEC)), (50, 10));
+        w.add(Timestamp(61 * SEC), 10, 0);
+        assert_eq!(w.last_minute(Timestamp(65 * SEC)), (60, 10));
+        assert_eq!(w.last_minute(Timestamp(200 * SEC)), (0, 0));
+    }
 }

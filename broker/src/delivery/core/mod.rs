@@ -26,8 +26,13 @@
 //!    failures back off with full jitter (the random source is an input),
 //!    honour a server's Retry-After, and park the head once the retry
 //!    policy gives up; a permanent failure parks at once (a whole batch
-//!    refused is narrowed to single events to find the bad one). A
-//!    circuit breaker stops sending to a dead endpoint for a while.
+//!    refused is narrowed to single events to find the bad one). The
+//!    first retry of an item comes after a few jittered milliseconds;
+//!    backoff grows only while the same item keeps failing, and what was
+//!    delivered before it is recorded at once. A circuit breaker
+//!    ([`super::breaker`]) counts every request of a send (not the send
+//!    as one), stops sending to a dead endpoint for a while and then
+//!    probes it with one event at a time.
 //!
 //! The cursor is recorded at most every [`RECORD_INTERVAL`] while events
 //! stream: each record is a Raft entry and a durable commit on every
@@ -45,7 +50,7 @@ use auditflow_protocol::{StoredEvent, Timestamp};
 use rand::{Rng, RngCore};
 use tokio::time::Instant;
 
-use super::breaker::{Breaker, BreakerState};
+use super::breaker::{Breaker, BreakerState, Permit};
 use super::config::DestinationConfig;
 use super::mask;
 use super::status::LiveStatus;
@@ -173,6 +178,19 @@ pub struct StatusChange {
     pub breaker: Option<BreakerState>,
     /// Events delivered, added to the count.
     pub delivered: u64,
+    /// When the requests below were answered (for the status' one-minute
+    /// error rate).
+    pub at: Option<Timestamp>,
+    /// Requests answered, added to the count.
+    pub requests: u64,
+    /// Of them, failed retryably.
+    pub failed_requests: u64,
+    /// Retries planned, added to the count.
+    pub retries: u64,
+    /// Time planned waiting on backoff, added (ms).
+    pub backoff_wait_ms: u64,
+    /// Time planned waiting on the open breaker, added (ms).
+    pub breaker_wait_ms: u64,
 }
 
 impl StatusChange {
@@ -191,6 +209,12 @@ impl StatusChange {
             s.breaker = b;
         }
         s.delivered += self.delivered;
+        if let Some(at) = self.at {
+            s.errors.add(at, self.requests, self.failed_requests);
+        }
+        s.retries += self.retries;
+        s.backoff_wait_ms += self.backoff_wait_ms;
+        s.breaker_wait_ms += self.breaker_wait_ms;
     }
 }
 
@@ -673,7 +697,7 @@ impl Core {
             self.emit(advance(&self.dest.name, end));
             return self.done(Resume::Now);
         };
-        let batch = match self.batch_of(&events) {
+        let mut batch = match self.batch_of(&events) {
             Ok(b) => b,
             Err(reason) => return self.trouble(now, reason),
         };
@@ -681,9 +705,9 @@ impl Core {
             self.emit(advance(&self.dest.name, last + 1));
             return self.done(Resume::Now);
         }
-        let wait = self.breaker.wait(now.at);
-        if !wait.is_zero() {
-            return self.after(now, wait);
+        let mut last = last;
+        if !self.admit(&mut batch, &mut last, now) {
+            return;
         }
         self.awaiting = Await::ReplaySent { start, last };
         self.emit(Effect::Send(batch));
@@ -701,6 +725,7 @@ impl Core {
         latency_ms: u64,
         now: Now,
     ) {
+        self.count_requests(&outcome, batch.len(), now);
         if let SendOutcome::Failed(f) = &outcome {
             if !f.is_retryable() && batch.len() > 1 {
                 // One of them is refused: find it, one event at a time.
@@ -790,19 +815,18 @@ impl Core {
 
     /// Live stream, stage 3: the batch read is filtered, masked and sent.
     fn live_read(&mut self, replicated: u64, events: Vec<StoredEvent>, now: Now) {
-        let Some(last) = events.last().map(|e| e.offset) else {
+        let Some(mut last) = events.last().map(|e| e.offset) else {
             return self.after(now, IDLE_WAIT);
         };
-        let batch = match self.batch_of(&events) {
+        let mut batch = match self.batch_of(&events) {
             Ok(b) => b,
             Err(reason) => return self.trouble(now, reason),
         };
         if batch.is_empty() {
             return self.advance(replicated, last + 1, 0, now);
         }
-        let wait = self.breaker.wait(now.at);
-        if !wait.is_zero() {
-            return self.after(now, wait);
+        if !self.admit(&mut batch, &mut last, now) {
+            return;
         }
         self.awaiting = Await::LiveSent { replicated, last };
         self.emit(Effect::Send(batch));
@@ -822,6 +846,7 @@ impl Core {
             // Nothing was sent (the core never sends an empty batch).
             return self.done(Resume::Now);
         }
+        self.count_requests(&outcome, batch.len(), now);
         match outcome {
             SendOutcome::Delivered => self.advance(replicated, last + 1, batch.len() as u64, now),
             SendOutcome::Failed(f) if f.is_retryable() => {
@@ -937,6 +962,51 @@ impl Core {
         self.done(Resume::Now);
     }
 
+    /// Asks the breaker whether `batch` may go: while it is open the step
+    /// ends with a wait (false); while it is half-open only its first
+    /// event goes, as a probe of one request (`last` moves back to it).
+    fn admit(&mut self, batch: &mut Vec<Delivery>, last: &mut u64, now: Now) -> bool {
+        match self.breaker.permit(now.at) {
+            Permit::Wait(wait) => {
+                self.emit(Effect::Status(StatusChange {
+                    breaker: Some(BreakerState::Open),
+                    breaker_wait_ms: wait.as_millis() as u64,
+                    ..StatusChange::default()
+                }));
+                self.after(now, wait);
+                false
+            }
+            Permit::Go(n) => {
+                if batch.len() > n {
+                    batch.truncate(n.max(1));
+                    if let Some(d) = batch.last() {
+                        *last = d.offset;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Counts the requests of a send into the breaker and the status: see
+    /// [`requests_of`]. The planted per-batch breaker counts the send as
+    /// one request instead.
+    fn count_requests(&mut self, outcome: &SendOutcome, len: usize, now: Now) {
+        let (successes, failed) = requests_of(outcome, len);
+        if self.breaker.per_batch() {
+            self.breaker.record(u64::from(!failed), failed, now.at);
+        } else {
+            self.breaker.record(successes, failed, now.at);
+        }
+        self.emit(Effect::Status(StatusChange {
+            at: Some(now.wall),
+            requests: successes + u64::from(failed),
+            failed_requests: u64::from(failed),
+            breaker: Some(self.breaker.state(now.at)),
+            ..StatusChange::default()
+        }));
+    }
+
     /// The deliveries of the events the destination wants, filtered and
     /// masked.
     fn batch_of(&self, events: &[StoredEvent]) -> Result<Vec<Delivery>, String> {
@@ -960,13 +1030,12 @@ impl Core {
                 self.attempts = 0;
                 self.history.clear();
                 self.failing_since = None;
-                self.breaker.success();
                 self.batch_limit = self.dest.batch_size;
                 vec![Op::Emit(Effect::Status(StatusChange {
                     last_success: Some(now.wall),
                     attempts: Some(0),
                     delivered,
-                    breaker: Some(BreakerState::Closed),
+                    breaker: Some(self.breaker.state(now.at)),
                     ..StatusChange::default()
                 }))]
             }
@@ -1005,21 +1074,23 @@ impl Core {
             Change::ReplayOk => {
                 self.replay_attempts = 0;
                 self.replay_limit = self.dest.batch_size;
-                self.breaker.success();
                 vec![Op::Emit(Effect::Done(Resume::Now))]
             }
             Change::ReplayFailure(f) => {
                 self.replay_attempts += 1;
-                self.breaker.failure(now.at);
-                let status = Effect::Status(StatusChange {
-                    last_error: Some(format!("replay: {}", f.message)),
-                    ..StatusChange::default()
-                });
                 let delay = self
                     .dest
                     .retry
                     .delay(self.replay_attempts, rng.gen(), retry_after(&f));
-                let wait = delay.max(self.breaker.wait(now.at));
+                let (wait, backoff_wait_ms, breaker_wait_ms) =
+                    split_wait(delay, self.breaker.wait(now.at));
+                let status = Effect::Status(StatusChange {
+                    last_error: Some(format!("replay: {}", f.message)),
+                    retries: 1,
+                    backoff_wait_ms,
+                    breaker_wait_ms,
+                    ..StatusChange::default()
+                });
                 vec![
                     Op::Emit(status),
                     Op::Emit(Effect::Done(Resume::At(now.at + wait))),
@@ -1041,7 +1112,6 @@ impl Core {
         self.attempts += 1;
         let since = *self.failing_since.get_or_insert(now.at);
         push_attempt(&mut self.history, attempt_record(&f, latency_ms, now));
-        self.breaker.failure(now.at);
         let mut ops = vec![Op::Emit(Effect::Status(StatusChange {
             last_error: Some(f.message.clone()),
             attempts: Some(self.attempts),
@@ -1070,7 +1140,13 @@ impl Core {
             .dest
             .retry
             .delay(self.attempts, rng.gen(), retry_after(&f));
-        let wait = delay.max(self.breaker.wait(now.at));
+        let (wait, backoff_wait_ms, breaker_wait_ms) = split_wait(delay, self.breaker.wait(now.at));
+        ops.push(Op::Emit(Effect::Status(StatusChange {
+            retries: 1,
+            backoff_wait_ms,
+            breaker_wait_ms,
+            ..StatusChange::default()
+        })));
         ops.push(Op::Emit(Effect::Done(Resume::At(now.at + wait))));
         ops
     }
@@ -1120,6 +1196,41 @@ fn classify(results: Vec<Result<(), SinkFailure>>, len: usize) -> Classified {
         }
     }
     out
+}
+
+/// The requests a send of `len` items made, as the breaker counts them:
+/// (answered, then whether one failed retryably after them). A per-item
+/// result is a request up to the first retryable failure (a single-mode
+/// webhook sends one request per item and stops there); a whole batch
+/// delivered counts one per item; a whole batch failed retryably is one
+/// failed request. A permanent refusal is an answer: the endpoint is up.
+fn requests_of(outcome: &SendOutcome, len: usize) -> (u64, bool) {
+    match outcome {
+        SendOutcome::Delivered => (len as u64, false),
+        SendOutcome::Failed(f) => (u64::from(!f.is_retryable()), f.is_retryable()),
+        SendOutcome::PerItem(results) => {
+            let mut answered = 0;
+            for r in results.iter().take(len) {
+                match r {
+                    Err(f) if f.is_retryable() => return (answered, true),
+                    _ => answered += 1,
+                }
+            }
+            // Fewer results than items: the rest are missing, which the
+            // stream treats as a retryable failure.
+            (answered, results.len() < len)
+        }
+    }
+}
+
+/// The wait before a retry: the longer of the backoff `delay` and the
+/// breaker's open period, with the share of each (ms) for the status.
+fn split_wait(delay: Duration, breaker: Duration) -> (Duration, u64, u64) {
+    if breaker > delay {
+        (breaker, 0, breaker.as_millis() as u64)
+    } else {
+        (delay, delay.as_millis() as u64, 0)
+    }
 }
 
 /// A server's Retry-After hint, if it gave one.

@@ -126,6 +126,18 @@ fn render_status(s: &StatusChange) -> String {
     if let Some(b) = s.breaker {
         out.push(format!("breaker={b:?}"));
     }
+    if s.at.is_some() {
+        out.push(format!("req={}/{}", s.requests, s.failed_requests));
+    }
+    if s.retries > 0 {
+        out.push(format!("retries+{}", s.retries));
+    }
+    if s.backoff_wait_ms > 0 {
+        out.push(format!("backoff+{}ms", s.backoff_wait_ms));
+    }
+    if s.breaker_wait_ms > 0 {
+        out.push(format!("breaker_wait+{}ms", s.breaker_wait_ms));
+    }
     out.join(" ")
 }
 
@@ -240,9 +252,11 @@ fn cases() -> Vec<Case> {
             show_status: true,
             expect: &[
                 "send 0,1,2",
+                "status breaker=Closed req=3/0",
                 "status ok+3 attempts=0 breaker=Closed",
                 "now",
                 "send 3,4",
+                "status breaker=Closed req=2/0",
                 "status ok+2 attempts=0 breaker=Closed",
                 "now",
                 "idle 100ms",
@@ -267,16 +281,17 @@ fn cases() -> Vec<Case> {
             show_status: false,
             expect: &[
                 "send 0,1,2",
+                // What went before the failed item is recorded at once.
                 "advance 1",
-                // Bound 100 ms, jitter 0.5.
-                "wait 50ms",
+                // The first retry is cheap: bound 5 ms, jitter 0.5.
+                "wait 2ms",
                 "send 1,2",
                 "park [1:gave up after 2 attempts: busy x2] ->2",
                 "now",
                 "send 2",
                 "now",
-                // Recorded 50 ms ago (the advance does not count).
-                "idle 50ms",
+                // Recorded 3 ms in (the advance does not count).
+                "idle 97ms",
                 "record 3",
                 "now",
             ],
@@ -293,7 +308,7 @@ fn cases() -> Vec<Case> {
             steps: 2,
             early: &[],
             show_status: false,
-            expect: &["send 0", "wait 50ms", "send 0", "now"],
+            expect: &["send 0", "wait 2ms", "send 0", "now"],
             cursor: 0,
             dlq: &[],
             replay: None,
@@ -312,12 +327,16 @@ fn cases() -> Vec<Case> {
             show_status: true,
             expect: &[
                 "send 0,1,2",
+                // A refusal is an answer: the endpoint is up.
+                "status breaker=Closed req=1/0",
                 "now",
                 "send 0",
+                "status breaker=Closed req=1/0",
                 "park [0:bad x1] ->1",
                 "status err=bad attempts=0",
                 "now",
                 "send 1,2",
+                "status breaker=Closed req=2/0",
                 "status ok+2 attempts=0 breaker=Closed",
                 "now",
             ],
@@ -344,6 +363,47 @@ fn cases() -> Vec<Case> {
             replay: None,
         },
         Case {
+            name: "backoff grows while the same item fails, starts over for the next one",
+            config: "",
+            events: 3,
+            setup: no_state,
+            outcomes: vec![
+                SendOutcome::PerItem(vec![
+                    Err(retryable("busy")),
+                    Err(retryable("busy")),
+                    Err(retryable("busy")),
+                ]),
+                SendOutcome::Failed(retryable("busy")),
+                SendOutcome::Failed(retryable("busy")),
+                SendOutcome::PerItem(vec![Ok(()), Err(retryable("busy")), Err(retryable("busy"))]),
+            ],
+            steps: 6,
+            early: &[],
+            show_status: false,
+            expect: &[
+                "send 0,1,2",
+                // Bounds 5, 100, 200 ms (jitter 0.5) for the same item.
+                "wait 2ms",
+                "send 0,1,2",
+                "wait 50ms",
+                "send 0,1,2",
+                "wait 100ms",
+                "send 0,1,2",
+                "advance 1",
+                // A new head of line: cheap again.
+                "wait 2ms",
+                "send 1,2",
+                // The interval has passed since the advance: recorded.
+                "record 3",
+                "now",
+                "idle 1000ms",
+                "now",
+            ],
+            cursor: 3,
+            dlq: &[],
+            replay: None,
+        },
+        Case {
             name: "Retry-After raises the backoff",
             config: "",
             events: 1,
@@ -366,27 +426,43 @@ fn cases() -> Vec<Case> {
             replay: None,
         },
         Case {
-            name: "breaker opens, holds sends back, half-opens for a probe, closes",
-            config: "breaker = { failure_threshold = 1, open_ms = 1000 }",
-            events: 1,
+            name: "breaker opens, holds sends back, probes one request at a time, closes",
+            config: "breaker = { failure_threshold = 1, open_ms = 1000, half_open_successes = 2 }",
+            events: 3,
             setup: no_state,
             outcomes: vec![SendOutcome::Failed(retryable("down"))],
-            steps: 3,
+            steps: 6,
             early: &[1],
             show_status: true,
             expect: &[
-                "send 0",
+                "send 0,1,2",
+                "status breaker=Open req=1/1",
                 "status err=down attempts=1 breaker=Open",
+                "status retries+1 breaker_wait+1000ms",
                 "wait 1000ms",
                 // Woken early: the breaker is still open, no send.
+                "status breaker=Open breaker_wait+1000ms",
                 "wait 1000ms",
-                // Half-open: the probe goes through.
+                // Half-open: one event, one request, goes through.
                 "send 0",
+                "status breaker=HalfOpen req=1/0",
                 "record 1",
+                "status ok+1 attempts=0 breaker=HalfOpen",
+                "now",
+                // The second probe closes it.
+                "send 1",
+                "status breaker=Closed req=1/0",
                 "status ok+1 attempts=0 breaker=Closed",
                 "now",
+                "send 2",
+                "status breaker=Closed req=1/0",
+                "status ok+1 attempts=0 breaker=Closed",
+                "now",
+                "idle 100ms",
+                "record 3",
+                "now",
             ],
-            cursor: 1,
+            cursor: 3,
             dlq: &[],
             replay: None,
         },
@@ -411,9 +487,9 @@ fn cases() -> Vec<Case> {
             early: &[],
             show_status: false,
             expect: &[
-                // Replay's turn: fails, backs off.
+                // Replay's turn: fails, backs off (a cheap first retry).
                 "send 0,1,2",
-                "wait 50ms",
+                "wait 2ms",
                 // The live stream's turn.
                 "send 3,4",
                 "now",
@@ -421,7 +497,7 @@ fn cases() -> Vec<Case> {
                 "park [1:replay: gone x1]",
                 "replay 0->3",
                 "now",
-                "idle 50ms",
+                "idle 97ms",
                 "record 5",
                 "now",
             ],
