@@ -215,6 +215,15 @@ fn raft_config(config: &NodeConfig, partition: u32) -> Result<Arc<openraft::Conf
     ))
 }
 
+/// Lets a damaged partition campaign again once its log is repaired,
+/// checked once per election timeout (a campaign cannot start sooner).
+async fn elect_once_repaired(raft: Raft, reader: PartitionReader, every: Duration) {
+    while reader.is_damaged() {
+        tokio::time::sleep(every).await;
+    }
+    raft.runtime_config().elect(true);
+}
+
 /// Starts every partition of a node over the given seams. Must run inside
 /// an actix system (the partition actors live on its arbiter). `seed` is
 /// the randomness seam of delivery (backoff jitter): from the OS in
@@ -255,6 +264,16 @@ pub async fn start(
         )
         .await
         .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;
+        if store.is_damaged(p) {
+            // Its log lost acknowledged entries: no campaign until the
+            // leader has repaired it (the peer handler refuses votes).
+            raft.runtime_config().elect(false);
+            actix_rt::spawn(elect_once_repaired(
+                raft.clone(),
+                store.reader(p),
+                Duration::from_millis(config.raft.election_timeout_max_ms),
+            ));
+        }
         let actor = PartitionActor::new(
             p,
             raft.clone(),

@@ -10,7 +10,17 @@ pub async fn handle(node: &NodeShared, request: PeerRequest) -> PeerResponse {
         return PeerResponse::Failed(format!("unknown partition {partition}"));
     };
     let raft = &handle.raft;
+    // A replica whose log lost acknowledged entries must not help elect a
+    // leader that lacks them (storage-format.md, Replay): it still takes
+    // entries and snapshots, which is how it is repaired.
+    let damaged = handle.reader.is_damaged();
     match request {
+        PeerRequest::Vote { .. } | PeerRequest::Campaign { .. } if damaged => {
+            PeerResponse::Failed(format!(
+                "partition {partition}: this node's raft log is damaged and being repaired; \
+                 it does not vote"
+            ))
+        }
         PeerRequest::Vote { rpc, .. } => match raft.vote(rpc).await {
             Ok(r) => PeerResponse::Vote(r),
             Err(e) => PeerResponse::Failed(e.to_string()),
