@@ -23,7 +23,6 @@ use auditflow_broker::delivery::DestinationConfig;
 use auditflow_broker::replicated::delivery::DlqEntry;
 use auditflow_protocol::chain::ChainVerifier;
 use auditflow_protocol::StoredEvent;
-use openraft::ServerState;
 
 use crate::world::World;
 
@@ -40,22 +39,21 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Restarts nodes whose Raft groups stopped on a storage failure: a node
-/// fail-stops on a fatal disk error and its supervisor restarts it.
+/// Restarts nodes that fail-stopped (their storage halted on a failed
+/// write or sync, or a Raft group stopped on an error), as a supervisor
+/// restarts a node process that exited.
 pub(crate) async fn reap_failed(world: &World) {
     for id in world.ids() {
         let Some(node) = world.net.node(id) else {
             continue;
         };
-        let failed = node
-            .partitions
-            .iter()
-            .any(|p| p.raft.metrics().borrow().state == ServerState::Shutdown);
+        // The same fail-stop a real node's process ends on
+        // (`NodeShared::failure`): here it crashes and boots again, as a
+        // supervisor restarts the process.
+        let failure = node.failure();
         drop(node);
-        if failed {
-            world.trace(format!(
-                "node {id} fail-stopped after a storage error; restarting"
-            ));
+        if let Some(failure) = failure {
+            world.trace(format!("node {id} fail-stopped ({failure}); restarting"));
             world.crash(id).await;
             if let Err(e) = world.boot(id).await {
                 world.violation(e);
