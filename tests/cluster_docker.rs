@@ -18,8 +18,8 @@ mod common;
 
 use std::time::Duration;
 
-use auditflow_client::{Client, ClientConfig};
-use common::docker::{docker_available, DockerCluster};
+use auditflow_client::Client;
+use common::docker::{docker_or_skip, DockerCluster};
 use common::*;
 
 const WINDOW: usize = 16;
@@ -41,22 +41,12 @@ async fn busiest(client: &Client, cluster: &DockerCluster, addrs: &[String]) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_survive_a_node_cut_off_and_a_node_frozen() {
-    if !docker_available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have Docker, but `docker info` failed"
-        );
-        eprintln!("skipped: no Docker engine answers `docker info`");
+    if !docker_or_skip() {
         return;
     }
     let cluster = DockerCluster::start(ClusterOptions::default());
     let partitions = cluster.partitions;
-    let cfg = ClientConfig::load(&cluster.client_config_path()).expect("client config");
-    let client = wait_until("client connect", Duration::from_secs(60), || {
-        let cfg = cfg.clone();
-        async move { Client::connect(cfg).await.ok() }
-    })
-    .await;
+    let client = cluster.client().await;
     let all = cluster.addrs();
 
     let appenders = Appenders::start(&client, WINDOW);

@@ -20,8 +20,8 @@ mod common;
 
 use std::time::Duration;
 
-use auditflow_client::{Client, ClientConfig};
-use common::docker::{docker_available, DockerCluster};
+use auditflow_client::Client;
+use common::docker::{docker_or_skip, DockerCluster};
 use common::*;
 
 /// Appends in flight.
@@ -67,12 +67,7 @@ async fn wait_agreed(what: &str, client: &Client, all: &[String], partitions: u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_kills_freezes_cuts_and_wipes() {
-    if !docker_available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have Docker, but `docker info` failed"
-        );
-        eprintln!("skipped: no Docker engine answers `docker info`");
+    if !docker_or_skip() {
         return;
     }
     let rounds = if std::env::var_os("AUDITFLOW_SLOW").is_some_and(|v| v == "1") {
@@ -86,12 +81,7 @@ async fn acknowledged_appends_survive_kills_freezes_cuts_and_wipes() {
     }
     let cluster = DockerCluster::start(ClusterOptions::default());
     let partitions = cluster.partitions;
-    let cfg = ClientConfig::load(&cluster.client_config_path()).expect("client config");
-    let client = wait_until("client connect", Duration::from_secs(60), || {
-        let cfg = cfg.clone();
-        async move { Client::connect(cfg).await.ok() }
-    })
-    .await;
+    let client = cluster.client().await;
     let all = cluster.addrs();
     wait_agreed("the cluster to elect leaders", &client, &all, partitions).await;
 

@@ -50,6 +50,21 @@ pub fn docker_available() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a Docker test can run: `false` (the test returns, skipped)
+/// where no Docker engine answers. Under CI (`CI` set) Docker must be
+/// there, so its absence fails the test instead of skipping it.
+pub fn docker_or_skip() -> bool {
+    if docker_available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI machines have Docker, but `docker info` failed"
+    );
+    eprintln!("skipped: no Docker engine answers `docker info`");
+    false
+}
+
 /// Runs `docker args`; its stdout, or its stderr as the error.
 fn docker(args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker")
@@ -203,6 +218,18 @@ impl DockerCluster {
     /// Path of the client config (seeds are the containers' addresses).
     pub fn client_config_path(&self) -> PathBuf {
         self.dir.path().join("client.toml")
+    }
+
+    /// A client of the cluster, once one connects (containers take a while
+    /// to start).
+    pub async fn client(&self) -> auditflow_client::Client {
+        use auditflow_client::{Client, ClientConfig};
+        let cfg = ClientConfig::load(&self.client_config_path()).expect("client config");
+        super::wait_until("client connect", std::time::Duration::from_secs(60), || {
+            let cfg = cfg.clone();
+            async move { Client::connect(cfg).await.ok() }
+        })
+        .await
     }
 
     /// Takes node `i` off the network: its peers and clients can no longer
