@@ -232,10 +232,28 @@ impl Cluster {
             nodes,
             partitions: opts.partitions,
         };
+        cluster.init(0);
         for i in 0..3 {
             cluster.spawn(i);
         }
         cluster
+    }
+
+    /// `auditflow init` on node `i` (stopped): it founds the cluster, the
+    /// others join it when they start.
+    pub fn init(&self, i: usize) {
+        let out = Command::new(BIN)
+            .arg("init")
+            .arg("--config")
+            .arg(&self.nodes[i].config_path)
+            .env("AUDITFLOW_LOG", "warn")
+            .output()
+            .expect("run auditflow init");
+        assert!(
+            out.status.success(),
+            "auditflow init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Path of the client config.

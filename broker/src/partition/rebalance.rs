@@ -39,7 +39,6 @@
 //! every round.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
@@ -50,7 +49,7 @@ use tracing::{info, warn};
 use super::actor::{Hold, PartitionActor, Release};
 use super::{NodeId, Raft};
 use crate::metrics::LEADER_HANDOVERS_TOTAL;
-use crate::partition::transport::{PeerRequest, PeerResponse, RaftTransport};
+use crate::partition::transport::{PeerLink, PeerRequest, PeerResponse};
 
 /// How far behind the leader's log (in entries) the preferred node may be
 /// for a handover to start; the hold then lets it catch up the rest.
@@ -180,7 +179,7 @@ pub async fn rebalance_leaders(
     me: NodeId,
     nodes: Vec<NodeId>,
     groups: Vec<Group>,
-    transport: Arc<dyn RaftTransport>,
+    transport: PeerLink,
     every: Duration,
     election_timeout_max: Duration,
 ) {
@@ -241,7 +240,7 @@ async fn hand_over(
     me: NodeId,
     partition: u32,
     group: &Group,
-    transport: &Arc<dyn RaftTransport>,
+    transport: &PeerLink,
     to: NodeId,
     election_timeout_max: Duration,
 ) -> Result<(), String> {
@@ -265,7 +264,7 @@ async fn campaign(
     me: NodeId,
     partition: u32,
     group: &Group,
-    transport: &Arc<dyn RaftTransport>,
+    transport: &PeerLink,
     to: NodeId,
     elected_within: Duration,
 ) -> Result<(), String> {
