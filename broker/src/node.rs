@@ -627,7 +627,7 @@ pub async fn discover(
                 return found;
             }
         }
-        if rounds % 20 == 0 {
+        if rounds.is_multiple_of(20) {
             info!(
                 "no data and no peer knows a cluster yet: waiting for `auditflow init` on one \
                  node, or for a peer that has it"
