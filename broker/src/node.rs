@@ -685,14 +685,11 @@ mod tests {
             "{node:?}"
         );
         let parts = check_identity(&config(1, 4, 100), &identity(1, 8, 100));
-        let text = format!(
-            "{}",
-            parts
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        );
+        let text = parts
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(
             matches!(
                 parts,
