@@ -34,6 +34,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run one node of a deployment.
     Node(node::NodeArgs),
+    /// Create a cluster on its founding node (stopped), before first start.
+    Init(node::InitArgs),
     /// Append events read as JSON lines from stdin or a file.
     Append(client_cmds::AppendArgs),
     /// Read stored events of a partition from one node.
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(a) => up::run(a),
         Command::Node(a) => node::run(a),
+        Command::Init(a) => node::init(a),
         Command::Append(a) => client_cmds::append(a),
         Command::Read(a) => client_cmds::read(a),
         Command::Tail(a) => client_cmds::tail(a),

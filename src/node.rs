@@ -23,6 +23,38 @@ pub struct NodeArgs {
     pub threads: usize,
 }
 
+/// Arguments of `auditflow init`.
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// The configuration of the node that founds the cluster (stopped).
+    #[arg(long, env = "AUDITFLOW_NODE_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Creates a cluster in the founding node's data directory: a new cluster
+/// id, this node's id and the cluster-wide settings (partitions, dedup
+/// window) from its configuration. Run once, on one node, before the
+/// nodes first start; the others join it.
+pub fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let config = NodeConfig::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let identity = runtime.block_on(auditflow_broker::daemon::init_cluster(&config))?;
+    println!(
+        "cluster {} initialised: node {} founds it with {} partitions and a dedup window of {}.",
+        identity.cluster,
+        identity.node,
+        identity.settings.partitions,
+        identity.settings.dedup_window
+    );
+    println!(
+        "Start every node with `auditflow node --config <its node.toml>`; the others join this one."
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs the node until SIGINT or SIGTERM, then shuts it down cleanly.
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     no_transparent_huge_pages();

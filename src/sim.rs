@@ -51,10 +51,10 @@ pub struct SimArgs {
     #[arg(long)]
     no_faults: bool,
     /// Share of restarts whose node comes back with an empty data
-    /// directory (a lost disk), 0 to 1. Off by default: the broker does
-    /// not survive it yet (issue 27), so a sweep with it finds failures.
-    #[arg(long, default_value_t = 0.0)]
-    lost_disk: f64,
+    /// directory (a lost disk), 0 to 1. By default drawn per seed (a
+    /// quarter of the seeds lose disks); 0 turns it off.
+    #[arg(long)]
+    lost_disk: Option<f64>,
     /// Share of restarts whose node comes back with one bit flipped in
     /// the synced part of a file (Raft log, database, event file), 0 to 1.
     /// Off by default: until replay tells such damage from a torn tail and
@@ -81,7 +81,9 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
         if args.no_faults {
             o.faults = FaultOptions::none();
         }
-        o.faults.cluster.lost_disk = args.lost_disk;
+        if let Some(p) = args.lost_disk {
+            o.faults.cluster.lost_disk = p;
+        }
         o.faults.cluster.synced_damage = args.synced_damage;
         o.planted_bug = args.planted_bug;
         o.trace_lines = args.trace_lines;
@@ -93,10 +95,9 @@ pub fn run_cmd(args: SimArgs) -> anyhow::Result<ExitCode> {
             args.duration,
             args.partitions,
             if args.no_faults { " --no-faults" } else { "" },
-            if args.lost_disk > 0.0 {
-                format!(" --lost-disk {}", args.lost_disk)
-            } else {
-                String::new()
+            match args.lost_disk {
+                Some(p) => format!(" --lost-disk {p}"),
+                None => String::new(),
             },
             if args.synced_damage > 0.0 {
                 format!(" --synced-damage {}", args.synced_damage)

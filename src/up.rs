@@ -167,11 +167,46 @@ fn default_destination(dir: &Path) -> anyhow::Result<DestinationConfig> {
     toml::from_str(&text).context("default destination")
 }
 
+/// Runs `init` on node 1 when no node has an identity yet (a new dev
+/// cluster); an existing one (any node has data) is left as it is, so a
+/// wiped node rejoins it instead of founding another cluster.
+fn init_if_new(nodes: &[DevNode]) -> anyhow::Result<()> {
+    let mut configs = Vec::new();
+    for node in nodes {
+        let config = NodeConfig::load(&node.config)?;
+        if auditflow_broker::daemon::stored_identity(&config)
+            .with_context(|| format!("read the identity of {}", node.config.display()))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        configs.push(config);
+    }
+    let (Some(first), Some(first_node)) = (configs.first(), nodes.first()) else {
+        return Ok(());
+    };
+    let exe = std::env::current_exe().context("locate the auditflow binary")?;
+    let status = std::process::Command::new(&exe)
+        .arg("init")
+        .arg("--config")
+        .arg(&first_node.config)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("run auditflow init")?;
+    anyhow::ensure!(
+        status.success(),
+        "auditflow init for node {} failed",
+        first.id
+    );
+    Ok(())
+}
+
 /// Starts one `auditflow node` child process per node, logging to
 /// `DIR/node{i}.log`, each with one runtime thread unless
 /// `AUDITFLOW_NODE_THREADS` says otherwise; they are killed if the handles
 /// are dropped.
 pub fn spawn_nodes(dir: &Path, nodes: &[DevNode]) -> anyhow::Result<Vec<tokio::process::Child>> {
+    init_if_new(nodes)?;
     let exe = std::env::current_exe().context("cannot find own executable")?;
     // The three nodes share this machine's cores: with one thread each for
     // everything async they used less CPU per event and had a lower tail

@@ -222,12 +222,15 @@ async fn up_runs_a_cluster_that_survives_a_killed_node_and_restarts_with_its_dat
     // 2. A node killed on its own: reported, the others keep serving.
     // The next event goes to a partition node 2 leads, so it needs a
     // failover (leaders are spread over the nodes at start).
+    // The founder (node 1) leads every partition at first; the leader
+    // rebalancing spreads them within seconds.
     let meta = wait_until(
-        "leaders of every partition",
-        Duration::from_secs(30),
+        "leaders of every partition, node 2 among them",
+        Duration::from_secs(60),
         || async {
             let meta = client.metadata().await.ok()?;
-            meta.leaders.iter().all(Option::is_some).then_some(meta)
+            (meta.leaders.iter().all(Option::is_some) && meta.leaders.contains(&Some(2)))
+                .then_some(meta)
         },
     )
     .await;

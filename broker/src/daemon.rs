@@ -76,15 +76,46 @@ impl RunningNode {
     }
 }
 
-/// Starts a node with the production seams: redb file and log segments,
-/// QUIC, system clock.
-pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonError> {
+/// Opens the store in `config.data_dir`, creating the directory.
+fn open_store(config: &NodeConfig) -> Result<Store, DaemonError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::Io {
         what: format!("create data directory {}", config.data_dir.display()),
         source,
     })?;
     let db_path: PathBuf = config.data_dir.join(DB_FILE);
-    let store = Store::open_with_segments(&db_path, config.raft.log_segment_bytes)?;
+    Ok(Store::open_with_segments(
+        &db_path,
+        config.raft.log_segment_bytes,
+    )?)
+}
+
+/// `auditflow init`: creates a new cluster with this (stopped) node as its
+/// founder ([`node::init`]), with a cluster id from the OS's randomness.
+/// The other nodes learn it from the founder when they start.
+pub async fn init_cluster(
+    config: &NodeConfig,
+) -> Result<crate::storage::identity::Identity, DaemonError> {
+    let store = open_store(config)?;
+    let cluster = crate::storage::identity::ClusterId(rand::random::<u128>().max(1));
+    Ok(node::init(config, &store, cluster).await?)
+}
+
+/// The identity stored in `config.data_dir`, if any (the node must be
+/// stopped: the database is locked while it runs).
+pub fn stored_identity(
+    config: &NodeConfig,
+) -> Result<Option<crate::storage::identity::Identity>, DaemonError> {
+    if !config.data_dir.join(DB_FILE).exists() {
+        return Ok(None);
+    }
+    Ok(open_store(config)?.identity()?)
+}
+
+/// Starts a node with the production seams: redb file and log segments,
+/// QUIC, system clock. A node without data waits until a peer knows the
+/// cluster (after `auditflow init` on one node) before it serves.
+pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonError> {
+    let store = open_store(&config)?;
     let endpoint = NodeEndpoint::bind(&config.tls, config.listen)?;
     let admin = match config.admin_listen {
         Some(addr) => Some(
@@ -97,17 +128,25 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonErro
         ),
         None => None,
     };
-    let transport = endpoint.peers(
-        config
-            .peers
-            .iter()
-            .map(|p| (p.id, p.addr.clone()))
-            .collect(),
+    let transport: Arc<dyn crate::partition::transport::RaftTransport> = Arc::new(
+        endpoint.peers(
+            config
+                .peers
+                .iter()
+                .map(|p| (p.id, p.addr.clone()))
+                .collect(),
+        ),
     );
+    // Before serving: a node without data learns its cluster from a peer
+    // (or waits for `init`), and one whose data or settings disagree with
+    // its configuration stops here with the reason.
+    let identity = node::identify(&config, &store, Arc::clone(&transport), None).await?;
+    info!(node = config.id, cluster = %identity.cluster, "identity");
     let shared = node::start(
         config,
+        identity,
         &store,
-        Arc::new(transport),
+        transport,
         Arc::new(SystemClock),
         crate::delivery::supervisor::real_sinks(),
         // Delivery's randomness seam: seeded from the OS.
@@ -115,7 +154,6 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonErro
     )
     .await?;
     tokio::spawn(endpoint.serve(Arc::clone(&shared)));
-    tokio::spawn(node::initialize_partitions(Arc::clone(&shared)));
     if let Some(listener) = admin {
         tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)));
     }

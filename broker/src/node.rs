@@ -5,6 +5,13 @@
 //! sinks) and is what the simulator calls; `daemon::run_quic_node` adds the
 //! real ones: a redb file and Raft log segment files, a QUIC endpoint and
 //! the system clock. Nothing here knows quinn.
+//!
+//! Before a node starts it needs its identity ([`identify`]): the one
+//! stored with its data, checked against its configuration, or, for a
+//! node without data, the cluster's as a peer tells it ([`discover`]), in
+//! which case it rejoins every partition as a learner
+//! (`partition::rejoin`). Only [`init`] creates a cluster; a node never
+//! initialises a Raft group on its own.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,19 +23,24 @@ use auditflow_protocol::wire::{
 };
 use auditflow_protocol::Hash32;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::partition::actor::PartitionActor;
 use crate::partition::network::PartitionNetwork;
-use crate::partition::transport::RaftTransport;
+use crate::partition::rejoin::{self, Gate};
+use crate::partition::transport::{PeerLink, PeerRequest, PeerResponse, RaftTransport};
 use crate::partition::{NodeId, Raft};
+use crate::storage::identity::{ClusterId, ClusterSettings, Identity, RejoinState};
 use crate::storage::{PartitionReader, Store, StoreError};
 
-/// How long a node waits for the preferred node of a partition to
-/// initialise it before doing so itself (if still leaderless).
-const INIT_GRACE: Duration = Duration::from_secs(5);
+/// Longest wait for a peer's answer to `Hello`.
+const HELLO_RPC: Duration = Duration::from_secs(2);
+/// Pause between rounds of `Hello` to every peer while none has an
+/// identity (before `init`) or none answers.
+const HELLO_RETRY: Duration = Duration::from_millis(500);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +54,47 @@ pub enum NodeError {
     /// A Raft group failed to start.
     #[error("raft: {0}")]
     Raft(String),
+    /// The data directory belongs to another node.
+    #[error(
+        "the data directory belongs to node {stored} of cluster {cluster}, but this node is \
+         configured as node {configured}; point `data_dir` at node {configured}'s data"
+    )]
+    WrongNode {
+        /// The node id stored with the data.
+        stored: NodeId,
+        /// The node id in the configuration.
+        configured: NodeId,
+        /// The cluster of the data.
+        cluster: ClusterId,
+    },
+    /// The configuration disagrees with a cluster-wide setting fixed at
+    /// init.
+    #[error(
+        "`{setting}` is {configured} in this node's configuration, but cluster {cluster} was \
+         initialised with {setting} = {cluster_value}; settings that shape replicated state \
+         cannot differ between nodes: set {setting} = {cluster_value}"
+    )]
+    Settings {
+        /// The setting's name in `node.toml`.
+        setting: &'static str,
+        /// The cluster's value.
+        cluster_value: u64,
+        /// The configured value.
+        configured: u64,
+        /// The cluster.
+        cluster: ClusterId,
+    },
+    /// `init` on a data directory that already has an identity.
+    #[error("the data directory already belongs to node {node} of cluster {cluster}")]
+    AlreadyInitialised {
+        /// Its cluster.
+        cluster: ClusterId,
+        /// Its node.
+        node: NodeId,
+    },
+    /// A node without data found no peer that knows the cluster in time.
+    #[error("no peer answered with a cluster identity within {0:?}")]
+    NoCluster(Duration),
 }
 
 /// One partition on this node.
@@ -52,12 +105,20 @@ pub struct PartitionHandle {
     pub actor: Addr<PartitionActor>,
     /// Read access to its applied state.
     pub reader: PartitionReader,
+    /// Whether this node is rejoining the partition (`None`: a voter like
+    /// any other); the peer handler refuses Raft RPCs by it.
+    pub rejoin: Gate,
 }
 
 /// What the network handlers share: configuration and partitions.
 pub struct NodeShared {
     /// This node's id.
     pub id: NodeId,
+    /// The cluster it belongs to; peer requests naming another are
+    /// refused.
+    pub cluster: ClusterId,
+    /// The cluster-wide settings (equal to the configuration's).
+    pub settings: ClusterSettings,
     /// Its configuration.
     pub config: NodeConfig,
     /// Every node's id and address.
@@ -116,9 +177,35 @@ impl NodeShared {
 
     /// `Ok` if this node leads `partition`; otherwise the redirect (or
     /// "unavailable" while no leader is known) the client should follow.
+    /// Also "unavailable" while the group's voters are not a majority of
+    /// the configured members (a cluster still forming after `init`): a
+    /// commit then would not be on a majority of the cluster (G1).
     pub fn require_leader(&self, partition: u32) -> Result<(), RequestError> {
         match self.leader_of(partition) {
-            Some(id) if id == self.id => Ok(()),
+            Some(id) if id == self.id => {
+                let voters = self
+                    .partition(partition)?
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                let members: Vec<NodeId> = self.config.peers.iter().map(|p| p.id).collect();
+                if rejoin::has_configured_quorum(&voters, &members) {
+                    Ok(())
+                } else {
+                    Err(RequestError::Unavailable {
+                        partition,
+                        reason: format!(
+                            "voters {voters:?} are not yet a majority of the {} members; \
+                             waiting for members to join",
+                            members.len()
+                        ),
+                    })
+                }
+            }
             Some(id) => Err(RequestError::NotLeader {
                 partition,
                 leader: self.node_addr(id),
@@ -215,18 +302,32 @@ fn raft_config(config: &NodeConfig, partition: u32) -> Result<Arc<openraft::Conf
     ))
 }
 
-/// Starts every partition of a node over the given seams. Must run inside
-/// an actix system (the partition actors live on its arbiter). `seed` is
-/// the randomness seam of delivery (backoff jitter): from the OS in
-/// production, from the run's seed in the simulator.
+/// Starts every partition of a node over the given seams, as the node of
+/// `identity` (from [`identify`]). Must run inside an actix system (the
+/// partition actors live on its arbiter). `seed` is the randomness seam
+/// of delivery (backoff jitter): from the OS in production, from the
+/// run's seed in the simulator.
+///
+/// A founding node (`identity.bootstrap`) initialises each group with
+/// itself as the only voter; a partition this node is rejoining, or whose
+/// group has neither vote nor log although the node has an identity (its
+/// Raft log is gone), goes through `partition::rejoin`.
 pub async fn start(
     config: NodeConfig,
+    identity: Identity,
     store: &Store,
     transport: Arc<dyn RaftTransport>,
     clock: Arc<dyn Clock>,
     sinks: crate::delivery::supervisor::SinkFactory,
     seed: u64,
 ) -> Result<Arc<NodeShared>, NodeError> {
+    check_identity(&config, &identity)?;
+    let link = PeerLink::new(transport, identity.cluster, config.id);
+    let members: BTreeMap<NodeId, BasicNode> = config
+        .peers
+        .iter()
+        .map(|p| (p.id, BasicNode::new(p.addr.clone())))
+        .collect();
     let nodes: Arc<Vec<NodeAddr>> = Arc::new(
         config
             .peers
@@ -238,6 +339,7 @@ pub async fn start(
             .collect(),
     );
     let mut partitions = Vec::with_capacity(config.partitions as usize);
+    let mut rejoining = Vec::new();
     // Per partition: raised by the rebalancer during a handover, watched
     // by the partition's delivery actors.
     let (handovers, handover_watches): (Vec<_>, Vec<_>) = (0..config.partitions)
@@ -247,7 +349,7 @@ pub async fn start(
         let raft = Raft::new(
             config.id,
             raft_config(&config, p)?,
-            PartitionNetwork::new(p, Arc::clone(&transport)),
+            PartitionNetwork::new(p, link.clone()),
             store.log_store(p),
             store
                 .state_machine(p, config.dedup_window)
@@ -255,6 +357,42 @@ pub async fn start(
         )
         .await
         .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;
+        let initialised = raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;
+        let mut state = identity.rejoin.get(&p).copied();
+        if identity.bootstrap && !initialised {
+            // `NodeConfig::check` makes sure the node is among its peers.
+            let address = members
+                .get(&config.id)
+                .cloned()
+                .unwrap_or_else(|| BasicNode::new(config.listen.to_string()));
+            raft.initialize(BTreeMap::from([(config.id, address)]))
+                .await
+                .map_err(|e| NodeError::Raft(format!("partition {p}: initialise: {e}")))?;
+            info!(
+                partition = p,
+                "initialised with this founding node as its voter"
+            );
+        } else if !identity.bootstrap && !initialised && state.is_none() {
+            // An identity but neither vote nor log: what this node
+            // acknowledged is gone.
+            warn!(
+                partition = p,
+                "no Raft state for this partition; rejoining as a learner"
+            );
+            store.set_rejoin(p, Some(RejoinState::Pending)).await?;
+            state = Some(RejoinState::Pending);
+        }
+        if state.is_some() {
+            // Before the first election timeout can fire.
+            raft.runtime_config().elect(false);
+        }
+        let (gate, rejoin) = watch::channel(state);
+        if state.is_some() {
+            rejoining.push((p, raft.clone(), gate));
+        }
         let actor = PartitionActor::new(
             p,
             raft.clone(),
@@ -267,8 +405,29 @@ pub async fn start(
             raft,
             actor,
             reader: store.reader(p),
+            rejoin,
         });
     }
+    if identity.bootstrap {
+        store.update_identity(|id| id.bootstrap = false).await?;
+    }
+    let member_ids: Vec<NodeId> = members.keys().copied().collect();
+    for (p, raft, gate) in rejoining {
+        actix_rt::spawn(rejoin::rejoin(
+            config.id,
+            p,
+            raft,
+            link.clone(),
+            member_ids.clone(),
+            store.clone(),
+            gate,
+        ));
+    }
+    actix_rt::spawn(rejoin::promote_members(
+        partitions.iter().map(|h| h.raft.clone()).collect(),
+        members,
+        rejoin::PROMOTE_EVERY,
+    ));
     if config.raft.rebalance_leaders_ms > 0 {
         use crate::partition::rebalance::{rebalance_leaders, Group};
         actix_rt::spawn(rebalance_leaders(
@@ -283,7 +442,7 @@ pub async fn start(
                     handing_over,
                 })
                 .collect(),
-            Arc::clone(&transport),
+            link.clone(),
             Duration::from_millis(config.raft.rebalance_leaders_ms),
             Duration::from_millis(config.raft.election_timeout_max_ms),
         ));
@@ -330,6 +489,8 @@ pub async fn start(
     }
     Ok(Arc::new(NodeShared {
         id: config.id,
+        cluster: identity.cluster,
+        settings: identity.settings,
         config,
         nodes,
         partitions,
@@ -341,46 +502,219 @@ pub async fn start(
     }))
 }
 
-/// Initialises the Raft groups of a fresh cluster, spreading leaders: the
-/// preferred node of partition `p` is the `p mod n`-th node by id, and it
-/// initialises `p` (which also makes it campaign first). A node that finds
-/// a partition still leaderless after [`INIT_GRACE`] (its preferred node is
-/// down at first start) initialises it itself; openraft allows several
-/// nodes to initialise with the same membership. A group that already has
-/// a vote or a log (every group on a restart) is not initialised again.
-pub async fn initialize_partitions(node: Arc<NodeShared>) {
-    let members: BTreeMap<NodeId, BasicNode> = node
-        .config
-        .peers
-        .iter()
-        .map(|p| (p.id, BasicNode::new(p.addr.clone())))
-        .collect();
-    let ids: Vec<NodeId> = members.keys().copied().collect();
-    for (p, handle) in node.partitions.iter().enumerate() {
-        // A restart finds its groups initialised: asking again only made
-        // openraft log an error on every start.
-        if crate::partition::rebalance::preferred_leader(p as u32, &ids) == Some(node.id)
-            && !initialised(&handle.raft).await
-        {
-            let _ = handle.raft.initialize(members.clone()).await;
-        }
-    }
-    tokio::time::sleep(INIT_GRACE).await;
-    for (p, handle) in node.partitions.iter().enumerate() {
-        let leaderless = handle.raft.metrics().borrow().current_leader.is_none();
-        if leaderless && !initialised(&handle.raft).await {
-            info!(partition = p, "initialising leaderless partition");
-            let _ = handle.raft.initialize(members.clone()).await;
-        }
+/// The cluster-wide settings `config` asks for.
+pub fn settings_of(config: &NodeConfig) -> ClusterSettings {
+    ClusterSettings {
+        partitions: config.partitions,
+        dedup_window: config.dedup_window,
     }
 }
 
-/// Whether a group has a vote or a log already, so that openraft would
-/// refuse to initialise it. Asked of the group itself: its metrics start
-/// out empty and are filled only once it has loaded its state, which a
-/// restart raced (openraft then logged "Can not initialize" once in eight
-/// runs of the restart test). A group that has stopped counts as
-/// initialised: there is nothing to do for it.
-async fn initialised(raft: &Raft) -> bool {
-    raft.is_initialized().await.unwrap_or(true)
+/// Refuses a configuration that disagrees with the stored identity: another
+/// node id, or another value of a cluster-wide setting (naming both).
+pub fn check_identity(config: &NodeConfig, identity: &Identity) -> Result<(), NodeError> {
+    if identity.node != config.id {
+        return Err(NodeError::WrongNode {
+            stored: identity.node,
+            configured: config.id,
+            cluster: identity.cluster,
+        });
+    }
+    let configured = settings_of(config);
+    let pairs: [(&'static str, u64, u64); 2] = [
+        (
+            "partitions",
+            identity.settings.partitions.into(),
+            configured.partitions.into(),
+        ),
+        (
+            "dedup_window",
+            identity.settings.dedup_window,
+            configured.dedup_window,
+        ),
+    ];
+    for (setting, cluster_value, configured) in pairs {
+        if cluster_value != configured {
+            return Err(NodeError::Settings {
+                setting,
+                cluster_value,
+                configured,
+                cluster: identity.cluster,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates a cluster: stores an identity with a new cluster id and the
+/// configuration's settings, marked as the founder, in a data directory
+/// that has none. The node then initialises every group with itself as the
+/// only voter at its next start, and the others join it. `cluster` comes
+/// from the caller's randomness (the OS, or the simulator's seed).
+pub async fn init(
+    config: &NodeConfig,
+    store: &Store,
+    cluster: ClusterId,
+) -> Result<Identity, NodeError> {
+    if let Some(existing) = store.identity()? {
+        return Err(NodeError::AlreadyInitialised {
+            cluster: existing.cluster,
+            node: existing.node,
+        });
+    }
+    let identity = Identity {
+        cluster,
+        node: config.id,
+        settings: settings_of(config),
+        bootstrap: true,
+        rejoin: BTreeMap::new(),
+    };
+    store.write_identity(&identity).await?;
+    info!(%cluster, node = config.id, "cluster initialised");
+    Ok(identity)
+}
+
+/// This node's identity: the stored one, checked against `config`; or, for
+/// a data directory without one, the cluster's as a peer tells it
+/// ([`discover`]), stored with every partition marked as rejoining, so the
+/// node never votes with the data it lacks. Waits for a peer at most
+/// `patience` (for ever if `None`: a node waiting for `init`).
+pub async fn identify(
+    config: &NodeConfig,
+    store: &Store,
+    transport: Arc<dyn RaftTransport>,
+    patience: Option<Duration>,
+) -> Result<Identity, NodeError> {
+    if let Some(identity) = store.identity()? {
+        check_identity(config, &identity)?;
+        return Ok(identity);
+    }
+    let found = match patience {
+        Some(p) => tokio::time::timeout(p, discover(config, transport))
+            .await
+            .map_err(|_| NodeError::NoCluster(p))?,
+        None => discover(config, transport).await,
+    };
+    let (cluster, settings) = found;
+    let identity = Identity {
+        cluster,
+        node: config.id,
+        settings,
+        bootstrap: false,
+        rejoin: (0..settings.partitions)
+            .map(|p| (p, RejoinState::Pending))
+            .collect(),
+    };
+    check_identity(config, &identity)?;
+    store.write_identity(&identity).await?;
+    info!(%cluster, node = config.id, "joined the cluster a peer named; rejoining every partition");
+    Ok(identity)
+}
+
+/// Asks the other configured nodes, in rounds, which cluster they belong
+/// to, until one names it.
+pub async fn discover(
+    config: &NodeConfig,
+    transport: Arc<dyn RaftTransport>,
+) -> (ClusterId, ClusterSettings) {
+    let link = PeerLink::new(transport, ClusterId::UNKNOWN, config.id);
+    let mut rounds: u64 = 0;
+    loop {
+        for peer in config.peers.iter().filter(|p| p.id != config.id) {
+            if let Ok(PeerResponse::Hello(Some(found))) =
+                link.call(peer.id, PeerRequest::Hello, HELLO_RPC).await
+            {
+                return found;
+            }
+        }
+        if rounds.is_multiple_of(20) {
+            info!(
+                "no data and no peer knows a cluster yet: waiting for `auditflow init` on one \
+                 node, or for a peer that has it"
+            );
+        }
+        rounds += 1;
+        tokio::time::sleep(HELLO_RETRY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(node: NodeId, partitions: u32, dedup_window: u64) -> Identity {
+        Identity {
+            cluster: ClusterId(7),
+            node,
+            settings: ClusterSettings {
+                partitions,
+                dedup_window,
+            },
+            bootstrap: false,
+            rejoin: BTreeMap::new(),
+        }
+    }
+
+    fn config(id: NodeId, partitions: u32, dedup_window: u64) -> NodeConfig {
+        let toml = format!(
+            "id = {id}\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"d\"\npartitions = {partitions}\n\
+             dedup_window = {dedup_window}\n\
+             peers = [{{ id = 1, addr = \"a:1\" }}, {{ id = 2, addr = \"a:2\" }}]\n\
+             [tls]\nca_cert = \"c\"\ncert = \"c\"\nkey = \"k\"\n"
+        );
+        match toml::from_str(&toml) {
+            Ok(c) => c,
+            Err(e) => panic!("test config: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_configuration_must_match_the_stored_identity() {
+        let ok = check_identity(&config(1, 8, 100), &identity(1, 8, 100));
+        assert!(ok.is_ok(), "{ok:?}");
+        let node = check_identity(&config(2, 8, 100), &identity(1, 8, 100));
+        assert!(
+            matches!(
+                node,
+                Err(NodeError::WrongNode {
+                    stored: 1,
+                    configured: 2,
+                    ..
+                })
+            ),
+            "{node:?}"
+        );
+        let parts = check_identity(&config(1, 4, 100), &identity(1, 8, 100));
+        let text = parts
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            matches!(
+                parts,
+                Err(NodeError::Settings {
+                    setting: "partitions",
+                    cluster_value: 8,
+                    configured: 4,
+                    ..
+                })
+            ),
+            "{text}"
+        );
+        assert!(text.contains('8') && text.contains('4'), "{text}");
+        let dedup = check_identity(&config(1, 8, 50), &identity(1, 8, 100));
+        assert!(
+            matches!(
+                dedup,
+                Err(NodeError::Settings {
+                    setting: "dedup_window",
+                    cluster_value: 100,
+                    configured: 50,
+                    ..
+                })
+            ),
+            "{dedup:?}"
+        );
+    }
 }

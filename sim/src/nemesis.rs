@@ -100,8 +100,17 @@ pub(crate) async fn nemesis(world: &Arc<World>, end: Duration) {
                 // Drawn only when enabled, so that runs without lost
                 // disks draw exactly as before.
                 if o.lost_disk > 0.0 && world.gen_unit() < o.lost_disk {
-                    world.trace(format!("fault: node {id} lost its disk"));
-                    world.disks[&id].wipe();
+                    // One lost disk at a time: with a second node short of
+                    // data the cluster stalls (safely) until an operator
+                    // acts, which the run's liveness check would count.
+                    if world.others_whole(id) {
+                        world.trace(format!("fault: node {id} lost its disk"));
+                        world.disks[&id].wipe();
+                    } else {
+                        world.trace(format!(
+                            "node {id} keeps its disk: another node is down or rejoining"
+                        ));
+                    }
                 }
                 if o.synced_damage > 0.0 && world.gen_unit() < o.synced_damage {
                     let damage = world.disks[&id].damage_synced(&mut *lock(&world.rng));

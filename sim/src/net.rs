@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use auditflow_broker::node::NodeShared;
 use auditflow_broker::partition::transport::{
-    PeerRequest, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
+    PeerEnvelope, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
     PEER_PROTOCOL_VERSION,
 };
 use auditflow_broker::partition::NodeId;
@@ -216,11 +216,11 @@ pub struct SimTransport {
     from: NodeId,
 }
 
-async fn deliver(net: &SimNet, to: NodeId, request: PeerRequest) -> Option<PeerResponse> {
+async fn deliver(net: &SimNet, to: NodeId, request: PeerEnvelope) -> Option<PeerResponse> {
     let node = net.node(to)?;
     let bytes = frame::encode(PEER_PROTOCOL_VERSION, &request, MAX_PEER_FRAME_BYTES).ok()?;
     let payload = frame::payload_of(&bytes, MAX_PEER_FRAME_BYTES).ok()?;
-    let request: PeerRequest = frame::decode(PEER_PROTOCOL_VERSION, payload).ok()?;
+    let request: PeerEnvelope = frame::decode(PEER_PROTOCOL_VERSION, payload).ok()?;
     Some(auditflow_broker::api::peer_api::handle(&node, request).await)
 }
 
@@ -228,7 +228,7 @@ impl RaftTransport for SimTransport {
     fn call(
         &self,
         target: NodeId,
-        request: PeerRequest,
+        request: PeerEnvelope,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>> {
         let net = self.net.clone();

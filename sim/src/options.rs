@@ -298,11 +298,10 @@ pub struct ClusterFaults {
     /// How long a pause lasts.
     pub pause_duration: Span,
     /// Of the restarts, the share whose node comes back with an empty
-    /// data directory (its disk lost or replaced). Not drawn from the
-    /// seed: 0 unless set (`auditflow sim --lost-disk P`), because the
-    /// broker does not survive it yet (a node with no data votes as a
-    /// fresh member; issue 27), and a sweep with it would fail. With 0
-    /// no draw is made, so runs without it are unchanged.
+    /// data directory (its disk lost or replaced); the node then rejoins
+    /// as a learner (`partition::rejoin`). Drawn for one seed in
+    /// [`ranges::LOST_DISK_SEEDS`], 0 for the others (`auditflow sim
+    /// --lost-disk P` sets it). With 0 no draw is made during the run.
     pub lost_disk: f64,
     /// Per crashed node and file with unsynced writes: the crash tears
     /// them instead of dropping them all: the writes since the last sync
@@ -410,6 +409,13 @@ mod ranges {
     /// Longest pause (ms): past the 600 ms longest election timeout, so
     /// a paused leader is deposed and comes back to a later term.
     pub const PAUSE_MAX_MS: (u64, u64) = (1_000, 4_000);
+    /// Share of seeds whose restarts may lose the disk: most seeds keep
+    /// their restarts plain, so the other faults keep their weight.
+    pub const LOST_DISK_SEEDS: f64 = 0.25;
+    /// Of those seeds' restarts, the share with a lost disk
+    /// (thousandths): a rejoin takes a few seconds of the run, so a few
+    /// per run at most.
+    pub const LOST_DISK: (u64, u64) = (100, 400);
 
     /// Shortest wait between sink faults (ms).
     pub const SINK_STEP_MIN_MS: (u64, u64) = (300, 700);
@@ -539,6 +545,10 @@ impl FaultOptions {
         o.cluster.clock_jump_size = d.span_ms(CLOCK_JUMP_MIN_MS, CLOCK_JUMP_MAX_MS);
         if d.0.gen_bool(GROUP_WRITER.0 as f64 / 1000.0) {
             o.writer = SimWriter::Group;
+        }
+        // Drawn last, so that every draw above is what it was before.
+        if d.0.gen_bool(LOST_DISK_SEEDS) {
+            o.cluster.lost_disk = d.p(LOST_DISK);
         }
         let c = &mut o.cluster;
         // Crash and restart exclude each other: the larger one counts.

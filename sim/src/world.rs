@@ -14,10 +14,12 @@ use auditflow_broker::delivery::backoff::RetryPolicy;
 use auditflow_broker::delivery::breaker::BreakerPolicy;
 use auditflow_broker::delivery::mask::{MaskAction, MaskRule};
 use auditflow_broker::delivery::{DestinationConfig, Filter};
-use auditflow_broker::node::{self, NodeShared};
+use auditflow_broker::node::{self, NodeError, NodeShared};
 use auditflow_broker::partition::actor::Shutdown;
+use auditflow_broker::partition::transport::RaftTransport;
 use auditflow_broker::partition::NodeId;
 use auditflow_broker::sinks::SinkConfig;
+use auditflow_broker::storage::identity::ClusterId;
 use auditflow_broker::storage::Store;
 use auditflow_protocol::{Event, Limits, Timestamp};
 use openraft::ServerState;
@@ -115,6 +117,10 @@ impl Clock for SimClock {
         Timestamp(EPOCH_NANOS + self.start.elapsed().as_nanos() as i64 + jumped)
     }
 }
+
+/// How long a node without data asks its peers for the cluster before it
+/// gives up and stays down (a few rounds of `Hello`).
+const DISCOVERY_PATIENCE: Duration = Duration::from_secs(3);
 
 /// Shared state of a run.
 pub(crate) struct World {
@@ -244,18 +250,70 @@ impl World {
         at_boot.is_none_or(|n| self.disks[&id].injected_faults() > n)
     }
 
-    async fn try_boot(&self, id: NodeId) -> Result<(), String> {
-        let disk = &self.disks[&id];
-        lock(&self.booted_at_fault).insert(id, disk.injected_faults());
-        let (db, log, events) = disk.open();
+    /// Whether every node but `id` is up with all its data (rejoining no
+    /// partition).
+    pub(crate) fn others_whole(&self, id: NodeId) -> bool {
+        self.ids().into_iter().filter(|o| *o != id).all(|o| {
+            self.net
+                .node(o)
+                .is_some_and(|n| n.partitions.iter().all(|p| p.rejoin.borrow().is_none()))
+        })
+    }
+
+    /// Creates the cluster on node 1's disk, as `auditflow init` does.
+    async fn init(&self) -> Result<(), String> {
+        let store = self.open_store(1)?;
+        let cluster = ClusterId(self.gen_range(1..u64::MAX) as u128);
+        node::init(&self.configs[&1], &store, cluster)
+            .await
+            .map_err(|e| format!("init: {e}"))?;
+        self.trace(format!("init: cluster {cluster} founded by node 1"));
+        Ok(())
+    }
+
+    /// Opens node `id`'s disk with the run's storage writer.
+    fn open_store(&self, id: NodeId) -> Result<Store, String> {
+        let (db, log, events) = self.disks[&id].open();
         let writer = self.opts.faults.writer.mode();
-        let store = Store::with_backend(db, log, events, &format!("node{id}"), writer)
-            .map_err(|e| format!("node {id} cannot open its disk: {e}"))?;
+        Store::with_backend(db, log, events, &format!("node{id}"), writer)
+            .map_err(|e| format!("node {id} cannot open its disk: {e}"))
+    }
+
+    async fn try_boot(&self, id: NodeId) -> Result<(), String> {
+        lock(&self.booted_at_fault).insert(id, self.disks[&id].injected_faults());
+        let store = self.open_store(id)?;
         let config = self.configs[&id].clone();
+        let transport: Arc<dyn RaftTransport> = Arc::new(self.net.transport(id));
+        let identity = match node::identify(
+            &config,
+            &store,
+            Arc::clone(&transport),
+            Some(DISCOVERY_PATIENCE),
+        )
+        .await
+        {
+            Ok(identity) => identity,
+            Err(NodeError::NoCluster(_)) => {
+                // As a real node would keep asking: it stays down until
+                // the next restart or the heal.
+                self.trace(format!(
+                    "node {id} has no data and no peer answered; stays down"
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(format!("node {id} cannot start: {e}")),
+        };
+        if !identity.rejoin.is_empty() {
+            self.trace(format!(
+                "node {id} rejoins partitions {:?}",
+                identity.rejoin.keys().collect::<Vec<_>>()
+            ));
+        }
         let shared = node::start(
             config,
+            identity,
             &store,
-            Arc::new(self.net.transport(id)),
+            transport,
             self.clocks[&id].clone(),
             Arc::clone(&self.sink_factory),
             // Delivery's randomness (backoff jitter), from the run's seed.
@@ -264,8 +322,7 @@ impl World {
         .await
         .map_err(|e| format!("node {id} cannot start: {e}"))?;
         lock(&self.stores).insert(id, store);
-        self.net.attach(id, Arc::clone(&shared));
-        actix_rt::spawn(node::initialize_partitions(shared));
+        self.net.attach(id, shared);
         Ok(())
     }
 
@@ -488,6 +545,9 @@ async fn simulate(opts: SimOptions) -> Report {
         "seed {} partitions {} faults: {}",
         opts.seed, opts.partitions, opts.faults
     ));
+    if let Err(e) = world.init().await {
+        world.violation(e);
+    }
     for id in &ids {
         if let Err(e) = world.boot(*id).await {
             world.violation(e);
@@ -514,10 +574,14 @@ async fn simulate(opts: SimOptions) -> Report {
     for disk in world.disks.values() {
         disk.heal();
     }
-    for id in world.ids() {
-        if world.net.node(id).is_none() {
-            if let Err(e) = world.boot(id).await {
-                world.violation(e);
+    // Twice: a node without data boots only once a peer that has the
+    // cluster is up, which may come later in the first round.
+    for _ in 0..2 {
+        for id in world.ids() {
+            if world.net.node(id).is_none() {
+                if let Err(e) = world.boot(id).await {
+                    world.violation(e);
+                }
             }
         }
     }

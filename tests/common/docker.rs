@@ -182,6 +182,20 @@ impl DockerCluster {
             });
         }
         write_client_config(cluster.dir.path(), &peers);
+        // Node 1 founds the cluster; its data directory is on the mounted
+        // host directory, so `init` runs here, before the containers.
+        let init = Command::new(BIN)
+            .arg("init")
+            .arg("--config")
+            .arg(cluster.dir.path().join("node1.toml"))
+            .env("AUDITFLOW_LOG", "warn")
+            .output()
+            .expect("run auditflow init");
+        assert!(
+            init.status.success(),
+            "auditflow init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
         let mount = format!("{}:/cluster", cluster.dir.path().display());
         // As the test's own user, so the test can remove a node's data
         // directory (a lost disk) without root.

@@ -113,6 +113,9 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProc>,
     pub partitions: u32,
+    /// Whether `wait_ready` has seen the cluster formed once (every node a
+    /// voter, leaders spread).
+    pub formed: std::sync::atomic::AtomicBool,
 }
 
 /// Options of a test cluster.
@@ -228,14 +231,33 @@ impl Cluster {
         }
         write_client_config(dir.path(), &peers);
         let mut cluster = Cluster {
+            formed: std::sync::atomic::AtomicBool::new(false),
             dir,
             nodes,
             partitions: opts.partitions,
         };
+        cluster.init(0);
         for i in 0..3 {
             cluster.spawn(i);
         }
         cluster
+    }
+
+    /// `auditflow init` on node `i` (stopped): it founds the cluster, the
+    /// others join it when they start.
+    pub fn init(&self, i: usize) {
+        let out = Command::new(BIN)
+            .arg("init")
+            .arg("--config")
+            .arg(&self.nodes[i].config_path)
+            .env("AUDITFLOW_LOG", "warn")
+            .output()
+            .expect("run auditflow init");
+        assert!(
+            out.status.success(),
+            "auditflow init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Path of the client config.
@@ -331,24 +353,47 @@ impl Cluster {
     }
 
     /// Waits until every partition has a leader that every running node
-    /// agrees on.
+    /// agrees on and, while every node runs, no node is a learner (a new
+    /// cluster grows from its founder, and a rejoining node is a learner
+    /// until it caught up). The first time, for a new cluster, also until
+    /// each partition is led by its preferred node (`p mod n`-th by id), as
+    /// the leader rebalancing spreads them, so tests start from the same
+    /// spread leaders as before.
     pub async fn wait_ready(&self, client: &Client) {
+        use std::sync::atomic::Ordering::Relaxed;
         let running = self.running();
         let partitions = self.partitions;
+        let all = running.len() == self.nodes.len();
+        let spread = !self.formed.load(Relaxed);
+        let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
         wait_until(
-            "all partitions to have agreed leaders",
+            if spread {
+                "the cluster to form: agreed, spread leaders and every node a voter"
+            } else {
+                "all partitions to have agreed leaders"
+            },
             Duration::from_secs(60),
             || {
                 let client = client.clone();
                 let running = running.clone();
+                let ids = ids.clone();
                 async move {
-                    agreed_leaders(&client, &running, partitions)
-                        .await
-                        .map(|_| ())
+                    let leaders = agreed_leaders(&client, &running, partitions).await?;
+                    if all && any_learner(&client).await {
+                        return None;
+                    }
+                    if spread {
+                        let preferred = |p: usize| ids[p % ids.len()];
+                        if leaders.iter().enumerate().any(|(p, l)| *l != preferred(p)) {
+                            return None;
+                        }
+                    }
+                    Some(())
                 }
             },
         )
         .await;
+        self.formed.store(true, Relaxed);
     }
 
     /// Prints every node log (for failing tests).
@@ -463,6 +508,18 @@ pub async fn read_all(
         },
     )
     .await
+}
+
+/// Whether any node that answers reports itself a learner of a partition.
+pub async fn any_learner(client: &Client) -> bool {
+    client.status_all().await.into_iter().any(|(_, st)| {
+        st.map(|st| {
+            st.partitions
+                .iter()
+                .any(|p| p.role == auditflow_protocol::wire::Role::Learner)
+        })
+        .unwrap_or(true)
+    })
 }
 
 /// Each partition's leader, if every node in `running` answers and they

@@ -1,16 +1,48 @@
-//! What a node answers to a peer's Raft RPC.
+//! What a node answers to a peer's request: Raft RPCs for its groups,
+//! and the membership requests around them (`Hello`, `Rejoin`).
+//!
+//! A request naming another cluster is refused (only `Hello` is answered
+//! to anyone: a node without data asks it to learn its cluster). A
+//! partition this node is rejoining answers no Raft RPC until a leader
+//! has demoted it, and no vote or campaign until it is a voter again
+//! (`partition::rejoin`).
 
 use crate::node::NodeShared;
-use crate::partition::transport::{PeerRequest, PeerResponse};
+use crate::partition::rejoin;
+use crate::partition::transport::{PeerEnvelope, PeerRequest, PeerResponse};
+use crate::storage::identity::RejoinState;
 
-/// Hands one Raft RPC to the partition's group.
-pub async fn handle(node: &NodeShared, request: PeerRequest) -> PeerResponse {
+/// Answers one peer request.
+pub async fn handle(node: &NodeShared, envelope: PeerEnvelope) -> PeerResponse {
+    let PeerEnvelope {
+        cluster,
+        from,
+        request,
+    } = envelope;
+    if let PeerRequest::Hello = request {
+        return PeerResponse::Hello(Some((node.cluster, node.settings)));
+    }
+    if cluster != node.cluster {
+        return PeerResponse::WrongCluster {
+            receiver: node.cluster,
+            sender: cluster,
+        };
+    }
     let partition = request.partition();
     let Ok(handle) = node.partition(partition) else {
         return PeerResponse::Failed(format!("unknown partition {partition}"));
     };
     let raft = &handle.raft;
+    let rejoining = *handle.rejoin.borrow();
     match request {
+        PeerRequest::Vote { .. } | PeerRequest::Campaign { .. } if rejoining.is_some() => {
+            PeerResponse::Rejoining
+        }
+        PeerRequest::AppendEntries { .. } | PeerRequest::InstallSnapshot { .. }
+            if rejoining == Some(RejoinState::Pending) =>
+        {
+            PeerResponse::Rejoining
+        }
         PeerRequest::Vote { rpc, .. } => match raft.vote(rpc).await {
             Ok(r) => PeerResponse::Vote(r),
             Err(e) => PeerResponse::Failed(e.to_string()),
@@ -27,5 +59,12 @@ pub async fn handle(node: &NodeShared, request: PeerRequest) -> PeerResponse {
             Ok(()) => PeerResponse::Campaigning,
             Err(e) => PeerResponse::Failed(e.to_string()),
         },
+        PeerRequest::Rejoin { .. } => {
+            if !node.config.peers.iter().any(|p| p.id == from) {
+                return PeerResponse::Failed(format!("node {from} is not a configured member"));
+            }
+            rejoin::demote(raft, from, node.config.peers.len()).await
+        }
+        PeerRequest::Hello => PeerResponse::Hello(Some((node.cluster, node.settings))),
     }
 }

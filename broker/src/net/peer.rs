@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 
 use crate::metrics::PEER_REDIALS_TOTAL;
 use crate::partition::transport::{
-    PeerRequest, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
+    PeerEnvelope, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
     PEER_PROTOCOL_VERSION,
 };
 use crate::replicated::NodeId;
@@ -142,7 +142,7 @@ impl QuicPeers {
     async fn call_once(
         self: Arc<Self>,
         target: NodeId,
-        request: PeerRequest,
+        request: PeerEnvelope,
     ) -> Result<PeerResponse, TransportFailure> {
         let bytes =
             frame::encode(PEER_PROTOCOL_VERSION, &request, MAX_PEER_FRAME_BYTES).map_err(|e| {
@@ -171,7 +171,7 @@ impl RaftTransport for Arc<QuicPeers> {
     fn call(
         &self,
         target: NodeId,
-        request: PeerRequest,
+        request: PeerEnvelope,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>> {
         let this = Arc::clone(self);

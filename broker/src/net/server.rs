@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use crate::api::{client_api, peer_api};
 use crate::node::NodeShared;
 use crate::partition::transport::{
-    PeerRequest, PeerResponse, MAX_PEER_FRAME_BYTES, PEER_PROTOCOL_VERSION,
+    PeerEnvelope, PeerResponse, MAX_PEER_FRAME_BYTES, PEER_PROTOCOL_VERSION,
 };
 
 /// QUIC application error code: the peer ALPN was used without a node
@@ -104,7 +104,7 @@ async fn peer_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, n
             let _ = recv.stop(STOP_BAD_FRAME.into());
             PeerResponse::Failed(e.to_string())
         }
-        Ok(payload) => match frame::decode::<PeerRequest>(PEER_PROTOCOL_VERSION, &payload) {
+        Ok(payload) => match frame::decode::<PeerEnvelope>(PEER_PROTOCOL_VERSION, &payload) {
             Ok(request) => peer_api::handle(node, request).await,
             Err(e) => PeerResponse::Failed(e.to_string()),
         },

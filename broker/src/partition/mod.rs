@@ -10,6 +10,8 @@
 //!   segments can go.
 //! - [`rebalance`]: hands partitions back to their preferred leader after
 //!   failovers moved them.
+//! - [`rejoin`]: a node that lost its data rejoins a group as a learner
+//!   and is promoted once caught up; leaders grow groups to every member.
 //!
 //! The openraft type configuration is `storage::types` (it names storage's
 //! snapshot type); the log payload is `replicated::Command`.
@@ -18,6 +20,7 @@ pub mod actor;
 pub mod compaction;
 pub mod network;
 pub mod rebalance;
+pub mod rejoin;
 pub mod transport;
 
 pub use crate::replicated::{Command, CommandResponse, NodeId};

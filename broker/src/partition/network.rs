@@ -1,7 +1,5 @@
 //! openraft's network factory over the [`RaftTransport`] seam.
 
-use std::sync::Arc;
-
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Timeout, Unreachable,
 };
@@ -12,23 +10,20 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 
-use super::transport::{PeerRequest, PeerResponse, RaftTransport, TransportFailure};
+use super::transport::{PeerLink, PeerRequest, PeerResponse, TransportFailure};
 use crate::partition::{NodeId, TypeConfig};
 
 /// Creates per-target RPC clients for one partition's group.
 #[derive(Clone)]
 pub struct PartitionNetwork {
     partition: u32,
-    transport: Arc<dyn RaftTransport>,
+    link: PeerLink,
 }
 
 impl PartitionNetwork {
-    /// The network of `partition`'s group over `transport`.
-    pub fn new(partition: u32, transport: Arc<dyn RaftTransport>) -> Self {
-        PartitionNetwork {
-            partition,
-            transport,
-        }
+    /// The network of `partition`'s group over `link`.
+    pub fn new(partition: u32, link: PeerLink) -> Self {
+        PartitionNetwork { partition, link }
     }
 }
 
@@ -39,7 +34,7 @@ impl RaftNetworkFactory<TypeConfig> for PartitionNetwork {
         PeerClient {
             partition: self.partition,
             target,
-            transport: Arc::clone(&self.transport),
+            link: self.link.clone(),
         }
     }
 }
@@ -48,7 +43,7 @@ impl RaftNetworkFactory<TypeConfig> for PartitionNetwork {
 pub struct PeerClient {
     partition: u32,
     target: NodeId,
-    transport: Arc<dyn RaftTransport>,
+    link: PeerLink,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -80,6 +75,10 @@ fn rpc_error<E: std::error::Error>(
 fn unexpected(resp: PeerResponse) -> NetworkError {
     let msg = match resp {
         PeerResponse::Failed(reason) => reason,
+        PeerResponse::Rejoining => "the peer is rejoining and answers no Raft RPC yet".into(),
+        PeerResponse::WrongCluster { receiver, sender } => {
+            format!("the peer belongs to cluster {receiver}, not to this node's cluster {sender}")
+        }
         other => format!("unexpected response {other:?}"),
     };
     NetworkError::new(&std::io::Error::other(msg))
@@ -96,11 +95,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             partition: self.partition,
             rpc,
         };
-        match self
-            .transport
-            .call(self.target, req, option.hard_ttl())
-            .await
-        {
+        match self.link.call(self.target, req, option.hard_ttl()).await {
             Ok(PeerResponse::AppendEntries(r)) => Ok(r),
             Ok(other) => Err(RPCError::Network(unexpected(other))),
             Err(f) => Err(rpc_error(f, &option, Some(entries))),
@@ -116,11 +111,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             partition: self.partition,
             rpc,
         };
-        match self
-            .transport
-            .call(self.target, req, option.hard_ttl())
-            .await
-        {
+        match self.link.call(self.target, req, option.hard_ttl()).await {
             Ok(PeerResponse::InstallSnapshot(r)) => Ok(r),
             Ok(other) => Err(RPCError::Network(unexpected(other))),
             Err(f) => Err(rpc_error(f, &option, None)),
@@ -136,11 +127,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             partition: self.partition,
             rpc,
         };
-        match self
-            .transport
-            .call(self.target, req, option.hard_ttl())
-            .await
-        {
+        match self.link.call(self.target, req, option.hard_ttl()).await {
             Ok(PeerResponse::Vote(r)) => Ok(r),
             Ok(other) => Err(RPCError::Network(unexpected(other))),
             Err(f) => Err(rpc_error(f, &option, None)),

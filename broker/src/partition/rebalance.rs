@@ -39,7 +39,6 @@
 //! every round.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
@@ -50,7 +49,7 @@ use tracing::{info, warn};
 use super::actor::{Hold, PartitionActor, Release};
 use super::{NodeId, Raft};
 use crate::metrics::LEADER_HANDOVERS_TOTAL;
-use crate::partition::transport::{PeerRequest, PeerResponse, RaftTransport};
+use crate::partition::transport::{PeerLink, PeerRequest, PeerResponse};
 
 /// How far behind the leader's log (in entries) the preferred node may be
 /// for a handover to start; the hold then lets it catch up the rest.
@@ -163,6 +162,31 @@ pub fn ready_to_hand_over(me: NodeId, to: NodeId, view: &LeaderView) -> bool {
         && view.matched.get(&to).copied().flatten() == view.last_log_index
 }
 
+/// The pause before the next rebalancing round, `elapsed` after the node
+/// started. A new cluster's founder leads every partition at first (it is
+/// the only voter until the others join, `partition::rejoin`): so for the
+/// first
+/// [`QUICK_ROUNDS_FOR`] `every`s the rounds come as often as a leader's
+/// vote lease allows (twice `election_timeout_max`, a round must outlast
+/// the lease, see [`handover_target`]), spreading leaders within seconds
+/// instead of after several `every`s; then every `every`.
+pub fn round_interval(
+    elapsed: Duration,
+    every: Duration,
+    election_timeout_max: Duration,
+) -> Duration {
+    let quick = (election_timeout_max * 2).min(every);
+    if elapsed < every * QUICK_ROUNDS_FOR {
+        quick
+    } else {
+        every
+    }
+}
+
+/// For how many `every`s after a start rebalancing rounds come quickly
+/// ([`round_interval`]).
+pub const QUICK_ROUNDS_FOR: u32 = 3;
+
 /// One partition as the rebalancer sees it.
 pub struct Group {
     /// Its Raft group.
@@ -180,7 +204,7 @@ pub async fn rebalance_leaders(
     me: NodeId,
     nodes: Vec<NodeId>,
     groups: Vec<Group>,
-    transport: Arc<dyn RaftTransport>,
+    transport: PeerLink,
     every: Duration,
     election_timeout_max: Duration,
 ) {
@@ -193,8 +217,14 @@ pub async fn rebalance_leaders(
     let mut cool_down = vec![0u32; groups.len()];
     // The term each partition was led by this node in at the last round.
     let mut led: Vec<Option<u64>> = vec![None; groups.len()];
+    let started = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(round_interval(
+            started.elapsed(),
+            every,
+            election_timeout_max,
+        ))
+        .await;
         for (p, group) in groups.iter().enumerate() {
             let view = {
                 let m = group.raft.metrics();
@@ -241,7 +271,7 @@ async fn hand_over(
     me: NodeId,
     partition: u32,
     group: &Group,
-    transport: &Arc<dyn RaftTransport>,
+    transport: &PeerLink,
     to: NodeId,
     election_timeout_max: Duration,
 ) -> Result<(), String> {
@@ -265,7 +295,7 @@ async fn campaign(
     me: NodeId,
     partition: u32,
     group: &Group,
-    transport: &Arc<dyn RaftTransport>,
+    transport: &PeerLink,
     to: NodeId,
     elected_within: Duration,
 ) -> Result<(), String> {
@@ -314,6 +344,18 @@ mod tests {
             voters: vec![1, 2, 3],
             matched: matched.iter().copied().collect(),
         }
+    }
+
+    #[test]
+    fn rounds_come_quickly_only_after_a_start() {
+        let (every, lease) = (Duration::from_secs(10), Duration::from_millis(1200));
+        let at = |s: u64| round_interval(Duration::from_secs(s), every, lease);
+        assert_eq!(at(0), Duration::from_millis(2400));
+        assert_eq!(at(29), Duration::from_millis(2400));
+        assert_eq!(at(30), every);
+        // Never more often than `every` itself.
+        let short = Duration::from_secs(2);
+        assert_eq!(round_interval(Duration::ZERO, short, lease), short);
     }
 
     #[test]

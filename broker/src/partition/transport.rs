@@ -16,14 +16,31 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use crate::replicated::NodeId;
+use crate::storage::identity::{ClusterId, ClusterSettings};
 use crate::storage::types::TypeConfig;
 
-/// Version of the peer messages.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// Version of the peer messages. Version 2 wraps every request in a
+/// [`PeerEnvelope`] naming the cluster, and adds `Hello` and `Rejoin`.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// Largest peer frame. Raft batches are split by openraft when a request
 /// would exceed it (`PayloadTooLarge`), so this bounds memory per RPC.
 pub const MAX_PEER_FRAME_BYTES: usize = 64 * 1024 * 1024;
-/// A Raft RPC for one partition's group.
+/// What goes over the wire from one node to another: the request with the
+/// cluster it is meant for, so a node of another cluster (a data
+/// directory copied from elsewhere, a mistyped peer address) is refused
+/// with [`PeerResponse::WrongCluster`] instead of being answered.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerEnvelope {
+    /// The sender's cluster; [`ClusterId::UNKNOWN`] only for `Hello`.
+    pub cluster: ClusterId,
+    /// The sender's node id.
+    pub from: NodeId,
+    /// The request.
+    pub request: PeerRequest,
+}
+
+/// A request from one node to another: a Raft RPC for one partition's
+/// group, or one of the membership requests around it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// RequestVote.
@@ -55,6 +72,18 @@ pub enum PeerRequest {
         /// Target group.
         partition: u32,
     },
+    /// Which cluster do you belong to? Sent by a node without data, to
+    /// learn the cluster it is to join (`node::discover`).
+    Hello,
+    /// The sender may have lost what it acknowledged in `partition`
+    /// (empty or damaged data): if the receiver leads the partition, it
+    /// removes the sender from the voters (keeping it as a learner) and
+    /// answers once that membership is committed
+    /// (`partition::rejoin`).
+    Rejoin {
+        /// Target group.
+        partition: u32,
+    },
 }
 
 impl PeerRequest {
@@ -64,7 +93,9 @@ impl PeerRequest {
             PeerRequest::Vote { partition, .. }
             | PeerRequest::AppendEntries { partition, .. }
             | PeerRequest::InstallSnapshot { partition, .. }
-            | PeerRequest::Campaign { partition } => *partition,
+            | PeerRequest::Campaign { partition }
+            | PeerRequest::Rejoin { partition } => *partition,
+            PeerRequest::Hello => 0,
         }
     }
 }
@@ -81,6 +112,28 @@ pub enum PeerResponse {
     /// Answer to `Campaign`: the election has started (not that it was
     /// won).
     Campaigning,
+    /// Answer to `Hello`: the receiver's cluster and its settings, or
+    /// `None` if it has no identity yet either.
+    Hello(Option<(ClusterId, ClusterSettings)>),
+    /// Answer to `Rejoin`: the sender is no voter in the committed
+    /// membership at `demoted_at`.
+    Demoted {
+        /// Log id of that membership.
+        demoted_at: openraft::LogId<NodeId>,
+    },
+    /// Answer to `Rejoin` from a node that does not lead the partition:
+    /// the leader it knows, if any.
+    NotLeader(Option<NodeId>),
+    /// The receiver belongs to another cluster and answers nothing.
+    WrongCluster {
+        /// The receiver's cluster.
+        receiver: ClusterId,
+        /// The cluster the request named.
+        sender: ClusterId,
+    },
+    /// The receiver is rejoining the partition and answers none of its
+    /// Raft RPCs yet (it may have lost what it acknowledged).
+    Rejoining,
     /// The receiver could not handle the request (unknown partition, group
     /// shut down, snapshot mismatch); the sender retries later.
     Failed(String),
@@ -106,11 +159,53 @@ pub enum TransportFailure {
 /// The network seam for Raft: production sends over QUIC, the simulator
 /// delivers (or drops, delays, duplicates) messages itself.
 pub trait RaftTransport: Send + Sync + 'static {
-    /// Sends `request` to `target` and waits for its answer.
+    /// Sends `envelope` to `target` and waits for its answer.
     fn call(
+        &self,
+        target: NodeId,
+        envelope: PeerEnvelope,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>>;
+}
+
+/// A node's side of the transport: stamps every request with its cluster
+/// and node id. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerLink {
+    transport: std::sync::Arc<dyn RaftTransport>,
+    cluster: ClusterId,
+    from: NodeId,
+}
+
+impl PeerLink {
+    /// Requests of node `from` of `cluster` over `transport`.
+    pub fn new(
+        transport: std::sync::Arc<dyn RaftTransport>,
+        cluster: ClusterId,
+        from: NodeId,
+    ) -> PeerLink {
+        PeerLink {
+            transport,
+            cluster,
+            from,
+        }
+    }
+
+    /// Sends `request` to `target` and waits for its answer.
+    pub fn call(
         &self,
         target: NodeId,
         request: PeerRequest,
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>>;
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportFailure>> {
+        self.transport.call(
+            target,
+            PeerEnvelope {
+                cluster: self.cluster,
+                from: self.from,
+                request,
+            },
+            timeout,
+        )
+    }
 }

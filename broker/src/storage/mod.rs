@@ -17,6 +17,8 @@
 //!   data type, hence here).
 //! - [`snapshot`]: a partition's snapshot as a stream, read from redb as
 //!   it is sent and staged in redb as it is received.
+//! - [`identity`]: the cluster id, node id, cluster-wide settings and
+//!   rejoin state stored with the node's data.
 //! - [`PartitionReader`]: what the client API reads (stored events, the
 //!   head, a watch for long polls).
 //!
@@ -29,6 +31,7 @@ pub mod apply;
 mod error;
 pub mod event_files;
 pub mod event_runs;
+pub mod identity;
 pub mod log_dir;
 pub mod log_store;
 pub mod raft_log;
