@@ -11,16 +11,30 @@
 //! root; skipped where that is refused, except under CI, where `CI` is
 //! set and the test must run). Appends fill it while nodes 2 and 3 keep
 //! the quorum; node 1 exits with code 74 (`EX_IOERR`) naming the full
-//! disk. The tmpfs is then grown, node 1 restarted, and every acknowledged
-//! event checked on every node.
+//! disk, while nodes 2 and 3 stay healthy on `/healthz`. The tmpfs is
+//! then grown, node 1 restarted, and every acknowledged event checked on
+//! every node.
+//!
+//! `/healthz` reflects Raft health too: before, it answered `ok` as long
+//! as the process ran, even on a node cut off from its peers that could
+//! do nothing. A node left alone answers 503 naming the partitions
+//! without a leader once they have been leaderless longer than
+//! `raft.leaderless_max_ms`, and `ok` again once its peers are back. (A
+//! halted store is not seen there by a real process: the node exits at
+//! once, so that case is covered by `admin::health`'s pure tests and the
+//! exit code above.)
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use auditflow_broker::config::RaftTuning;
 use common::*;
+use serde_json::Value;
 
 /// Size of node 1's disk: room for the cluster's start and a few MiB of
 /// events.
@@ -120,6 +134,12 @@ async fn a_node_whose_disk_fills_exits_naming_the_cause_and_recovers() {
         log.contains("fail-stop: storage halted") && log.contains("disk full"),
         "the message names the cause:\n{log}"
     );
+    // Its siblings kept the quorum: they are healthy.
+    let http = http();
+    for n in &cluster.nodes[1..] {
+        let got = get(&http, n.admin_addr, "/healthz").await;
+        assert_eq!(got, Some((200, "ok".to_string())), "node {}", n.id);
+    }
 
     // Space again (as an operator frees it): node 1 replays and catches up.
     let grown = Command::new("mount")
@@ -140,4 +160,84 @@ async fn a_node_whose_disk_fills_exits_naming_the_cause_and_recovers() {
     )
     .await;
     cluster.stop(0);
+}
+
+/// `GET http://{addr}/{path}` with a short timeout: status and body, or
+/// `None` if the node does not answer.
+async fn get(http: &reqwest::Client, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let resp = http.get(format!("http://{addr}{path}")).send().await.ok()?;
+    let code = resp.status().as_u16();
+    Some((code, resp.text().await.ok()?))
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("HTTP client")
+}
+
+/// How long a partition may be leaderless before `/healthz` says so, in
+/// the test below: above two election timeouts of the test cluster (the
+/// config refuses less), short enough for a test.
+const LEADERLESS_MAX_MS: u64 = 3_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_without_peers_answers_healthz_503_naming_no_leader() {
+    let defaults = ClusterOptions::default();
+    let mut cluster = Cluster::start(ClusterOptions {
+        raft: RaftTuning {
+            leaderless_max_ms: LEADERLESS_MAX_MS,
+            ..defaults.raft.clone()
+        },
+        ..defaults
+    });
+    let client = cluster.client().await;
+    cluster.wait_ready(&client).await;
+    let http = http();
+    let admin = cluster.nodes[0].admin_addr;
+    let got = get(&http, admin, "/healthz").await;
+    assert_eq!(
+        got,
+        Some((200, "ok".to_string())),
+        "a ready node is healthy"
+    );
+
+    // Nodes 2 and 3 gone: node 1's partitions lose their leaders (those it
+    // led itself may keep it: openraft 0.9 leaders do not step down).
+    cluster.kill(1);
+    cluster.kill(2);
+    let body = wait_until(
+        "node 1's /healthz to answer 503",
+        Duration::from_secs(60),
+        || async {
+            let (code, body) = get(&http, admin, "/healthz").await?;
+            (code == 503).then_some(body)
+        },
+    )
+    .await;
+    let health: Value = serde_json::from_str(&body).expect("/healthz 503 body is JSON");
+    assert_eq!(health["healthy"], Value::Bool(false), "{body}");
+    let problems = health["problems"].as_array().expect("problems");
+    assert!(!problems.is_empty(), "{body}");
+    for p in problems {
+        assert_eq!(p["kind"], "no_leader", "{body}");
+        let partition = p["partition"].as_u64().expect("a partition");
+        assert!(partition < u64::from(cluster.partitions), "{body}");
+        let seconds = p["seconds"].as_u64().expect("seconds");
+        assert!(seconds >= LEADERLESS_MAX_MS / 1000, "{body}");
+    }
+
+    // Peers back: leaders again, healthy again.
+    cluster.spawn(1);
+    cluster.spawn(2);
+    wait_until(
+        "node 1's /healthz to answer ok again",
+        Duration::from_secs(60),
+        || async {
+            let got = get(&http, admin, "/healthz").await?;
+            (got == (200, "ok".to_string())).then_some(())
+        },
+    )
+    .await;
 }

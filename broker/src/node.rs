@@ -160,21 +160,27 @@ impl NodeShared {
     /// The simulator asks after every step; the daemon waits on
     /// [`NodeShared::failed`].
     pub fn failure(&self) -> Option<FailStop> {
-        fail_stop(
-            self.halt.cause(),
-            self.partitions.iter().enumerate().map(|(p, h)| {
+        fail_stop(self.halt.cause(), self.core_states())
+    }
+
+    /// Each partition's Raft core state, as its metrics report it; a core
+    /// task that ended without recording why (its metrics sender is gone
+    /// while they still say it runs) counts as `Fatal::Panicked`, since
+    /// only a panic ends it so.
+    pub fn core_states(&self) -> Vec<(u32, Result<(), openraft::error::Fatal<NodeId>>)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .map(|(p, h)| {
                 let metrics = h.raft.metrics();
-                // A core task that ended without recording why (its
-                // metrics sender is gone while they still say it runs)
-                // panicked: only a panic ends it so.
                 let ended = metrics.has_changed().is_err();
                 let state = match metrics.borrow().running_state.clone() {
                     Ok(()) if ended => Err(openraft::error::Fatal::Panicked),
                     state => state,
                 };
                 (p as u32, state)
-            }),
-        )
+            })
+            .collect()
     }
 
     /// Why this node's storage stopped taking writes, if it did.

@@ -4,7 +4,8 @@
 //! Unhealthy when its storage halted (a failed write or sync: the node
 //! fail-stops and its process is about to end), when a partition's Raft
 //! core stopped on an error, or when a partition has had no known leader
-//! for longer than [`LEADERLESS_MAX`]. Healthy otherwise, including while
+//! for longer than the node's `raft.leaderless_max_ms` (a minute by
+//! default; [`crate::config::RaftTuning`]). Healthy otherwise, including while
 //! a cluster first elects its leaders.
 
 use std::time::{Duration, Instant};
@@ -14,13 +15,6 @@ use serde::Serialize;
 
 use crate::partition::NodeId;
 use crate::storage::StoreError;
-
-/// Longest a partition may have no known leader before `/healthz` calls
-/// the node unhealthy. An election takes 3-4 s with the default timings;
-/// a minute without one means this node cannot reach a majority (cut off,
-/// or its peers are down), which an operator must hear about. Long enough
-/// that a rolling restart of the other nodes does not trip it.
-pub const LEADERLESS_MAX: Duration = Duration::from_secs(60);
 
 /// The `/healthz` answer when unhealthy (`503`), as JSON.
 #[derive(Debug, PartialEq, Eq, Serialize)]
@@ -58,8 +52,9 @@ pub enum Problem {
 }
 
 /// Judges a node from its store's halt, each partition's Raft core state
-/// and how long partitions have been leaderless (see [`Leaderless`]). A
-/// core stopped on request (`Fatal::Stopped`) is a shutdown, not a fault.
+/// and how long partitions have been leaderless (see [`Leaderless`]); a
+/// partition leaderless for longer than `max` is a problem. A core
+/// stopped on request (`Fatal::Stopped`) is a shutdown, not a fault.
 pub fn assess(
     halted: Option<&StoreError>,
     cores: impl IntoIterator<Item = (u32, Result<(), Fatal<NodeId>>)>,
@@ -144,7 +139,7 @@ mod tests {
             .iter()
             .map(|&(p, s)| (p, Duration::from_secs(s)))
             .collect();
-        let health = assess(halted.as_ref(), cores, &leaderless, LEADERLESS_MAX);
+        let health = assess(halted.as_ref(), cores, &leaderless, Duration::from_secs(60));
         let got: Vec<String> = health
             .problems
             .iter()

@@ -3,7 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /metrics` | Prometheus text exposition of this node's metrics ([`crate::metrics`], sampled by [`sampler`]) |
-//! | `GET /healthz` | `200 ok` while the node can do its work; `503` with JSON naming each problem (`storage_halted`, `raft_stopped` per partition, `no_leader` per partition leaderless over a minute: [`health`]) |
+//! | `GET /healthz` | `200 ok` while the node can do its work; `503` with JSON naming each problem (`storage_halted`, `raft_stopped` per partition, `no_leader` per partition leaderless longer than `raft.leaderless_max_ms`, a minute by default: [`health`]) |
 //! | `GET /readyz` | `200` when every partition has a known leader and this node applied everything committed; else `503` with the reasons as JSON |
 //! | `GET /status` | this node's view of every partition (`NodeStatus`) as JSON |
 //! | `GET /destinations` | delivery status of the partitions this node leads, as JSON |
@@ -117,12 +117,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn healthz(node: Arc<NodeShared>, leaderless: Arc<Mutex<health::Leaderless>>) -> Response {
     observe_leaders(&node, &leaderless);
     let durations = lock(&leaderless).durations(std::time::Instant::now());
-    let cores = node.partitions.iter().enumerate().map(|(p, h)| {
-        let state = h.raft.metrics().borrow().running_state.clone();
-        (p as u32, state)
-    });
     let halted = node.storage_halted();
-    let health = health::assess(halted.as_deref(), cores, &durations, health::LEADERLESS_MAX);
+    let max = Duration::from_millis(node.config.raft.leaderless_max_ms);
+    let health = health::assess(halted.as_deref(), node.core_states(), &durations, max);
     if health.healthy {
         "ok".into_response()
     } else {
