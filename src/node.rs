@@ -55,7 +55,10 @@ pub fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the node until SIGINT or SIGTERM, then shuts it down cleanly.
+/// Runs the node until SIGINT or SIGTERM, then shuts it down cleanly; or
+/// until it must fail-stop (its storage halted, a Raft core stopped),
+/// then exits at once with a non-zero code and a message naming the
+/// cause, so that systemd, Kubernetes or `auditflow up` restart it.
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     no_transparent_huge_pages();
     let config = NodeConfig::load(&args.config)?;
@@ -76,7 +79,17 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let system = actix_rt::System::with_tokio_rt(move || runtime);
     system.block_on(async move {
         let node = run_quic_node(config).await?;
-        wait_for_stop_signal().await;
+        tokio::select! {
+            _ = wait_for_stop_signal() => {}
+            failure = node.failed() => {
+                let code = failure.exit_code();
+                tracing::error!("fail-stop: {failure}; exiting with code {code}");
+                eprintln!("auditflow node: fail-stop: {failure}");
+                // At once: a clean stop needs the writes that just failed,
+                // and what the disk holds is replayed at the next start.
+                std::process::exit(i32::from(code));
+            }
+        }
         tracing::info!("stopping");
         node.shutdown().await;
         Ok(ExitCode::SUCCESS)

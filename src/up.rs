@@ -2,8 +2,10 @@
 //!
 //! Generates a dev CA and node certificates, writes one `node.toml` per
 //! node and a `client.toml`, then runs each node as a child process (so a
-//! node can be killed on its own, as in production). Running it again on
-//! the same directory restarts the same cluster with its data.
+//! node can be killed on its own, as in production). A node that exits
+//! (killed, or fail-stopped on a storage error) is restarted with
+//! exponential backoff, as systemd or Kubernetes would. Running it again
+//! on the same directory restarts the same cluster with its data.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,6 +23,19 @@ const NODES: u64 = 3;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How often `up` looks for nodes that exited on their own.
 const EXIT_POLL: Duration = Duration::from_millis(200);
+/// Wait before the first restart of a node that exited: long enough not
+/// to spin on a node that fails at once, short enough that a killed node
+/// is back before its peers' leases run out.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between restarts (the doubling stops here).
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// A node that ran this long before exiting was working: its next restart
+/// starts from [`RESTART_FIRST`] again.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// Quick exits in a row after which `up` stops restarting a node: it
+/// fails at start-up (a bad config, a refused data directory), and
+/// restarting it forever would only fill its log.
+const MAX_QUICK_EXITS: u32 = 6;
 /// Node `id`'s admin HTTP port is `base_port + ADMIN_PORT_OFFSET + id - 1`
 /// (7201..7203 for the default base 7101): clear of the QUIC ports.
 const ADMIN_PORT_OFFSET: u64 = 100;
@@ -207,33 +222,61 @@ fn init_if_new(nodes: &[DevNode]) -> anyhow::Result<()> {
 /// are dropped.
 pub fn spawn_nodes(dir: &Path, nodes: &[DevNode]) -> anyhow::Result<Vec<tokio::process::Child>> {
     init_if_new(nodes)?;
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| spawn_node(dir, i, node))
+        .collect()
+}
+
+/// Starts node `i` (0-based) as [`spawn_nodes`] does.
+fn spawn_node(dir: &Path, i: usize, node: &DevNode) -> anyhow::Result<tokio::process::Child> {
     let exe = std::env::current_exe().context("cannot find own executable")?;
     // The three nodes share this machine's cores: with one thread each for
     // everything async they used less CPU per event and had a lower tail
     // latency (docs/performance.md). The variable overrides.
     let threads = std::env::var("AUDITFLOW_NODE_THREADS").unwrap_or_else(|_| "1".into());
-    let mut children = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let cfg = &node.config;
-        let log_path = dir.join(format!("node{}.log", i + 1));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("open {}", log_path.display()))?;
-        let child = tokio::process::Command::new(&exe)
-            .arg("node")
-            .arg("--config")
-            .arg(cfg)
-            .env("AUDITFLOW_NODE_THREADS", &threads)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start node {}", i + 1))?;
-        children.push(child);
+    let log_path = dir.join(format!("node{}.log", i + 1));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    tokio::process::Command::new(&exe)
+        .arg("node")
+        .arg("--config")
+        .arg(&node.config)
+        .env("AUDITFLOW_NODE_THREADS", &threads)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start node {}", i + 1))
+}
+
+/// When to start a node again after it exited (pure): exponential backoff
+/// from [`RESTART_FIRST`] to [`RESTART_MAX`] over quick exits in a row,
+/// reset by a run of [`STABLE_RUN`]; none after [`MAX_QUICK_EXITS`].
+#[derive(Debug, Default)]
+pub struct Backoff {
+    /// Exits in a row, each after less than [`STABLE_RUN`].
+    quick_exits: u32,
+}
+
+impl Backoff {
+    /// The wait before the next start of a node that exited after running
+    /// for `ran`, or `None` to give up on it.
+    pub fn after_exit(&mut self, ran: Duration) -> Option<Duration> {
+        if ran >= STABLE_RUN {
+            self.quick_exits = 0;
+        }
+        self.quick_exits += 1;
+        if self.quick_exits > MAX_QUICK_EXITS {
+            return None;
+        }
+        let doublings = (self.quick_exits - 1).min(16);
+        Some((RESTART_FIRST * 2u32.pow(doublings)).min(RESTART_MAX))
     }
-    Ok(children)
 }
 
 /// SIGTERM to every node (a clean Raft shutdown), then kill whatever is
@@ -305,7 +348,9 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
     println!(
         "Ctrl-C stops the cluster; `auditflow up` on the same --dir restarts it with its data."
     );
-    println!("A node that exits (or is killed) is reported; the others keep serving.");
+    println!(
+        "A node that exits (or is killed) is reported and restarted; the others keep serving."
+    );
 
     let code = watch_nodes(dir, &nodes, children).await;
     println!("stopped.");
@@ -313,13 +358,27 @@ async fn supervise(dir: &Path, nodes: Vec<DevNode>) -> anyhow::Result<ExitCode> 
 }
 
 /// Tells the user that node `i` exited with `status`, `left` nodes still
-/// running, and how to start it again.
-fn report_exit(dir: &Path, i: usize, node: &DevNode, status: &str, left: usize) {
+/// running, and when it restarts (`restart`), or how to start it again by
+/// hand if `up` gave up on it.
+fn report_exit(
+    dir: &Path,
+    i: usize,
+    node: &DevNode,
+    status: &str,
+    left: usize,
+    restart: Option<Duration>,
+) {
     let n = i + 1;
     eprintln!(
         "node {n} exited ({status}); its log: {}/node{n}.log",
         dir.display()
     );
+    match restart {
+        Some(wait) => eprintln!("  restarting node {n} in {wait:?}"),
+        None => eprintln!(
+            "  node {n} exited {MAX_QUICK_EXITS} times in a row within {STABLE_RUN:?} of starting: not restarting it"
+        ),
+    }
     if left > 0 {
         let quorum = NODES as usize / 2 + 1;
         if left >= quorum {
@@ -332,27 +391,52 @@ fn report_exit(dir: &Path, i: usize, node: &DevNode, status: &str, left: usize) 
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "auditflow".into());
-        eprintln!(
-            "  to start it again (outside this supervisor): {exe} node --config {}",
-            node.config.display()
-        );
+        if restart.is_none() {
+            eprintln!(
+                "  to start it again (outside this supervisor): {exe} node --config {}",
+                node.config.display()
+            );
+        }
     }
+}
+
+/// A node under `up`'s watch.
+enum Slot {
+    /// Running since `started`.
+    Running {
+        child: tokio::process::Child,
+        started: std::time::Instant,
+    },
+    /// Exited; starts again at `at`.
+    Waiting { at: std::time::Instant },
+    /// Exited too often in a row: left down.
+    GaveUp,
 }
 
 /// Runs until Ctrl-C (or SIGTERM), then stops the nodes still running.
 ///
-/// A node that exits on its own is reported and the others keep running,
+/// A node that exits on its own is reported, and the others keep running,
 /// as a real cluster does when it loses a node: that is what lets a
 /// developer kill one (`kill -9`) and watch the cluster fail over. `up`
-/// does not restart it (a node that fails at start-up would crash again
-/// and again); the message says how to start it by hand. Once every node
-/// has exited, `up` exits with a failure code.
+/// then restarts it with exponential backoff ([`Backoff`]), as systemd or
+/// Kubernetes would restart a node that fail-stopped, and says so; it
+/// gives up on a node that keeps failing at start-up, with the command to
+/// start it by hand. Once it has given up on every node, `up` exits with a
+/// failure code.
 async fn watch_nodes(
     dir: &Path,
     nodes: &[DevNode],
     children: Vec<tokio::process::Child>,
 ) -> ExitCode {
-    let mut running: Vec<Option<tokio::process::Child>> = children.into_iter().map(Some).collect();
+    let now = std::time::Instant::now();
+    let mut slots: Vec<Slot> = children
+        .into_iter()
+        .map(|child| Slot::Running {
+            child,
+            started: now,
+        })
+        .collect();
+    let mut backoffs: Vec<Backoff> = nodes.iter().map(|_| Backoff::default()).collect();
     let stop = crate::node::wait_for_stop_signal();
     tokio::pin!(stop);
     let mut poll = tokio::time::interval(EXIT_POLL);
@@ -363,29 +447,61 @@ async fn watch_nodes(
                 break ExitCode::SUCCESS;
             }
             _ = poll.tick() => {
+                let now = std::time::Instant::now();
                 let mut exited = Vec::new();
-                for (i, slot) in running.iter_mut().enumerate() {
-                    let Some(child) = slot else { continue };
-                    let status = match child.try_wait() {
-                        Ok(None) => continue,
-                        Ok(Some(status)) => status.to_string(),
-                        Err(e) => format!("cannot be watched: {e}"),
-                    };
-                    *slot = None;
-                    exited.push((i, status));
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    match slot {
+                        Slot::Running { child, started } => {
+                            let status = match child.try_wait() {
+                                Ok(None) => continue,
+                                Ok(Some(status)) => status.to_string(),
+                                Err(e) => format!("cannot be watched: {e}"),
+                            };
+                            let restart = backoffs[i].after_exit(now - *started);
+                            *slot = match restart {
+                                Some(wait) => Slot::Waiting { at: now + wait },
+                                None => Slot::GaveUp,
+                            };
+                            exited.push((i, status, restart));
+                        }
+                        Slot::Waiting { at } if *at <= now => {
+                            *slot = match spawn_node(dir, i, &nodes[i]) {
+                                Ok(child) => {
+                                    let pid = child.id().map(|p| format!(" (pid {p})")).unwrap_or_default();
+                                    eprintln!("node {} restarted{pid}", i + 1);
+                                    Slot::Running { child, started: now }
+                                }
+                                Err(e) => {
+                                    let restart = backoffs[i].after_exit(Duration::ZERO);
+                                    eprintln!("node {} cannot be restarted: {e:#}", i + 1);
+                                    match restart {
+                                        Some(wait) => Slot::Waiting { at: now + wait },
+                                        None => Slot::GaveUp,
+                                    }
+                                }
+                            };
+                        }
+                        Slot::Waiting { .. } | Slot::GaveUp => {}
+                    }
                 }
-                let left = running.iter().filter(|c| c.is_some()).count();
-                for (i, status) in exited {
-                    report_exit(dir, i, &nodes[i], &status, left);
+                let left = slots.iter().filter(|s| matches!(s, Slot::Running { .. })).count();
+                for (i, status, restart) in exited {
+                    report_exit(dir, i, &nodes[i], &status, left, restart);
                 }
-                if left == 0 {
+                if slots.iter().all(|s| matches!(s, Slot::GaveUp)) {
                     eprintln!("every node has exited; see their logs.");
                     break ExitCode::FAILURE;
                 }
             }
         }
     };
-    let mut rest: Vec<tokio::process::Child> = running.into_iter().flatten().collect();
+    let mut rest: Vec<tokio::process::Child> = slots
+        .into_iter()
+        .filter_map(|s| match s {
+            Slot::Running { child, .. } => Some(child),
+            _ => None,
+        })
+        .collect();
     stop_nodes(&mut rest).await;
     code
 }
@@ -430,5 +546,32 @@ mod tests {
         // what it was created with.
         let again = prepare(&args(with.path(), true), Vec::new()).unwrap();
         assert!(again.iter().all(|n| n.default_destination));
+    }
+
+    /// Restart waits: doubling over quick exits, capped, reset by a long
+    /// run, and none once a node keeps failing at start-up.
+    #[test]
+    fn restarts_back_off_reset_after_a_long_run_and_give_up() {
+        let s = Duration::from_secs;
+        let mut b = Backoff::default();
+        let quick: Vec<Option<Duration>> = (0..7).map(|_| b.after_exit(s(2))).collect();
+        assert_eq!(
+            quick,
+            [
+                Some(s(1)),
+                Some(s(2)),
+                Some(s(4)),
+                Some(s(8)),
+                Some(s(16)),
+                Some(s(30)),
+                None
+            ]
+        );
+        let mut b = Backoff::default();
+        assert_eq!(b.after_exit(s(0)), Some(s(1)));
+        assert_eq!(b.after_exit(s(5)), Some(s(2)));
+        // It had been serving for a while: killed, not failing at start.
+        assert_eq!(b.after_exit(STABLE_RUN), Some(s(1)));
+        assert_eq!(b.after_exit(s(1)), Some(s(2)));
     }
 }

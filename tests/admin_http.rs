@@ -69,8 +69,8 @@ async fn admin_endpoints_report_the_cluster() {
     let http = http();
     let partitions = cluster.partitions as usize;
 
-    // Health only says the process serves: it answers before the cluster
-    // has elected anyone.
+    // Health answers ok before the cluster has elected anyone: a first
+    // election is not a problem (`raft.leaderless_max_ms`).
     for n in &cluster.nodes {
         let (code, body) = wait_until("/healthz", Duration::from_secs(30), || {
             get(&http, n.admin_addr, "/healthz")

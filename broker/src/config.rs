@@ -112,6 +112,14 @@ pub struct RaftTuning {
     /// (`partition::rebalance`); 0 turns rebalancing off, and leaders then
     /// stay wherever failovers put them.
     pub rebalance_leaders_ms: u64,
+    /// How long a partition may have no known leader before `/healthz`
+    /// calls the node unhealthy (`admin::health`). An election takes 3-4 s
+    /// with the defaults; a minute without one means this node cannot
+    /// reach a majority, which an operator must hear about, and is long
+    /// enough that a rolling restart of the other nodes does not trip it.
+    /// Must be more than two election timeouts (`2 *
+    /// election_timeout_max_ms`), so one ordinary failover never does.
+    pub leaderless_max_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -124,6 +132,7 @@ impl Default for RaftTuning {
             max_in_snapshot_log_to_keep: 1_000,
             log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
             rebalance_leaders_ms: 10_000,
+            leaderless_max_ms: 60_000,
         }
     }
 }
@@ -253,6 +262,13 @@ impl NodeConfig {
                 r.election_timeout_max_ms, r.rebalance_leaders_ms
             )));
         }
+        if r.leaderless_max_ms <= 2 * r.election_timeout_max_ms {
+            return Err(ConfigError::Invalid(format!(
+                "raft.leaderless_max_ms must be more than 2 * election_timeout_max_ms ({}), got {}",
+                2 * r.election_timeout_max_ms,
+                r.leaderless_max_ms
+            )));
+        }
         if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&r.log_segment_bytes) {
             return Err(ConfigError::Invalid(format!(
                 "raft.log_segment_bytes must be {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}, got {}",
@@ -307,5 +323,14 @@ key = "node1.key"
         let err = config("rebalance_leaders_ms = 2000").check().unwrap_err();
         assert!(err.to_string().contains("rebalance_leaders_ms"), "{err}");
         assert!(config("rebalance_leaders_ms = 2001").check().is_ok());
+    }
+
+    #[test]
+    fn a_leaderless_limit_one_failover_could_reach_is_refused() {
+        assert_eq!(config("").raft.leaderless_max_ms, 60_000);
+        // The default election_timeout_max_ms is 2000.
+        let err = config("leaderless_max_ms = 4000").check().unwrap_err();
+        assert!(err.to_string().contains("leaderless_max_ms"), "{err}");
+        assert!(config("leaderless_max_ms = 4001").check().is_ok());
     }
 }

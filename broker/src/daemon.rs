@@ -60,6 +60,14 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
+    /// Resolves once the node must stop for good (fail-stop): its storage
+    /// halted or a Raft core stopped on an error. The caller ends the
+    /// process with [`node::FailStop::exit_code`]; a clean shutdown would
+    /// need the writes that just failed.
+    pub async fn failed(&self) -> node::FailStop {
+        self.shared.failed().await
+    }
+
     /// Stops serving, shuts every Raft group down and closes the database.
     pub async fn shutdown(self) {
         // Before the endpoint closes: recording progress needs the peers.

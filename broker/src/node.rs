@@ -42,18 +42,48 @@ const HELLO_RPC: Duration = Duration::from_secs(2);
 /// identity (before `init`) or none answers.
 const HELLO_RETRY: Duration = Duration::from_millis(500);
 
+/// How often [`NodeShared::failed`] looks at the Raft cores. Not their
+/// metrics watch: it changes on every apply, thousands of times a second
+/// under load, while a core that stops is rare and a quarter second late
+/// costs nothing (a halted store is heard at once, through its watch).
+const CORE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The database could not be opened.
+    /// Storage failed: it could not be opened, or it stopped taking writes
+    /// while the Raft groups were starting.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     /// The Raft configuration is invalid.
     #[error("raft config: {0}")]
     RaftConfig(String),
-    /// A Raft group failed to start.
-    #[error("raft: {0}")]
-    Raft(String),
+    /// A partition's Raft state could not be read from storage at start-up
+    /// (openraft's error names what: the vote, the log, the state machine,
+    /// a snapshot; and the storage error it got).
+    #[error("partition {partition}: cannot read its Raft state: {source}")]
+    RaftStorage {
+        /// The partition.
+        partition: u32,
+        /// What openraft could not read, and why (boxed: it is large).
+        source: Box<openraft::StorageError<NodeId>>,
+    },
+    /// A partition's Raft group failed to start for another reason.
+    #[error("partition {partition}: raft: {source}")]
+    Raft {
+        /// The partition.
+        partition: u32,
+        /// openraft's error (boxed: it is large).
+        source: Box<openraft::error::Fatal<NodeId>>,
+    },
+    /// A founding node could not initialise a partition's group.
+    #[error("partition {partition}: cannot initialise its Raft group: {reason}")]
+    Init {
+        /// The partition.
+        partition: u32,
+        /// openraft's refusal.
+        reason: String,
+    },
     /// The data directory belongs to another node.
     #[error(
         "the data directory belongs to node {stored} of cluster {cluster}, but this node is \
@@ -97,6 +127,59 @@ pub enum NodeError {
     NoCluster(Duration),
 }
 
+/// Why a running node stopped for good and its process must end
+/// (fail-stop), so that systemd, Kubernetes or `auditflow up` restart it
+/// and it replays what its disk really holds. Serving on with a store
+/// that takes no writes would leave a node that answers and does nothing.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FailStop {
+    /// Storage stopped taking writes after a failed write or sync.
+    #[error("storage halted: {0}")]
+    StorageHalted(Arc<StoreError>),
+    /// A partition's Raft core stopped on a fatal error (a storage error
+    /// it got, or a panic).
+    #[error("partition {partition}: Raft core stopped: {source}")]
+    RaftStopped {
+        /// The partition.
+        partition: u32,
+        /// Why it stopped (boxed: it is large).
+        source: Box<openraft::error::Fatal<NodeId>>,
+    },
+}
+
+impl FailStop {
+    /// The process exit code for this failure (BSD `sysexits.h`):
+    /// `EX_IOERR` (74) for storage, `EX_SOFTWARE` (70) for a Raft core.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FailStop::StorageHalted(_) => 74,
+            FailStop::RaftStopped { .. } => 70,
+        }
+    }
+}
+
+/// Whether a node must fail-stop, from its store's halt and each
+/// partition's Raft core state (pure). A halted store wins: a core that
+/// stopped afterwards stopped because of it. A core stopped on request
+/// (`Fatal::Stopped`, a clean shutdown) is not a failure.
+pub fn fail_stop(
+    halted: Option<Arc<StoreError>>,
+    cores: impl IntoIterator<Item = (u32, Result<(), openraft::error::Fatal<NodeId>>)>,
+) -> Option<FailStop> {
+    if let Some(cause) = halted {
+        return Some(FailStop::StorageHalted(cause));
+    }
+    cores
+        .into_iter()
+        .find_map(|(partition, state)| match state {
+            Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+            Err(source) => Some(FailStop::RaftStopped {
+                partition,
+                source: Box::new(source),
+            }),
+        })
+}
+
 /// One partition on this node.
 pub struct PartitionHandle {
     /// Its Raft group.
@@ -137,9 +220,61 @@ pub struct NodeShared {
     /// Closes once every delivery supervisor has ended (each holds a
     /// sender).
     delivery_done: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>,
+    /// The store's halt: set once storage stopped taking writes.
+    halt: crate::storage::Halt,
 }
 
 impl NodeShared {
+    /// Why this node must stop for good, if it must (see [`fail_stop`]).
+    /// The simulator asks after every step; the daemon waits on
+    /// [`NodeShared::failed`].
+    pub fn failure(&self) -> Option<FailStop> {
+        fail_stop(self.halt.cause(), self.core_states())
+    }
+
+    /// Each partition's Raft core state, as its metrics report it; a core
+    /// task that ended without recording why (its metrics sender is gone
+    /// while they still say it runs) counts as `Fatal::Panicked`, since
+    /// only a panic ends it so.
+    pub fn core_states(&self) -> Vec<(u32, Result<(), openraft::error::Fatal<NodeId>>)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .map(|(p, h)| {
+                let metrics = h.raft.metrics();
+                let ended = metrics.has_changed().is_err();
+                let state = match metrics.borrow().running_state.clone() {
+                    Ok(()) if ended => Err(openraft::error::Fatal::Panicked),
+                    state => state,
+                };
+                (p as u32, state)
+            })
+            .collect()
+    }
+
+    /// Why this node's storage stopped taking writes, if it did.
+    pub fn storage_halted(&self) -> Option<Arc<StoreError>> {
+        self.halt.cause()
+    }
+
+    /// Resolves once this node must fail-stop, with why: at once when its
+    /// store halts, within [`CORE_CHECK_INTERVAL`] when a Raft core stops.
+    pub async fn failed(&self) -> FailStop {
+        let mut halted = self.halt.subscribe();
+        let mut halt_open = true;
+        let mut tick = tokio::time::interval(CORE_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(f) = self.failure() {
+                return f;
+            }
+            tokio::select! {
+                changed = halted.changed(), if halt_open => halt_open = changed.is_ok(),
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
     /// Stops delivery on this node after recording, through Raft, what
     /// each actor delivered but had not recorded yet (it records at most
     /// every 100 ms while streaming), so the partitions' next leaders
@@ -356,11 +491,11 @@ pub async fn start(
                 .sharing_followers_commits(config.id),
         )
         .await
-        .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;
+        .map_err(|source| start_error(store, p, source))?;
         let initialised = raft
             .is_initialized()
             .await
-            .map_err(|e| NodeError::Raft(format!("partition {p}: {e}")))?;
+            .map_err(|source| start_error(store, p, source))?;
         let mut state = identity.rejoin.get(&p).copied();
         if identity.bootstrap && !initialised {
             // `NodeConfig::check` makes sure the node is among its peers.
@@ -370,7 +505,10 @@ pub async fn start(
                 .unwrap_or_else(|| BasicNode::new(config.listen.to_string()));
             raft.initialize(BTreeMap::from([(config.id, address)]))
                 .await
-                .map_err(|e| NodeError::Raft(format!("partition {p}: initialise: {e}")))?;
+                .map_err(|e| NodeError::Init {
+                    partition: p,
+                    reason: e.to_string(),
+                })?;
             info!(
                 partition = p,
                 "initialised with this founding node as its voter"
@@ -499,7 +637,27 @@ pub async fn start(
         destinations,
         drain,
         delivery_done: tokio::sync::Mutex::new(delivery_done),
+        halt: store.halt().clone(),
     }))
+}
+
+/// Why partition `partition`'s group did not start, typed: the storage
+/// error itself if the store halted (openraft only keeps its text), what
+/// openraft could not read if it was a storage error, else openraft's.
+fn start_error(store: &Store, partition: u32, source: openraft::error::Fatal<NodeId>) -> NodeError {
+    if let Some(cause) = store.halt().cause() {
+        return NodeError::Store(cause.shared());
+    }
+    match source {
+        openraft::error::Fatal::StorageError(source) => NodeError::RaftStorage {
+            partition,
+            source: Box::new(source),
+        },
+        source => NodeError::Raft {
+            partition,
+            source: Box::new(source),
+        },
+    }
 }
 
 /// The cluster-wide settings `config` asks for.
@@ -715,6 +873,75 @@ mod tests {
                 })
             ),
             "{dedup:?}"
+        );
+    }
+
+    use openraft::error::Fatal;
+    use openraft::{ErrorSubject, ErrorVerb};
+
+    fn storage_fatal() -> Fatal<NodeId> {
+        Fatal::StorageError(crate::storage::log_store::raft_err(
+            ErrorSubject::Logs,
+            ErrorVerb::Write,
+            StoreError::WriterStopped,
+        ))
+    }
+
+    fn full_disk() -> Arc<StoreError> {
+        Arc::new(StoreError::io(
+            "raft log: write segment 2",
+            std::io::Error::from_raw_os_error(28),
+        ))
+    }
+
+    /// Which cores and halts make a node fail-stop, and what it says.
+    #[test]
+    fn a_halted_store_or_a_core_stopped_by_an_error_fails_the_node() {
+        // openraft's own state type: its size is not ours to change.
+        #[allow(clippy::result_large_err)]
+        let ok = || Ok(());
+        type Case = (
+            Option<Arc<StoreError>>,
+            Vec<(u32, Result<(), Fatal<NodeId>>)>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (None, vec![(0, ok()), (1, ok())], None),
+            // A clean shutdown is not a failure.
+            (None, vec![(0, Err(Fatal::Stopped)), (1, ok())], None),
+            (
+                None,
+                vec![(0, ok()), (1, Err(storage_fatal()))],
+                Some("partition 1: Raft core stopped"),
+            ),
+            (
+                None,
+                vec![(0, ok()), (3, Err(Fatal::Panicked))],
+                Some("partition 3: Raft core stopped: panicked"),
+            ),
+            // The halt is the cause; the cores stopped because of it.
+            (
+                Some(full_disk()),
+                vec![(0, Err(storage_fatal()))],
+                Some("storage halted: raft log: write segment 2: disk full"),
+            ),
+            (Some(full_disk()), vec![], Some("storage halted")),
+        ];
+        for (halted, cores, want) in cases {
+            let got = fail_stop(halted, cores.clone()).map(|f| f.to_string());
+            match (got, want) {
+                (None, None) => {}
+                (Some(got), Some(want)) => assert!(got.starts_with(want), "{got} / {want}"),
+                (got, want) => panic!("{cores:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        assert_eq!(
+            fail_stop(Some(full_disk()), []).map(|f| f.exit_code()),
+            Some(74)
+        );
+        assert_eq!(
+            fail_stop(None, [(0, Err(Fatal::Panicked))]).map(|f| f.exit_code()),
+            Some(70)
         );
     }
 }

@@ -1,258 +1,18 @@
-//! The Splunk HEC sink against a strict stand-in for the HTTP Event
-//! Collector on loopback. There is no Splunk here, so the stand-in checks
-//! requests the way HEC does and answers with HEC's own status codes and
-//! bodies (`{"text", "code"}`, Splunk documentation "Troubleshoot HTTP
-//! Event Collector"):
-//!
-//! - path `/services/collector/event` (else 404);
-//! - `Authorization: Splunk <token>`: missing → 401 code 2 "Token is
-//!   required", malformed → 401 code 3 "Invalid authorization", unknown →
-//!   403 code 4 "Invalid token";
-//! - `X-Splunk-Request-Channel` a GUID (the token has indexer
-//!   acknowledgement on): missing → 400 code 10, not a GUID → 400 code 11;
-//! - the body: empty → 400 code 5 "No data"; concatenated JSON objects,
-//!   else 400 code 6 "Invalid data format"; each with an `event` (else code
-//!   12 "Event field is required") that is not blank (else code 13 "Event
-//!   field cannot be blank"); a numeric `time` (else code 6); `fields`
-//!   values strings or string arrays (else code 15); `index` in the token's
-//!   allowed list (else code 7 "Incorrect index"). Errors carry
-//!   `invalid-event-number` and, like HEC, the events before the invalid
-//!   one are indexed.
-//!
-//! It can also be told to be busy (503 code 9 with `Retry-After: 3`) and
-//! to refuse given event ids as invalid data (to drive the sink's search
-//! for the faulty event in a batch).
+//! The Splunk HEC sink against the strict stand-in for the HTTP Event
+//! Collector (`servers/splunk_hec.rs`, which lists what it checks), with
+//! and without indexer acknowledgement.
+
+#[path = "servers/splunk_hec.rs"]
+mod splunk_hec;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use auditflow_broker::sinks::splunk_hec::{Config, SplunkHecSink};
 use auditflow_broker::sinks::{Delivery, FailureKind, SendOutcome, Sink, SinkConfig};
 use auditflow_protocol::{Hash32, Timestamp};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::Router;
 use serde_json::{json, Value};
-
-const TOKEN: &str = "11111111-2222-3333-4444-555555555555";
-
-#[derive(Default)]
-struct Inner {
-    /// Indexed events, in order (the HEC event objects as received).
-    indexed: Vec<Value>,
-    /// Channels seen.
-    channels: BTreeSet<String>,
-    /// Requests that reached the collector.
-    requests: u64,
-    /// Indexes the token may write to.
-    allowed_indexes: BTreeSet<String>,
-    /// Event ids (from `fields.event_id`) refused as invalid data.
-    refuse: BTreeSet<String>,
-    /// Answer 503 code 9 "Server is busy".
-    busy: bool,
-    /// Next ackId (acknowledgement is on).
-    next_ack: u64,
-}
-
-#[derive(Clone)]
-struct Hec {
-    inner: Arc<Mutex<Inner>>,
-    addr: SocketAddr,
-}
-
-impl Hec {
-    async fn start() -> Hec {
-        let inner = Arc::new(Mutex::new(Inner {
-            allowed_indexes: ["main", "audit"].map(String::from).into(),
-            ..Inner::default()
-        }));
-        let app = Router::new()
-            .route("/services/collector/event", post(collect))
-            .fallback(|| async {
-                (
-                    StatusCode::NOT_FOUND,
-                    r#"{"text":"The requested URL was not found on this server.","code":404}"#,
-                )
-            })
-            .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Hec { inner, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        f(&mut self.inner.lock().expect("hec lock"))
-    }
-
-    fn indexed_ids(&self) -> Vec<String> {
-        self.with(|i| {
-            i.indexed
-                .iter()
-                .map(|e| {
-                    e["fields"]["event_id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string()
-                })
-                .collect()
-        })
-    }
-}
-
-fn hec(status: StatusCode, text: &str, code: u64, invalid: Option<usize>) -> Response {
-    let mut body = json!({"text": text, "code": code});
-    if let Some(n) = invalid {
-        body["invalid-event-number"] = json!(n);
-    }
-    (
-        status,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-fn is_guid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
-        && parts
-            .iter()
-            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
-fn blank(v: &Value) -> bool {
-    match v {
-        Value::Null => true,
-        Value::String(s) => s.trim().is_empty(),
-        Value::Object(o) => o.is_empty(),
-        _ => false,
-    }
-}
-
-/// Checks one event object; `Err` is the HEC error (text, code).
-fn check_event(i: &Inner, v: &Value) -> Result<(), (StatusCode, &'static str, u64)> {
-    let invalid = (StatusCode::BAD_REQUEST, "Invalid data format", 6);
-    let Some(obj) = v.as_object() else {
-        return Err(invalid);
-    };
-    let Some(event) = obj.get("event") else {
-        return Err((StatusCode::BAD_REQUEST, "Event field is required", 12));
-    };
-    if blank(event) {
-        return Err((StatusCode::BAD_REQUEST, "Event field cannot be blank", 13));
-    }
-    if let Some(time) = obj.get("time") {
-        if !time.is_number() {
-            return Err(invalid);
-        }
-    }
-    for key in ["host", "source", "sourcetype", "index"] {
-        if obj.get(key).is_some_and(|v| !v.is_string()) {
-            return Err(invalid);
-        }
-    }
-    if let Some(index) = obj.get("index").and_then(Value::as_str) {
-        if !i.allowed_indexes.contains(index) {
-            return Err((StatusCode::BAD_REQUEST, "Incorrect index", 7));
-        }
-    }
-    if let Some(fields) = obj.get("fields") {
-        let ok = fields.as_object().is_some_and(|f| {
-            f.values().all(|v| {
-                v.is_string() || v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
-            })
-        });
-        if !ok {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "Error in handling indexed fields",
-                15,
-            ));
-        }
-    }
-    let id = obj
-        .get("fields")
-        .and_then(|f| f.get("event_id"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if i.refuse.contains(id) {
-        return Err(invalid);
-    }
-    Ok(())
-}
-
-async fn collect(
-    State(inner): State<Arc<Mutex<Inner>>>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    let mut i = inner.lock().expect("hec lock");
-    i.requests += 1;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    match header("authorization") {
-        None => return hec(StatusCode::UNAUTHORIZED, "Token is required", 2, None),
-        Some(auth) => match auth.strip_prefix("Splunk ") {
-            None => return hec(StatusCode::UNAUTHORIZED, "Invalid authorization", 3, None),
-            Some(token) if token != TOKEN => {
-                return hec(StatusCode::FORBIDDEN, "Invalid token", 4, None)
-            }
-            Some(_) => {}
-        },
-    }
-    match header("x-splunk-request-channel") {
-        None => return hec(StatusCode::BAD_REQUEST, "Data channel is missing", 10, None),
-        Some(c) if !is_guid(c) => {
-            return hec(StatusCode::BAD_REQUEST, "Invalid data channel", 11, None)
-        }
-        Some(c) => {
-            let c = c.to_string();
-            i.channels.insert(c);
-        }
-    }
-    if i.busy {
-        let mut r = hec(StatusCode::SERVICE_UNAVAILABLE, "Server is busy", 9, None);
-        r.headers_mut()
-            .insert("retry-after", axum::http::HeaderValue::from_static("3"));
-        return r;
-    }
-    if body.trim().is_empty() {
-        return hec(StatusCode::BAD_REQUEST, "No data", 5, None);
-    }
-    // HEC reads the objects in order and indexes each valid one; the first
-    // invalid one ends the request with its number.
-    for (n, parsed) in serde_json::Deserializer::from_str(&body)
-        .into_iter::<Value>()
-        .enumerate()
-    {
-        let Ok(v) = parsed else {
-            return hec(StatusCode::BAD_REQUEST, "Invalid data format", 6, Some(n));
-        };
-        if let Err((status, text, code)) = check_event(&i, &v) {
-            return hec(status, text, code, Some(n));
-        }
-        i.indexed.push(v);
-    }
-    let ack = i.next_ack;
-    i.next_ack += 1;
-    (
-        StatusCode::OK,
-        json!({"text": "Success", "code": 0, "ackId": ack}).to_string(),
-    )
-        .into_response()
-}
+use splunk_hec::{Hec, TOKEN};
 
 fn delivery(offset: u64) -> Delivery {
     let id = format!("evt-{offset}");
@@ -522,4 +282,130 @@ async fn configured_through_the_destination_settings() {
     let mut sink = config.build().expect("sink");
     assert_eq!(sink.send(&batch(0..2)).await, SendOutcome::Delivered);
     assert_eq!(hec.indexed_ids(), ["evt-0", "evt-1"]);
+}
+
+fn ack_config(url: &str, timeout_ms: u64) -> Config {
+    let mut c = config(url);
+    c.indexer_ack = true;
+    c.ack_poll_ms = 20;
+    c.ack_timeout_ms = timeout_ms;
+    c
+}
+
+#[tokio::test]
+async fn with_acks_a_batch_is_delivered_only_once_hec_acknowledges_it() {
+    let hec = Hec::start().await;
+    // Acks come late: the sink must keep asking until one is true.
+    hec.with(|i| i.ack_delay = Duration::from_millis(200));
+    let mut sink = SplunkHecSink::new(ack_config(&hec.url(), 10_000)).expect("sink");
+    assert_eq!(sink.send(&batch(0..3)).await, SendOutcome::Delivered);
+    assert_eq!(sink.send(&batch(3..5)).await, SendOutcome::Delivered);
+    hec.with(|i| {
+        assert_eq!(i.channels.len(), 1);
+        let channel = i.acks.values().next().expect("the sink's channel");
+        assert_eq!(channel.next, 2, "one ackId per request, from 0");
+        assert!(channel.pending.is_empty(), "both acknowledged");
+        assert!(i.ack_queries >= 2, "{} ack queries", i.ack_queries);
+    });
+    assert_eq!(
+        hec.indexed_ids(),
+        ["evt-0", "evt-1", "evt-2", "evt-3", "evt-4"]
+    );
+}
+
+#[tokio::test]
+async fn a_withheld_ack_fails_retryably_and_the_resent_batch_is_delivered() {
+    let hec = Hec::start().await;
+    hec.with(|i| i.withhold_acks = true);
+    let mut sink = SplunkHecSink::new(ack_config(&hec.url(), 300)).expect("sink");
+    let events = batch(0..3);
+    let SendOutcome::Failed(f) = sink.send(&events).await else {
+        panic!("a batch HEC never acknowledged is not delivered")
+    };
+    assert_eq!(f.kind, FailureKind::Retryable { retry_after: None });
+    assert!(
+        f.message.contains("did not acknowledge ackId 0"),
+        "{}",
+        f.message
+    );
+    assert!(hec.with(|i| i.ack_queries) >= 1);
+    // Released: the same batch again, now acknowledged. HEC holds it
+    // twice (at-least-once, `fields.event_id` tells), none is lost.
+    hec.with(|i| i.withhold_acks = false);
+    assert_eq!(sink.send(&events).await, SendOutcome::Delivered);
+    assert_eq!(
+        hec.indexed_ids(),
+        ["evt-0", "evt-1", "evt-2", "evt-0", "evt-1", "evt-2"]
+    );
+}
+
+#[tokio::test]
+async fn acks_asked_of_a_token_without_them_are_a_configuration_error() {
+    let hec = Hec::start().await;
+    hec.with(|i| i.acks_enabled = false);
+    let mut sink = SplunkHecSink::new(ack_config(&hec.url(), 1000)).expect("sink");
+    let SendOutcome::Failed(f) = sink.send(&batch(0..2)).await else {
+        panic!("no ackId: not delivered")
+    };
+    assert!(f.is_retryable(), "{f:?}");
+    assert!(f.message.contains("indexer_ack = false"), "{}", f.message);
+    // Without indexer_ack the same token delivers at once.
+    let mut sink = SplunkHecSink::new(config(&hec.url())).expect("sink");
+    assert_eq!(sink.send(&batch(2..3)).await, SendOutcome::Delivered);
+}
+
+#[tokio::test]
+async fn the_stand_in_acknowledges_as_hec_documents() {
+    let hec = Hec::start().await;
+    let client = reqwest::Client::new();
+    let auth = format!("Splunk {TOKEN}");
+    let (a, b) = (
+        "0b6f1f8e-5a1c-4c8e-9d55-3f7e2b1a9c00",
+        "7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f",
+    );
+    let post = |path: &str, channel: Option<&str>, body: &str| {
+        let mut r = client
+            .post(format!("{}/services/collector/{path}", hec.url()))
+            .header("authorization", &auth)
+            .body(body.to_string());
+        if let Some(c) = channel {
+            r = r.header("x-splunk-request-channel", c);
+        }
+        async move {
+            let resp = r.send().await.expect("send");
+            let status = resp.status().as_u16();
+            let body: Value =
+                serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    let ok = r#"{"event": {"a": 1}}"#;
+    // ackIds count from 0 per channel.
+    assert_eq!(post("event", Some(a), ok).await.1["ackId"], 0);
+    assert_eq!(post("event", Some(a), ok).await.1["ackId"], 1);
+    assert_eq!(post("event", Some(b), ok).await.1["ackId"], 0);
+    let (status, body) = post("event", None, ok).await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(10)));
+    // Status per id; a true one is forgotten once reported.
+    let (status, body) = post("ack", Some(a), r#"{"acks":[0,1,5]}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"acks": {"0": true, "1": true, "5": false}}));
+    let (_, body) = post("ack", Some(a), r#"{"acks":[0]}"#).await;
+    assert_eq!(body, json!({"acks": {"0": false}}));
+    // Withheld: false until released.
+    hec.with(|i| i.withhold_acks = true);
+    let (_, body) = post("ack", Some(b), r#"{"acks":[0]}"#).await;
+    assert_eq!(body, json!({"acks": {"0": false}}));
+    hec.with(|i| i.withhold_acks = false);
+    let (_, body) = post("ack", Some(b), r#"{"acks":[0]}"#).await;
+    assert_eq!(body, json!({"acks": {"0": true}}));
+    let (status, body) = post("ack", None, r#"{"acks":[0]}"#).await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(10)));
+    // Acknowledgement off: no channel needed, no ackId, no ack endpoint.
+    hec.with(|i| i.acks_enabled = false);
+    let (status, body) = post("event", None, ok).await;
+    assert_eq!(status, 200);
+    assert!(body.get("ackId").is_none(), "{body}");
+    let (status, body) = post("ack", Some(a), r#"{"acks":[0]}"#).await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(14)));
 }

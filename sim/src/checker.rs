@@ -72,17 +72,30 @@ fn classify<E: openraft::NodeId>(
     }
 }
 
-/// Restarts nodes whose Raft groups stopped on a storage failure: a node
-/// fail-stops on a fatal disk error and its supervisor restarts it. A
-/// core that panicked, stopped by itself, or failed on storage with no
-/// injected fault to explain it is a violation (and its node restarts
-/// too, so the run goes on to the other checks).
+/// Restarts nodes that fail-stopped, as a supervisor restarts a node
+/// process that exited: their storage halted on a failed write or sync,
+/// or a Raft group stopped (`NodeShared::failure`, what a real node's
+/// process ends on). A halt or core storage failure that no injected
+/// disk fault explains, and a core that panicked or stopped by itself,
+/// are violations (the node restarts too, so the run goes on to the
+/// other checks).
 pub(crate) async fn reap_failed(world: &World) {
     for id in world.ids() {
         let Some(node) = world.net.node(id) else {
             continue;
         };
+        // The same fail-stop a real node's process ends on; here it
+        // crashes and boots again.
+        let failure = node.failure();
         let mut failed = false;
+        if let Some(cause) = node.storage_halted() {
+            if !world.injected_since_boot(id) {
+                world.violation(format!(
+                    "node {id}: storage halted with no injected fault to explain it: {cause}"
+                ));
+            }
+            failed = true;
+        }
         for (p, handle) in node.partitions.iter().enumerate() {
             let metrics = handle.raft.metrics();
             let ended = metrics.has_changed().is_err();
@@ -107,9 +120,8 @@ pub(crate) async fn reap_failed(world: &World) {
         }
         drop(node);
         if failed {
-            world.trace(format!(
-                "node {id} fail-stopped after a storage error; restarting"
-            ));
+            let why = failure.map_or_else(|| "raft core stopped".to_string(), |f| f.to_string());
+            world.trace(format!("node {id} fail-stopped ({why}); restarting"));
             world.crash(id).await;
             if let Err(e) = world.boot(id).await {
                 world.violation(e);

@@ -3,7 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /metrics` | Prometheus text exposition of this node's metrics ([`crate::metrics`], sampled by [`sampler`]) |
-//! | `GET /healthz` | `200 ok` while the process serves |
+//! | `GET /healthz` | `200 ok` while the node can do its work; `503` with JSON naming each problem (`storage_halted`, `raft_stopped` per partition, `no_leader` per partition leaderless longer than `raft.leaderless_max_ms`, a minute by default: [`health`]) |
 //! | `GET /readyz` | `200` when every partition has a known leader and this node applied everything committed; else `503` with the reasons as JSON |
 //! | `GET /status` | this node's view of every partition (`NodeStatus`) as JSON |
 //! | `GET /destinations` | delivery status of the partitions this node leads, as JSON |
@@ -13,10 +13,11 @@
 //! separate from the QUIC endpoint so that probes and scrapers need no
 //! client certificate. It only reads: nothing here changes the node.
 
+pub mod health;
 pub mod page;
 pub mod sampler;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -43,12 +44,24 @@ pub const READY_STATE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Kubernetes probe's default one-second timeout.
 pub const READY_APPLY_WAIT: Duration = Duration::from_millis(300);
 
-/// The admin routes over `node`.
+/// How often [`serve`] looks at which partitions have a leader, for
+/// `/healthz`'s leaderless time.
+const LEADER_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The admin routes over `node`. `/healthz` counts leaderless time from
+/// its own requests; [`serve`] also watches between them.
 pub fn router(node: Arc<NodeShared>) -> Router {
+    router_with(node, Arc::default())
+}
+
+fn router_with(node: Arc<NodeShared>, leaderless: Arc<Mutex<health::Leaderless>>) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(prometheus))
-        .route("/healthz", get(healthz))
+        .route(
+            "/healthz",
+            get(move |State(node): State<Arc<NodeShared>>| healthz(node, Arc::clone(&leaderless))),
+        )
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/destinations", get(destinations))
@@ -69,13 +82,49 @@ pub async fn serve(listener: TcpListener, node: Arc<NodeShared>) {
         .map(|a| a.to_string())
         .unwrap_or_else(|e| format!("(unknown: {e})"));
     info!(node = node.id, %addr, "admin HTTP serving");
-    if let Err(e) = axum::serve(listener, router(node)).await {
+    let leaderless = Arc::new(Mutex::new(health::Leaderless::default()));
+    tokio::spawn(watch_leaders(Arc::clone(&node), Arc::clone(&leaderless)));
+    if let Err(e) = axum::serve(listener, router_with(node, leaderless)).await {
         warn!(%addr, "admin HTTP server stopped: {e}");
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// Records which partitions have a leader every [`LEADER_WATCH_INTERVAL`],
+/// for as long as the process runs.
+async fn watch_leaders(node: Arc<NodeShared>, leaderless: Arc<Mutex<health::Leaderless>>) {
+    let mut tick = tokio::time::interval(LEADER_WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        observe_leaders(&node, &leaderless);
+    }
+}
+
+fn observe_leaders(node: &NodeShared, leaderless: &Mutex<health::Leaderless>) {
+    let led = node
+        .partitions
+        .iter()
+        .map(|p| p.raft.metrics().borrow().current_leader.is_some());
+    lock(leaderless).observe(std::time::Instant::now(), led);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only plain data behind it: a panic cannot leave it half-updated.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `200 ok`, or `503` with the [`health::Health`] naming the problems.
+async fn healthz(node: Arc<NodeShared>, leaderless: Arc<Mutex<health::Leaderless>>) -> Response {
+    observe_leaders(&node, &leaderless);
+    let durations = lock(&leaderless).durations(std::time::Instant::now());
+    let halted = node.storage_halted();
+    let max = Duration::from_millis(node.config.raft.leaderless_max_ms);
+    let health = health::assess(halted.as_deref(), node.core_states(), &durations, max);
+    if health.healthy {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(health)).into_response()
+    }
 }
 
 async fn prometheus() -> Response {

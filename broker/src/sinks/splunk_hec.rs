@@ -18,8 +18,21 @@
 //!   HEC cannot deduplicate, so re-deliveries are found with it.
 //! - `Authorization: Splunk <token>`, and `X-Splunk-Request-Channel` (one
 //!   random UUID per sink) so tokens with indexer acknowledgement enabled
-//!   accept the requests. The sink does not poll `/services/collector/ack`:
-//!   with acknowledgement on, a 200 means "received", not "indexed".
+//!   accept the requests.
+//!
+//! Indexer acknowledgement (`indexer_ack = true`; the token must have it
+//! on): a 200 then only means "received", and HEC may still lose the
+//! events before they are indexed. Its answer carries an `ackId` (per
+//! channel, counting from 0); the sink polls `POST
+//! {url}/services/collector/ack` with `{"acks":[id]}` on the same channel
+//! every `ack_poll_ms` until HEC answers `{"acks":{"<id>":true}}`, and only
+//! then reports the batch delivered, so the cursor moves only past indexed
+//! events. No acknowledgement within `ack_timeout_ms` (HEC restarted and
+//! forgot the id, or indexing is stuck) is a retryable failure: the batch
+//! is sent again (at-least-once, `fields.event_id` to deduplicate). A 200
+//! without an `ackId` means the token has acknowledgement off, which is a
+//! configuration error (retryable, saying so), as is HEC code 14 ("ACK is
+//! disabled") from the ack endpoint.
 //!
 //! Answers (HEC puts `{"text", "code"}` in every body):
 //! - 2xx: delivered.
@@ -53,6 +66,12 @@ use super::{Delivery, SendOutcome, Sink, SinkConfigError, SinkFailure};
 
 /// The HEC endpoint for JSON events, appended to the base URL.
 pub const EVENT_PATH: &str = "services/collector/event";
+/// The HEC endpoint for indexer acknowledgement status.
+pub const ACK_PATH: &str = "services/collector/ack";
+/// Longest `ack_timeout_ms` may be: the whole send, acknowledgement
+/// included, must end within the delivery actor's 60 s send limit, so the
+/// sink's own timeout (which says what happened) fires first.
+pub const ACK_TIMEOUT_MS_MAX: u64 = 45_000;
 
 /// Body bytes read from a HEC answer: its answers are small JSON objects;
 /// anything longer is only kept for the excerpt.
@@ -87,6 +106,25 @@ pub struct Config {
     /// authenticating the collector, which then sees the token.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// Wait for indexer acknowledgement before counting a batch delivered
+    /// (the token must have it enabled). See the module documentation.
+    #[serde(default)]
+    pub indexer_ack: bool,
+    /// How often to ask HEC whether a batch is indexed.
+    #[serde(default = "default_ack_poll_ms")]
+    pub ack_poll_ms: u64,
+    /// Longest wait for an acknowledgement before the batch is sent again
+    /// (at most [`ACK_TIMEOUT_MS_MAX`]).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+}
+
+fn default_ack_poll_ms() -> u64 {
+    500
+}
+
+fn default_ack_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_name() -> String {
@@ -109,6 +147,9 @@ impl fmt::Debug for Config {
             .field("timeout_ms", &self.timeout_ms)
             .field("tls_ca", &self.tls_ca)
             .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("indexer_ack", &self.indexer_ack)
+            .field("ack_poll_ms", &self.ack_poll_ms)
+            .field("ack_timeout_ms", &self.ack_timeout_ms)
             .finish()
     }
 }
@@ -119,6 +160,8 @@ pub struct SplunkHecSink {
     config: Config,
     /// The full event endpoint URL.
     endpoint: String,
+    /// The full acknowledgement endpoint URL.
+    ack_endpoint: String,
     /// `Splunk <token>`, marked sensitive so HTTP debug logs hide it.
     authorization: HeaderValue,
     /// `X-Splunk-Request-Channel`: one per sink, as HEC acknowledgement
@@ -136,6 +179,31 @@ pub fn endpoint(url: &str) -> String {
     } else {
         http::join(trimmed, EVENT_PATH)
     }
+}
+
+/// The acknowledgement endpoint for a configured base URL (or event URL).
+pub fn ack_endpoint(url: &str) -> String {
+    let trimmed = url.trim_end_matches('/');
+    let base = trimmed.strip_suffix(EVENT_PATH).unwrap_or(trimmed);
+    http::join(base.trim_end_matches('/'), ACK_PATH)
+}
+
+/// The body asking for the status of `ack_id`.
+pub fn ack_query(ack_id: u64) -> String {
+    json!({ "acks": [ack_id] }).to_string()
+}
+
+/// What an ack status answer says about `ack_id` (pure): `Some(true)` once
+/// indexed, `Some(false)` not yet (or no longer known), `None` if the
+/// answer is not an ack status at all.
+pub fn ack_status(body: &str, ack_id: u64) -> Option<bool> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let acks = v.get("acks")?.as_object()?;
+    Some(
+        acks.get(&ack_id.to_string())
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    )
 }
 
 /// Epoch seconds with millisecond precision from Unix nanoseconds.
@@ -207,13 +275,17 @@ pub struct HecAnswer {
     /// Zero-based position of the event HEC refused, for content errors.
     #[serde(default, rename = "invalid-event-number")]
     pub invalid_event_number: Option<u64>,
+    /// The acknowledgement id of an accepted request (indexer
+    /// acknowledgement on).
+    #[serde(default, rename = "ackId")]
+    pub ack_id: Option<u64>,
 }
 
 /// What a HEC answer means for the batch.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    /// Accepted.
-    Delivered,
+    /// Accepted; with the `ackId` HEC gave, if any.
+    Delivered(Option<u64>),
     /// The content was refused (permanent); `invalid_event` is HEC's index
     /// of the faulty event, if it said.
     ContentRefused {
@@ -231,10 +303,10 @@ const CONTENT_CODES: [u64; 5] = [5, 6, 12, 13, 15];
 
 /// Classifies a HEC answer (pure). See the module comment for the table.
 pub fn classify(status: u16, body: &str, retry_after: Option<std::time::Duration>) -> Verdict {
-    if (200..300).contains(&status) {
-        return Verdict::Delivered;
-    }
     let answer: HecAnswer = serde_json::from_str(body).unwrap_or_default();
+    if (200..300).contains(&status) {
+        return Verdict::Delivered(answer.ack_id);
+    }
     let said = if answer.text.is_empty() {
         format!("HTTP {status}")
     } else {
@@ -277,7 +349,7 @@ pub fn classify(status: u16, body: &str, retry_after: Option<std::time::Duration
                     f.message = said;
                     Verdict::Failed(f)
                 }
-                None => Verdict::Delivered,
+                None => Verdict::Delivered(answer.ack_id),
             },
         },
     }
@@ -303,6 +375,16 @@ impl SplunkHecSink {
         if config.sourcetype.is_empty() || config.source.is_empty() {
             return Err(bad("source and sourcetype must not be empty"));
         }
+        if config.indexer_ack {
+            if config.ack_poll_ms == 0 || config.ack_poll_ms > config.ack_timeout_ms {
+                return Err(bad("ack_poll_ms must be between 1 and ack_timeout_ms"));
+            }
+            if config.ack_timeout_ms > ACK_TIMEOUT_MS_MAX {
+                return Err(bad(&format!(
+                    "ack_timeout_ms must be at most {ACK_TIMEOUT_MS_MAX} (a send may take 60 s)"
+                )));
+            }
+        }
         let client = http::client_with(
             "splunk_hec",
             &http::ClientOptions {
@@ -313,6 +395,7 @@ impl SplunkHecSink {
         )?;
         Ok(SplunkHecSink {
             endpoint: endpoint(&config.url),
+            ack_endpoint: ack_endpoint(&config.url),
             authorization,
             channel: uuid::Uuid::now_v7().to_string(),
             config,
@@ -335,9 +418,82 @@ impl SplunkHecSink {
         }
     }
 
+    /// Posts `batch` and, with indexer acknowledgement on, waits until HEC
+    /// acknowledges it: only then is it [`Verdict::Delivered`].
+    async fn deliver(&self, batch: &[Delivery]) -> Verdict {
+        match self.post(batch).await {
+            Verdict::Delivered(ack) if self.config.indexer_ack => match ack {
+                Some(id) => match self.wait_for_ack(id).await {
+                    Ok(()) => Verdict::Delivered(Some(id)),
+                    Err(f) => Verdict::Failed(f),
+                },
+                None => Verdict::Failed(SinkFailure::retryable(format!(
+                    "{}: HEC accepted the request without an ackId: indexer acknowledgement is \
+                     off for this token; turn it on, or set indexer_ack = false",
+                    self.endpoint
+                ))),
+            },
+            other => other,
+        }
+    }
+
+    /// Polls the ack endpoint every `ack_poll_ms` until `ack_id` is
+    /// acknowledged; a retryable failure after `ack_timeout_ms`, or on an
+    /// answer that is not an ack status.
+    async fn wait_for_ack(&self, ack_id: u64) -> Result<(), SinkFailure> {
+        let poll = std::time::Duration::from_millis(self.config.ack_poll_ms);
+        let timeout = std::time::Duration::from_millis(self.config.ack_timeout_ms);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::time::sleep(
+                poll.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
+            let request = self
+                .client
+                .post(&self.ack_endpoint)
+                .header(reqwest::header::AUTHORIZATION, self.authorization.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header("X-Splunk-Request-Channel", &self.channel)
+                .body(ack_query(ack_id));
+            let answer = http::exchange(&self.ack_endpoint, request, ANSWER_BYTES_MAX).await?;
+            if !(200..300).contains(&answer.status) {
+                return Err(
+                    match classify(answer.status, &answer.body, answer.retry_after) {
+                        Verdict::Failed(f) => f,
+                        Verdict::ContentRefused { failure, .. } => failure,
+                        Verdict::Delivered(_) => SinkFailure::retryable(format!(
+                            "{}: HTTP {}",
+                            self.ack_endpoint, answer.status
+                        )),
+                    },
+                );
+            }
+            match ack_status(&answer.body, ack_id) {
+                Some(true) => return Ok(()),
+                Some(false) => {}
+                None => {
+                    return Err(http::retryable_with(
+                        Some(answer.status),
+                        format!("{}: not an acknowledgement status", self.ack_endpoint),
+                        None,
+                        &answer.body,
+                    ))
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SinkFailure::retryable(format!(
+                    "HEC did not acknowledge ackId {ack_id} on channel {} within {timeout:?}: \
+                     sent again",
+                    self.channel
+                )));
+            }
+        }
+    }
+
     async fn post_one(&self, d: &Delivery) -> Result<(), SinkFailure> {
-        match self.post(std::slice::from_ref(d)).await {
-            Verdict::Delivered => Ok(()),
+        match self.deliver(std::slice::from_ref(d)).await {
+            Verdict::Delivered(_) => Ok(()),
             Verdict::ContentRefused { failure, .. } | Verdict::Failed(failure) => Err(failure),
         }
     }
@@ -350,8 +506,8 @@ impl Sink for SplunkHecSink {
                 return SendOutcome::Delivered;
             }
             let this = &*self;
-            match this.post(batch).await {
-                Verdict::Delivered => SendOutcome::Delivered,
+            match this.deliver(batch).await {
+                Verdict::Delivered(_) => SendOutcome::Delivered,
                 Verdict::Failed(f) => SendOutcome::Failed(f),
                 Verdict::ContentRefused { failure, .. } if batch.len() == 1 => {
                     SendOutcome::Failed(failure)
@@ -420,7 +576,42 @@ mod tests {
     }
 
     #[test]
+    fn ack_endpoint_query_and_status() {
+        assert_eq!(
+            ack_endpoint("https://h:8088/"),
+            "https://h:8088/services/collector/ack"
+        );
+        assert_eq!(
+            ack_endpoint("https://h/splunk/services/collector/event"),
+            "https://h/splunk/services/collector/ack"
+        );
+        assert_eq!(ack_query(3), r#"{"acks":[3]}"#);
+        let cases = [
+            (r#"{"acks":{"3":true}}"#, Some(true)),
+            (r#"{"acks":{"3":false,"4":true}}"#, Some(false)),
+            // Forgotten (HEC restarted, or asked twice): not acknowledged.
+            (r#"{"acks":{}}"#, Some(false)),
+            (r#"{"text":"ACK is disabled","code":14}"#, None),
+            ("<html>", None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(ack_status(body, 3), want, "{body}");
+        }
+        let c = config();
+        assert!(!c.indexer_ack);
+        assert_eq!((c.ack_poll_ms, c.ack_timeout_ms), (500, 30_000));
+    }
+
+    #[test]
     fn bad_settings_are_refused() {
+        let mut c = config();
+        c.indexer_ack = true;
+        c.ack_timeout_ms = ACK_TIMEOUT_MS_MAX + 1;
+        assert!(SplunkHecSink::new(c).is_err());
+        let mut c = config();
+        c.indexer_ack = true;
+        c.ack_poll_ms = 0;
+        assert!(SplunkHecSink::new(c).is_err());
         let mut c = config();
         c.token = " ".into();
         assert!(SplunkHecSink::new(c).is_err());
@@ -484,7 +675,11 @@ mod tests {
         let hint = Some(Duration::from_secs(3));
         assert_eq!(
             classify(200, r#"{"text":"Success","code":0}"#, None),
-            Verdict::Delivered
+            Verdict::Delivered(None)
+        );
+        assert_eq!(
+            classify(200, r#"{"text":"Success","code":0,"ackId":7}"#, None),
+            Verdict::Delivered(Some(7))
         );
         // Content errors: permanent, with HEC's event number.
         let v = classify(

@@ -317,7 +317,9 @@ impl EventFiles {
             }
         }
         if let Some(e) = failed {
-            // Not durable yet: the next durable commit tries again.
+            // Kept dirty, but never synced again: the storage writer halts
+            // after a failed sync (the kernel may have dropped the pages,
+            // and a retried fsync would report them durable).
             let mut state = self.lock();
             state.dirty.extend(dirty.into_iter().map(|(k, _)| k));
             state.dir_dirty |= dir_dirty;

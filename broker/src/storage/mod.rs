@@ -8,6 +8,8 @@
 //! - [`event_files`]: stored events' bytes, one append-only file per
 //!   partition.
 //! - [`tables`]: the redb table layout and value codec.
+//! - [`Halt`]: set once a failed write or sync stopped writes for good;
+//!   the node watches it to fail-stop.
 //! - [`writer`]: the single writer thread that group-commits every redb
 //!   write.
 //! - [`log_store`]: openraft's log storage for one partition.
@@ -31,6 +33,7 @@ pub mod apply;
 mod error;
 pub mod event_files;
 pub mod event_runs;
+mod halt;
 pub mod identity;
 pub mod log_dir;
 pub mod log_store;
@@ -50,6 +53,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::watch;
 
 pub use error::StoreError;
+pub use halt::Halt;
 pub use log_dir::{FsLogDir, LogDir};
 pub use log_store::LogStore;
 pub use raft_log::{LogUsage, RaftLog};
@@ -82,6 +86,8 @@ pub struct Store {
     /// machine, read by its log store's purge).
     installs: Arc<Mutex<BTreeMap<u32, Arc<watch::Sender<InstallState>>>>>,
     snapshot_lengths: snapshot::MeasuredLengths,
+    /// Set once a failed write or sync stopped writes for good.
+    halt: Halt,
 }
 
 impl Store {
@@ -170,16 +176,24 @@ impl Store {
     ) -> Result<Store, StoreError> {
         check_format(&db, &path)?;
         let events = Arc::new(EventFiles::open(events_dir, &event_file_metas(&db)?)?);
-        let log = RaftLog::open(log_dir, mode)?;
+        let halt = Halt::default();
+        let log = RaftLog::open(log_dir, mode, halt.clone())?;
         let db = Arc::new(db);
         let writer = match mode {
-            WriterMode::Thread => StorageWriter::start(Arc::clone(&db), Arc::clone(&events))
-                .map_err(|e| StoreError::Internal {
-                    what: format!("database {}", path.display()),
-                    reason: format!("cannot start the writer thread: {e}"),
-                })?,
-            WriterMode::Inline => StorageWriter::inline(Arc::clone(&db), Arc::clone(&events)),
-            WriterMode::Task => StorageWriter::task(Arc::clone(&db), Arc::clone(&events)),
+            WriterMode::Thread => {
+                StorageWriter::start(Arc::clone(&db), Arc::clone(&events), halt.clone()).map_err(
+                    |e| StoreError::Internal {
+                        what: format!("database {}", path.display()),
+                        reason: format!("cannot start the writer thread: {e}"),
+                    },
+                )?
+            }
+            WriterMode::Inline => {
+                StorageWriter::inline(Arc::clone(&db), Arc::clone(&events), halt.clone())
+            }
+            WriterMode::Task => {
+                StorageWriter::task(Arc::clone(&db), Arc::clone(&events), halt.clone())
+            }
         };
         Ok(Store {
             db,
@@ -189,7 +203,15 @@ impl Store {
             heads: Arc::default(),
             installs: Arc::default(),
             snapshot_lengths: snapshot::MeasuredLengths::default(),
+            halt,
         })
+    }
+
+    /// Whether, and why, this store stopped taking writes for good (a
+    /// failed write or sync of the Raft log, the database or the event
+    /// files): the node must then stop and restart (fail-stop).
+    pub fn halt(&self) -> &Halt {
+        &self.halt
     }
 
     fn install_gate(&self, partition: u32) -> Arc<watch::Sender<InstallState>> {

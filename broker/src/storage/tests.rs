@@ -903,15 +903,20 @@ proptest::proptest! {
 }
 
 /// A directory of event files on a disk that can fill up: while `full`,
-/// every write fails as a full disk does (`ENOSPC`).
+/// every write fails as a full disk does (`ENOSPC`). While `failing`,
+/// every file sync fails (`EIO`); `syncs` counts the file syncs tried.
 struct FillingDir {
     inner: FsLogDir,
     full: Arc<std::sync::atomic::AtomicBool>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct FillingFile {
     inner: Box<dyn redb::StorageBackend>,
     full: Arc<std::sync::atomic::AtomicBool>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for FillingFile {
@@ -931,6 +936,11 @@ impl redb::StorageBackend for FillingFile {
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.syncs.fetch_add(1, SeqCst);
+        if self.failing.load(SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -955,6 +965,8 @@ impl LogDir for FillingDir {
         Ok(Box::new(FillingFile {
             inner: self.inner.open(segment)?,
             full: Arc::clone(&self.full),
+            failing: Arc::clone(&self.failing),
+            syncs: Arc::clone(&self.syncs),
         }))
     }
     fn remove(&self, segment: u64) -> std::io::Result<()> {
@@ -985,6 +997,8 @@ async fn a_full_disk_fails_the_apply_with_its_cause_and_keeps_what_was_stored() 
             FillingDir {
                 inner: FsLogDir::create(&Store::events_dir_of(&db_path), 0).unwrap(),
                 full: Arc::clone(full),
+                failing: Arc::default(),
+                syncs: Arc::default(),
             },
             "db.redb",
             WriterMode::Thread,
@@ -1109,4 +1123,128 @@ async fn ids_leave_the_dedup_window_and_reads_cross_runs_from_any_offset() {
     drop(store);
     let store = Store::open(&dir.path().join("db.redb")).unwrap();
     assert_eq!(store.reader(0).read(0, 1000).unwrap(), all);
+}
+
+/// Before fail-stop, a failed event-file sync left the files dirty and the
+/// next durable commit synced them again: a retried fsync can report
+/// success for pages the kernel dropped after the first failure, so the
+/// node believed lost bytes durable; and the store kept taking writes.
+/// Now the first failed sync halts the store: it is never retried, every
+/// later write fails as halted, and the halt names the cause. The same
+/// with every writer: the production thread, the task the simulator runs
+/// it as, and the inline one.
+#[tokio::test]
+async fn a_failed_sync_halts_the_store_and_is_never_retried() {
+    for mode in [WriterMode::Thread, WriterMode::Task, WriterMode::Inline] {
+        a_failed_sync_halts(mode).await;
+    }
+}
+
+async fn a_failed_sync_halts(mode: WriterMode) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("db.redb");
+    let events = FillingDir {
+        inner: FsLogDir::create(&Store::events_dir_of(&db_path), 0).unwrap(),
+        full: Arc::default(),
+        failing: Arc::default(),
+        syncs: Arc::default(),
+    };
+    let (failing, syncs) = (Arc::clone(&events.failing), Arc::clone(&events.syncs));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&db_path)
+        .unwrap();
+    let store = Store::with_backend(
+        redb::backends::FileBackend::new(file).unwrap(),
+        FsLogDir::create(&Store::log_dir_of(&db_path), raft_log::SEGMENT_BYTES).unwrap(),
+        events,
+        "db.redb",
+        mode,
+    )
+    .unwrap();
+    let mut halted = store.halt().subscribe();
+    let mut sm = store.state_machine(0, 1_000_000);
+    sm.apply([sized_entry(1, 0..4)]).await.unwrap();
+    assert!(store.halt().cause().is_none());
+
+    failing.store(true, SeqCst);
+    let durable = || store.writer.write(Commit::Durable, |_| Ok(()));
+    let err = durable().await.expect_err("the sync fails");
+    assert!(matches!(err, StoreError::Io { .. }), "{mode:?}: {err:?}");
+    halted.changed().await.unwrap();
+    let cause = store.halt().cause().expect("halted");
+    assert!(cause.to_string().contains("sync"), "{cause}");
+    let tried = syncs.load(SeqCst);
+    assert!(tried >= 1);
+
+    // The disk recovers; the store does not pretend it did.
+    failing.store(false, SeqCst);
+    let err = durable().await.expect_err("halted");
+    assert!(
+        matches!(err, StoreError::Halted { .. }),
+        "{mode:?}: {err:?}"
+    );
+    let err = sm.apply([sized_entry(2, 4..8)]).await.expect_err("halted");
+    assert!(err.to_string().contains("sync"), "{mode:?}: {err}");
+    assert_eq!(
+        syncs.load(SeqCst),
+        tried,
+        "{mode:?}: a failed fsync is never retried"
+    );
+}
+
+/// A Raft log write that fails (a full disk) halts the whole store, as
+/// the node must then stop (fail-stop), and names the cause; with the log
+/// writer as a thread, a task or inline.
+#[tokio::test]
+async fn a_failed_log_write_halts_the_store() {
+    for mode in [WriterMode::Thread, WriterMode::Task, WriterMode::Inline] {
+        a_failed_log_write_halts(mode).await;
+    }
+}
+
+async fn a_failed_log_write_halts(mode: WriterMode) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("db.redb");
+    let log_dir = FillingDir {
+        inner: FsLogDir::create(&Store::log_dir_of(&db_path), 1 << 20).unwrap(),
+        full: Arc::default(),
+        failing: Arc::default(),
+        syncs: Arc::default(),
+    };
+    let full = Arc::clone(&log_dir.full);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&db_path)
+        .unwrap();
+    let store = Store::with_backend(
+        redb::backends::FileBackend::new(file).unwrap(),
+        log_dir,
+        FsLogDir::create(&Store::events_dir_of(&db_path), 0).unwrap(),
+        "db.redb",
+        mode,
+    )
+    .unwrap();
+    let mut log = store.log_store(0);
+    append_entries(&mut log, 1..=3).await;
+    assert!(store.halt().cause().is_none());
+    full.store(true, SeqCst);
+    assert!(log
+        .blocking_append([append_entry(4, &["y"])])
+        .await
+        .is_err());
+    let cause = store.halt().cause().expect("halted");
+    assert!(
+        matches!(*cause, StoreError::FullDisk { .. }),
+        "{mode:?}: {cause:?}"
+    );
+    assert!(cause.to_string().contains("raft log"), "{mode:?}: {cause}");
 }

@@ -31,6 +31,14 @@
 //! and vote I/O are serialized holds. If one job fails, the transaction is
 //! aborted and each job of the batch is re-run in its own transaction, so
 //! one bad job only fails itself.
+//!
+//! A failed commit (redb's own write or sync, or the event files' sync
+//! before it), or a job failing on I/O (an event file write), halts the
+//! writer for good ([`super::Halt`]): every later job
+//! fails with [`StoreError::Halted`]. What reached the disk is then
+//! unknown, and an fsync that failed must not be retried (the kernel may
+//! have dropped the dirty pages and would report the retry a success);
+//! the node restarts instead and replays from what is really there.
 
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::event_files::EventFiles;
-use super::StoreError;
+use super::{Halt, StoreError};
 use crate::metrics::{STORAGE_COMMITS_TOTAL, STORAGE_COMMIT_JOBS, STORAGE_COMMIT_SECONDS};
 
 /// Jobs waiting for the writer. Submitters wait when it is full, which is
@@ -108,9 +116,9 @@ enum Mode {
     /// Simulation: each job runs at once on the caller's thread in its own
     /// transaction (the simulator may not start threads, DESIGN.md §6);
     /// nothing lingers.
-    Inline(Arc<Database>, Arc<EventFiles>, Arc<Checkpoints>),
-    /// Simulation of production: the same group commit and linger as
-    /// `Thread`, run by a task on the caller's runtime instead of a
+    Inline(Arc<Database>, Arc<EventFiles>, Arc<Checkpoints>, Halt),
+    /// Simulation of production: the same group commit, linger and halt
+    /// as `Thread`, run by a task on the caller's runtime instead of a
     /// thread, so the simulator exercises the writer production runs.
     Task(mpsc::Sender<Job>),
 }
@@ -151,8 +159,12 @@ impl Drop for JoinOnDrop {
 
 impl StorageWriter {
     /// Starts the writer thread over `db` and `events`. It stops when
-    /// every handle is dropped.
-    pub fn start(db: Arc<Database>, events: Arc<EventFiles>) -> std::io::Result<StorageWriter> {
+    /// every handle is dropped. A failed commit is reported to `halt`.
+    pub fn start(
+        db: Arc<Database>,
+        events: Arc<EventFiles>,
+        halt: Halt,
+    ) -> std::io::Result<StorageWriter> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         // Only to wait on the queue with a deadline (LINGER); the jobs run
         // on the thread itself.
@@ -161,7 +173,7 @@ impl StorageWriter {
             .build()?;
         let handle = std::thread::Builder::new()
             .name("auditflow-writer".into())
-            .spawn(move || writer_loop(&db, &events, &timer, rx))?;
+            .spawn(move || writer_loop(&db, &events, &halt, &timer, rx))?;
         Ok(StorageWriter {
             mode: Mode::Thread(tx, Arc::new(JoinOnDrop(Some(handle)))),
         })
@@ -169,19 +181,20 @@ impl StorageWriter {
 
     /// Starts a task on the current tokio runtime that group-commits
     /// queued jobs as the production thread does (simulator). It stops
-    /// when every handle is dropped.
-    pub fn task(db: Arc<Database>, events: Arc<EventFiles>) -> StorageWriter {
+    /// when every handle is dropped. A failed commit is reported to
+    /// `halt`, as by the thread.
+    pub fn task(db: Arc<Database>, events: Arc<EventFiles>, halt: Halt) -> StorageWriter {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(task_loop(db, events, rx));
+        tokio::spawn(task_loop(db, events, halt, rx));
         StorageWriter {
             mode: Mode::Task(tx),
         }
     }
 
     /// A writer that runs each job on the caller's thread (simulator).
-    pub fn inline(db: Arc<Database>, events: Arc<EventFiles>) -> StorageWriter {
+    pub fn inline(db: Arc<Database>, events: Arc<EventFiles>, halt: Halt) -> StorageWriter {
         StorageWriter {
-            mode: Mode::Inline(db, events, Arc::default()),
+            mode: Mode::Inline(db, events, Arc::default(), halt),
         }
     }
 
@@ -221,10 +234,15 @@ impl StorageWriter {
             Mode::Thread(tx, _) | Mode::Task(tx) => {
                 tx.send(job).await.map_err(|_| StoreError::WriterStopped)?
             }
-            Mode::Inline(db, events, checkpoints) => {
+            Mode::Inline(db, events, checkpoints, halt) => {
                 let mut job = job;
-                let durable = checkpoints.durable(job.commit == Commit::Durable);
-                let result = run_one(db, events, &mut job, durable);
+                let result = match halt.refusal(HALTED) {
+                    Some(refused) => Err(refused),
+                    None => {
+                        let durable = checkpoints.durable(job.commit == Commit::Durable);
+                        run_one(db, events, halt, &mut job, durable)
+                    }
+                };
                 (job.finish)(result);
             }
         }
@@ -315,38 +333,55 @@ async fn linger_for_more(
 
 /// The writer task's loop ([`WriterMode::Task`]): the writer thread's,
 /// waiting asynchronously.
-async fn task_loop(db: Arc<Database>, events: Arc<EventFiles>, mut rx: mpsc::Receiver<Job>) {
+async fn task_loop(
+    db: Arc<Database>,
+    events: Arc<EventFiles>,
+    halt: Halt,
+    mut rx: mpsc::Receiver<Job>,
+) {
     let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
     while let Some(first) = rx.recv().await {
         batch.push(first);
         take_queued(&mut rx, &mut batch, MAX_JOBS_PER_TXN);
         linger_for_more(&mut rx, &mut batch, LINGER).await;
-        commit_batch(&db, &events, &checkpoints, &mut batch);
+        commit_batch(&db, &events, &halt, &checkpoints, &mut batch);
     }
 }
+
+/// What a job refused after a halt names.
+const HALTED: &str = "storage writes";
 
 fn writer_loop(
     db: &Database,
     events: &EventFiles,
+    halt: &Halt,
     timer: &tokio::runtime::Runtime,
     mut rx: mpsc::Receiver<Job>,
 ) {
     let checkpoints = Checkpoints::default();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_JOBS_PER_TXN);
     while next_lingering_batch(timer, &mut rx, &mut batch, LINGER) {
-        commit_batch(db, events, &checkpoints, &mut batch);
+        commit_batch(db, events, halt, &checkpoints, &mut batch);
     }
 }
 
 /// Commits `batch` in one transaction and completes its jobs (each alone
-/// if one of them failed); leaves `batch` empty.
+/// if one of them failed); leaves `batch` empty. Once `halt` is set every
+/// job fails with [`StoreError::Halted`]; a failed commit sets it.
 fn commit_batch(
     db: &Database,
     events: &EventFiles,
+    halt: &Halt,
     checkpoints: &Checkpoints,
     batch: &mut Vec<Job>,
 ) {
+    if let Some(refused) = halt.refusal(HALTED) {
+        for job in batch.drain(..) {
+            (job.finish)(Err(refused.shared()));
+        }
+        return;
+    }
     let started = std::time::Instant::now();
     let durable = checkpoints.durable(batch.iter().any(|j| j.commit == Commit::Durable));
     let jobs = batch.len();
@@ -361,12 +396,15 @@ fn commit_batch(
             // Re-run one by one so only the failing jobs fail.
             for mut job in batch.drain(..) {
                 let durable = job.commit == Commit::Durable;
-                let result = run_one(db, events, &mut job, durable);
+                let result = match halt.refusal(HALTED) {
+                    Some(refused) => Err(refused),
+                    None => run_one(db, events, halt, &mut job, durable),
+                };
                 (job.finish)(result);
             }
         }
         Err(BatchError::Commit(e)) => {
-            error!("storage commit failed: {e}");
+            let e = halted(halt, e);
             for job in batch.drain(..) {
                 (job.finish)(Err(e.shared()));
             }
@@ -423,21 +461,33 @@ fn run_batch(
     commit(txn, events, durable).map_err(BatchError::Commit)
 }
 
-/// Runs `job` in a transaction of its own, durable if `durable`.
+/// Runs `job` in a transaction of its own, durable if `durable`. A
+/// failure to begin or commit halts `halt`, and so does a job that failed
+/// on I/O (an event file write on a full or failing disk); a job refused
+/// for its content fails alone.
 fn run_one(
     db: &Database,
     events: &EventFiles,
+    halt: &Halt,
     job: &mut Job,
     durable: bool,
 ) -> Result<(), StoreError> {
-    let txn = begin(db, durable)?;
-    match (job.run)(&txn) {
-        Ok(()) => commit(txn, events, durable),
-        Err(e) => {
-            let _ = txn.abort();
-            Err(e)
+    let txn = begin(db, durable).map_err(|e| halted(halt, e))?;
+    if let Err(e) = (job.run)(&txn) {
+        let _ = txn.abort();
+        if e.io_kind().is_some() {
+            return Err(halted(halt, e));
         }
+        return Err(e);
     }
+    commit(txn, events, durable).map_err(|e| halted(halt, e))
+}
+
+/// Halts `halt` because of the failed write `e`, and returns `e`.
+fn halted(halt: &Halt, e: StoreError) -> StoreError {
+    error!("storage write failed, no more writes: {e}");
+    halt.halt(&e);
+    e
 }
 
 /// Commits `txn`; a durable commit first syncs the event files, whose
@@ -553,7 +603,7 @@ mod tests {
         let events_dir = super::super::FsLogDir::create(&dir.path().join("events"), 1 << 20);
         let events = EventFiles::open(Box::new(events_dir.unwrap()), &Default::default());
         let events = Arc::new(events.unwrap());
-        let writer = StorageWriter::start(db, events).unwrap();
+        let writer = StorageWriter::start(db, events, Halt::default()).unwrap();
         writer
             .write(Commit::Soon, |txn| {
                 Ok(txn.open_table(T)?.insert(1, 10).map(|_| ())?)

@@ -59,7 +59,7 @@ use redb::StorageBackend;
 use tokio::sync::{mpsc, oneshot};
 
 use super::log_dir::LogDir;
-use super::{tables, StoreError, WriterMode};
+use super::{tables, Halt, StoreError, WriterMode};
 use crate::storage::types::{Entry, LogId, Vote};
 
 use format::{parse, Parsed};
@@ -75,6 +75,8 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 struct Shared {
     dir: Box<dyn LogDir>,
     state: Mutex<State>,
+    /// Told when a failed write or sync stops the log for good.
+    halt: Halt,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,11 +121,13 @@ impl RaftLog {
     /// Opens the log in `dir`: replays its segments, cuts off a write a
     /// crash interrupted at the end of the newest one, and refuses damage
     /// anywhere else.
-    pub fn open(dir: Box<dyn LogDir>, mode: WriterMode) -> Result<RaftLog, StoreError> {
+    /// A failed write or sync later is also reported to `halt`.
+    pub fn open(dir: Box<dyn LogDir>, mode: WriterMode, halt: Halt) -> Result<RaftLog, StoreError> {
         let state = replay(dir.as_ref())?;
         let shared = Arc::new(Shared {
             dir,
             state: Mutex::new(state),
+            halt,
         });
         let writer = match mode {
             WriterMode::Inline => Writer::Inline,
@@ -335,7 +339,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, segment_bytes: u64) -> Result<RaftLog, StoreError> {
         let fs = FsLogDir::create(dir, segment_bytes).unwrap();
-        RaftLog::open(Box::new(fs), WriterMode::Thread)
+        RaftLog::open(Box::new(fs), WriterMode::Thread, Halt::default())
     }
 
     fn id(term: u64, index: u64) -> LogId {

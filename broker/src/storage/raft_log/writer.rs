@@ -80,6 +80,7 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), StoreError> {
                 );
                 error!("{e}");
                 state.failed = Some(e.shared());
+                shared.halt.halt(&e);
                 return Err(e);
             }
         }
@@ -122,6 +123,7 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), StoreError> {
         let e = StoreError::io(format!("raft log: write segment {segment}"), e);
         error!("{e}");
         state.failed = Some(e.shared());
+        shared.halt.halt(&e);
         return Err(e);
     }
     state.active_len = end;
