@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use auditflow_sim::{run, FaultOptions, PlantedBug, SimOptions};
 
 /// The names `--planted-bug` takes, with their bugs.
-const PLANTED_BUGS: [(&str, PlantedBug); 4] = [
+const PLANTED_BUGS: [(&str, PlantedBug); 5] = [
     ("g4", PlantedBug::G4Order),
     ("g5", PlantedBug::G5Duplicates),
     ("g6", PlantedBug::G6Chain),
     ("masking", PlantedBug::Masking),
+    ("breaker", PlantedBug::BreakerPerBatch),
 ];
 
 fn parse_planted_bug(name: &str) -> Result<PlantedBug, String> {
@@ -19,7 +20,7 @@ fn parse_planted_bug(name: &str) -> Result<PlantedBug, String> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, bug)| *bug)
-        .ok_or_else(|| format!("unknown planted bug {name}: one of g4, g5, g6, masking"))
+        .ok_or_else(|| format!("unknown planted bug {name}: one of g4, g5, g6, masking, breaker"))
 }
 
 fn planted_bug_name(bug: PlantedBug) -> &'static str {
@@ -63,8 +64,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 0.0)]
     synced_damage: f64,
     /// Plant a known bug in the broker (g4: delivery order, g5: append
-    /// dedup, g6: hash chain, masking), to see the checker catch it: the
-    /// sweep must fail.
+    /// dedup, g6: hash chain, masking, breaker: the per-batch breaker of
+    /// before issue 33), to see the checker catch it: the sweep must fail.
     #[arg(long, value_parser = parse_planted_bug)]
     planted_bug: Option<PlantedBug>,
     /// Lines of the trace printed for a failing (or single) seed.

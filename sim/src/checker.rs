@@ -222,7 +222,7 @@ fn destinations(world: &World) -> Vec<DestinationConfig> {
 }
 
 /// `None` once every cursor reached its head, else where one is behind.
-fn delivery_done(world: &World) -> Result<Option<String>, String> {
+pub(crate) fn delivery_done(world: &World) -> Result<Option<String>, String> {
     let dests = destinations(world);
     for id in world.ids() {
         let node = world.net.node(id).ok_or("node down")?;

@@ -17,12 +17,15 @@
 //! - `nemesis`: the faults of the cluster and of the destinations.
 //! - `trace`: the run's log and its hash (G9).
 //! - `checker`: the guarantees checked after the run.
+//! - `progress`: the progress phase before them: delivery keeps pace
+//!   with endpoints that are flaky but up.
 
 mod checker;
 pub mod disk;
 mod nemesis;
 pub mod net;
 pub mod options;
+mod progress;
 pub mod sink;
 mod trace;
 mod workload;

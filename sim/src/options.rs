@@ -353,6 +353,11 @@ pub struct SinkFaults {
     /// can never accept), so they must end in its DLQ. A pure function of
     /// seed, destination and id, so a re-sent event is refused again.
     pub permanent: f64,
+    /// Per request in the progress phase, after the run healed: a
+    /// transient failure of an endpoint that is up (`checker::progress`).
+    /// Each item sent to a per-item endpoint is a request (a single-mode
+    /// webhook's POST), a batch to a whole-batch endpoint is one.
+    pub progress_flaky: f64,
 }
 
 /// Where each seed's rates are drawn from: (fewest, most), probabilities
@@ -442,6 +447,10 @@ mod ranges {
     pub const SPIKE: (u64, u64) = (0, 50);
     /// Event ids refused for good.
     pub const PERMANENT: (u64, u64) = (5, 40);
+    /// Transient failures per request in the progress phase: 5 to 10 %,
+    /// what a busy load balancer gives, which delivery must keep pace
+    /// with (issue 33).
+    pub const PROGRESS_FLAKY: (u64, u64) = (50, 100);
 
     /// Torn writes at a crash, per file with unsynced writes.
     pub const TORN_WRITE: (u64, u64) = (200, 800);
@@ -537,6 +546,7 @@ impl FaultOptions {
                 duplicate: d.p(SINK_DUPLICATE),
                 spike: d.p(SPIKE),
                 permanent: d.p(PERMANENT),
+                progress_flaky: 0.0,
             },
             writer: SimWriter::Inline,
         };
@@ -550,6 +560,7 @@ impl FaultOptions {
         if d.0.gen_bool(LOST_DISK_SEEDS) {
             o.cluster.lost_disk = d.p(LOST_DISK);
         }
+        o.sinks.progress_flaky = d.p(PROGRESS_FLAKY);
         let c = &mut o.cluster;
         // Crash and restart exclude each other: the larger one counts.
         let node = c.crash.max(c.restart);
@@ -624,6 +635,7 @@ impl FaultOptions {
                 duplicate: 0.0,
                 spike: 0.0,
                 permanent: 0.0,
+                progress_flaky: 0.0,
             },
             writer: SimWriter::Inline,
         }
@@ -660,6 +672,7 @@ impl FaultOptions {
             ("sinks.duplicate", s.duplicate),
             ("sinks.spike", s.spike),
             ("sinks.permanent", s.permanent),
+            ("sinks.progress_flaky", s.progress_flaky),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(OptionsError::Probability { name, value });
@@ -728,7 +741,7 @@ impl fmt::Display for FaultOptions {
              isolate={} cut={} heal={} disk_error={} pause={} pause_duration={} lost_disk={} \
              torn_write={} synced_damage={} clock_jump={} clock_jump_size={}; \
              sinks interval={} outage={} slow={} fault_duration={} flaky={} retry_after={} \
-             partial={} duplicate={} spike={} permanent={}; writer={}",
+             partial={} duplicate={} spike={} permanent={} progress_flaky={}; writer={}",
             n.delay,
             n.loss,
             n.duplicate,
@@ -760,6 +773,7 @@ impl fmt::Display for FaultOptions {
             s.duplicate,
             s.spike,
             s.permanent,
+            s.progress_flaky,
             self.writer,
         )
     }
@@ -820,7 +834,8 @@ mod tests {
             line.contains(&format!("crash={} ", o.cluster.crash)),
             "{line}"
         );
-        assert!(line.contains(&format!("permanent={};", o.sinks.permanent)));
+        assert!(line.contains(&format!("permanent={} ", o.sinks.permanent)));
+        assert!(line.contains(&format!("progress_flaky={};", o.sinks.progress_flaky)));
         assert!(line.ends_with(&format!("writer={}", o.writer)));
         let span = Span {
             min: Duration::from_micros(250),

@@ -17,7 +17,11 @@
 //!   destination (content it can never accept), so they must end in that
 //!   destination's DLQ;
 //! - duplicate acceptance: the endpoint records a batch twice (a retry
-//!   after a lost answer), which the checker must tolerate (G3).
+//!   after a lost answer), which the checker must tolerate (G3);
+//! - flaky requests, in the progress phase only: each request fails
+//!   transiently at a fixed rate while the endpoint is up (every item of
+//!   a per-item endpoint is a request, as a single-mode webhook's POSTs
+//!   are, and the first failure stops the rest).
 //!
 //! The sink kind in a destination's configuration is ignored: the
 //! simulator's [`SinkFactory`] always builds a [`SimSink`].
@@ -77,6 +81,9 @@ struct State {
     endpoints: BTreeMap<String, Endpoint>,
     arrivals: Vec<Arrival>,
     sends: u64,
+    /// Per request: a transient failure (the progress phase's flaky
+    /// endpoints; 0 otherwise).
+    per_request: f64,
 }
 
 struct Shared {
@@ -146,6 +153,7 @@ impl SimSinks {
                     endpoints,
                     arrivals: Vec::new(),
                     sends: 0,
+                    per_request: 0.0,
                 }),
             }),
         }
@@ -213,6 +221,12 @@ impl SimSinks {
         if let Some(e) = lock(&self.shared.state).endpoints.get_mut(dest) {
             e.slow = slow;
         }
+    }
+
+    /// From now on every request fails transiently at `rate` (0 to 1),
+    /// the endpoints otherwise up: the progress phase's flaky endpoints.
+    pub(crate) fn set_per_request_failures(&self, rate: f64) {
+        lock(&self.shared.state).per_request = rate;
     }
 
     /// Every endpoint up, fast and without transient faults from now on
@@ -312,6 +326,15 @@ impl SimSink {
             f.kind = FailureKind::Retryable { retry_after: hint };
             return SendOutcome::Failed(f);
         }
+        // A whole-batch endpoint takes one request per batch.
+        if refusal == Refusal::WholeBatch && s.per_request > 0.0 {
+            let rate = s.per_request;
+            if s.rng.gen_bool(rate) {
+                drop(s);
+                sinks.trace(format!("{what}: flaky request failed"));
+                return SendOutcome::Failed(unavailable("flaky request failed"));
+            }
+        }
         let outcome = match refusal {
             Refusal::WholeBatch if refused.iter().any(|r| *r) => {
                 drop(s);
@@ -325,11 +348,21 @@ impl SimSink {
                 // An ordered bulk endpoint: a retryable item failure stops
                 // the items after it (they are reported retryable and not
                 // stored), so arrival order stays offset order.
-                let cut = if s.rng.gen_bool(rates.partial) {
+                let mut cut = if s.rng.gen_bool(rates.partial) {
                     Some(s.rng.gen_range(0..batch.len()))
                 } else {
                     None
                 };
+                // One request per item: the first that fails stops the
+                // rest, as a single-mode sender stops at a failure.
+                if s.per_request > 0.0 {
+                    let rate = s.per_request;
+                    let flaky = (0..batch.len()).find(|_| s.rng.gen_bool(rate));
+                    cut = match (cut, flaky) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
                 let results: Vec<Result<(), SinkFailure>> = refused
                     .iter()
                     .enumerate()

@@ -180,6 +180,79 @@ pub(crate) async fn reader(world: Arc<World>, end: Duration) {
     }
 }
 
+/// Appends `count` new events in batches of `per_request` (ids
+/// `b{first}`.. on, unique in the run), to each partition's leader,
+/// following redirects and retrying; records acknowledgements. A burst
+/// that builds a delivery backlog fast (the progress phase).
+pub(crate) async fn burst(world: Arc<World>, first: u64, count: u64, per_request: usize) {
+    let partitions = world.opts.partitions;
+    let mut by_partition: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
+    for n in first..first + count {
+        let mut e = event(&world, n);
+        e.id = format!("b{n}");
+        by_partition
+            .entry(partition_of(&e, partitions))
+            .or_default()
+            .push(e);
+    }
+    let mut leaders: BTreeMap<u32, NodeId> = BTreeMap::new();
+    for (partition, events) in by_partition {
+        for chunk in events.chunks(per_request.max(1)) {
+            let mut attempts = 0;
+            while attempts < 50 {
+                attempts += 1;
+                let up = world.ids();
+                let target = leaders
+                    .get(&partition)
+                    .copied()
+                    .unwrap_or_else(|| up[world.gen_range(0..up.len() as u64) as usize]);
+                let request = Request::Append {
+                    partition,
+                    events: chunk.to_vec(),
+                };
+                match world
+                    .net
+                    .client_request(target, request, Duration::from_secs(2))
+                    .await
+                {
+                    Response::Appended(results) => {
+                        if results.len() != chunk.len() {
+                            world.violation(format!(
+                                "append of {} events answered with {} results",
+                                chunk.len(),
+                                results.len()
+                            ));
+                        }
+                        for (e, r) in chunk.iter().zip(results) {
+                            match r {
+                                AppendResult::Stored(ack) => record_ack(&world, &e.id, ack),
+                                AppendResult::Rejected(err) => {
+                                    world.violation(format!("event {} rejected: {err}", e.id))
+                                }
+                            }
+                        }
+                        break;
+                    }
+                    Response::Error(RequestError::NotLeader {
+                        leader: Some(l), ..
+                    }) => {
+                        leaders.insert(partition, l.id);
+                    }
+                    Response::Error(_) => {
+                        leaders.remove(&partition);
+                        let pause = world.gen_range(5..100);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                    other => {
+                        world.violation(format!("unexpected answer to an append: {other:?}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn record_ack(world: &World, id: &str, ack: auditflow_protocol::wire::Ack) {
     let got = Acked {
         partition: ack.partition,

@@ -461,7 +461,6 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                     max_age_secs: None,
                 },
                 breaker: BreakerPolicy {
-                    failure_threshold: 4,
                     open_ms: 500,
                     ..BreakerPolicy::default()
                 },
@@ -486,7 +485,6 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                     max_age_secs: None,
                 },
                 breaker: BreakerPolicy {
-                    failure_threshold: 5,
                     open_ms: 1000,
                     ..BreakerPolicy::default()
                 },
@@ -587,6 +585,7 @@ async fn simulate(opts: SimOptions) -> Report {
     }
     checker::settle(&world).await;
     checker::settle_delivery(&world).await;
+    crate::progress::progress(&world).await;
     monitor.abort();
     checker::check(&world).await;
     for id in world.ids() {

@@ -47,3 +47,8 @@ fn a_broken_chain_is_caught() {
 fn unmasked_delivery_is_caught() {
     caught(PlantedBug::Masking, "masking");
 }
+
+#[test]
+fn a_breaker_that_trips_on_a_flaky_endpoint_is_caught() {
+    caught(PlantedBug::BreakerPerBatch, "progress");
+}

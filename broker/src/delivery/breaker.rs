@@ -32,6 +32,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::replicated::planted::{planted, PlantedBug};
+
 /// Largest sliding window: bounds the breaker's memory (one byte a
 /// request) whatever the configuration says.
 pub const MAX_WINDOW_REQUESTS: u32 = 1_000;
@@ -59,23 +61,6 @@ pub struct BreakerPolicy {
     /// Successful probes (one request each) that close it again.
     #[serde(default = "default_half_open_successes")]
     pub half_open_successes: u32,
-    /// A planted bug for the simulator's progress checker (never set from
-    /// a configuration file: skipped by serde, so production cannot select
-    /// it by accident).
-    #[doc(hidden)]
-    #[serde(skip)]
-    pub plant: Option<BreakerPlant>,
-}
-
-/// Deliberately broken breakers, for showing that the simulator's
-/// progress checker catches them (`auditflow sim --plant ...`).
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BreakerPlant {
-    /// The behaviour before issue 33: one result per batch (failed if any
-    /// item failed, so only a fully delivered batch resets it), no rate
-    /// rule, a full-size probe batch that closes at once.
-    PerBatch,
 }
 
 fn default_threshold() -> u32 {
@@ -106,7 +91,6 @@ impl Default for BreakerPolicy {
             minimum_requests: default_minimum(),
             open_ms: default_open_ms(),
             half_open_successes: default_half_open_successes(),
-            plant: None,
         }
     }
 }
@@ -175,12 +159,18 @@ pub struct Breaker {
     window_failures: u32,
     /// Times it opened, for status.
     opened: u64,
+    /// The planted pre-issue-33 behaviour (simulator only).
+    per_batch: bool,
 }
 
 impl Breaker {
     /// A closed breaker.
     pub fn new(mut policy: BreakerPolicy) -> Breaker {
-        if policy.plant == Some(BreakerPlant::PerBatch) {
+        // The simulator's planted bug (`PlantedBug::BreakerPerBatch`), read
+        // once: the actor that owns the breaker lives on the thread that
+        // planted it.
+        let per_batch = planted(PlantedBug::BreakerPerBatch);
+        if per_batch {
             // The old breaker had no rate rule and closed on one success.
             policy.failure_rate_percent = 100;
             policy.half_open_successes = 1;
@@ -193,12 +183,13 @@ impl Breaker {
             consecutive: 0,
             window_failures: 0,
             opened: 0,
+            per_batch,
         }
     }
 
     /// Whether the old per-batch counting is planted.
     pub fn per_batch(&self) -> bool {
-        self.policy.plant == Some(BreakerPlant::PerBatch)
+        self.per_batch
     }
 
     /// The state at `now`.
@@ -318,6 +309,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::replicated::planted::plant;
 
     /// One step of a breaker table: at `ms`, record `successes` then a
     /// failure if `failed`, then expect `state` and `permit`.
@@ -362,7 +354,6 @@ mod tests {
             minimum_requests: 4,
             open_ms: 1000,
             half_open_successes: 2,
-            plant: None,
         }
     }
 
@@ -419,10 +410,8 @@ mod tests {
 
     #[test]
     fn planted_per_batch_breaker_behaves_as_before_issue_33() {
-        let policy = BreakerPolicy {
-            plant: Some(BreakerPlant::PerBatch),
-            ..small()
-        };
+        plant(Some(PlantedBug::BreakerPerBatch));
+        let policy = small();
         check(
             policy,
             &[
@@ -434,6 +423,7 @@ mod tests {
                 step(1000, 1, false, Closed, GO),
             ],
         );
+        plant(None);
     }
 
     #[test]

@@ -26,6 +26,11 @@ pub enum PlantedBug {
     /// Delivery sends events without applying the destination's masking
     /// rules.
     Masking,
+    /// The delivery breaker as it was before issue 33: one result per
+    /// batch (failed if any item failed), no rate rule, a whole batch as
+    /// the probe, closed by one success. A flaky endpoint then keeps it
+    /// open; the simulator's progress checker must notice.
+    BreakerPerBatch,
 }
 
 thread_local! {
