@@ -179,6 +179,17 @@ pub enum SendOutcome {
 pub trait Sink: Send + 'static {
     /// Sends one batch (non-empty, one partition, offset order).
     fn send<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, SendOutcome>;
+
+    /// Sends a batch an operator asked to have written again: a replay
+    /// window or a DLQ redrive (G3: replay and redrive always write
+    /// again). A sink whose own dedup skips what it believes it already
+    /// wrote must not skip these: a redriven event was parked, so it was
+    /// never written, and a replayed one may have been lost downstream.
+    /// The default is [`Sink::send`], right for sinks whose dedup key is
+    /// held by the endpoint itself (a table's unique key, a document id).
+    fn send_again<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, SendOutcome> {
+        self.send(batch)
+    }
 }
 
 /// Why a sink could not be built from its settings.
