@@ -104,7 +104,7 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonErro
     })?;
     let db_path: PathBuf = config.data_dir.join(DB_FILE);
     let store = Store::open_with_segments(&db_path, config.raft.log_segment_bytes)?;
-    let endpoint = NodeEndpoint::bind(&config.tls, config.listen)?;
+    let endpoint = NodeEndpoint::bind(&config.tls, config.listen, &config.memory)?;
     let admin = match config.admin_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

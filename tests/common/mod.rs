@@ -121,6 +121,8 @@ pub struct ClusterOptions {
     pub partitions: u32,
     pub raft: RaftTuning,
     pub limits: Limits,
+    /// Memory bounds of every node.
+    pub memory: auditflow_broker::config::MemoryLimits,
     pub destinations: Vec<auditflow_broker::delivery::DestinationConfig>,
 }
 
@@ -135,6 +137,7 @@ impl Default for ClusterOptions {
                 ..RaftTuning::default()
             },
             limits: Limits::default(),
+            memory: Default::default(),
             destinations: Vec::new(),
         }
     }
@@ -166,6 +169,7 @@ pub fn node_config(
         raft: opts.raft.clone(),
         limits: opts.limits,
         destinations: opts.destinations.clone(),
+        memory: opts.memory,
     }
 }
 

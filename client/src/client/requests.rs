@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use crate::{AppendError, ClientError};
 
 use super::connection::unexpected;
-use super::retry::jittered;
+use super::retry::retry_pause;
 use super::{lock, Client, MAX_PIPELINE};
 
 /// Gives every event without an id a fresh UUIDv7 (time-ordered, so ids
@@ -441,7 +441,7 @@ impl Tail {
                 }
                 Err(e) if e.is_retryable() => {
                     self.client.set_leader(self.partition, None);
-                    let pause = jittered(attempt);
+                    let pause = retry_pause(&e, attempt, rand::Rng::gen(&mut rand::thread_rng()));
                     if started.elapsed() + pause >= deadline {
                         return Err(e);
                     }
