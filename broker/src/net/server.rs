@@ -10,7 +10,7 @@
 //! and held until it is answered; client connections are counted against
 //! `memory.max_connections`. A request or connection past a bound is
 //! answered [`RequestError::Overloaded`] with a retry hint; its body is
-//! never read (the stream is stopped, so QUIC drops what was buffered).
+//! then read and thrown away chunk by chunk ([`refuse`]), never held.
 //! Peer connections are not counted: there are at most a cluster's worth.
 
 use std::sync::Arc;
@@ -36,9 +36,18 @@ const CLOSE_NOT_A_PEER: u32 = 0x10;
 const STOP_BAD_FRAME: u32 = 0x11;
 /// QUIC application error code: too many client connections.
 const CLOSE_OVERLOADED: u32 = 0x12;
-/// QUIC stream error code: no room for the request; it was answered
-/// `Overloaded` and its body is not wanted.
+/// QUIC stream error code: a refused request's body went on past its
+/// bound or its deadline ([`refuse`]); it was answered already.
 const STOP_OVERLOADED: u32 = 0x13;
+/// How long the body of a refused request is read and thrown away. The
+/// client library writes a request whole before it reads the answer, so
+/// the body must be taken off it for the answer to be read; 5 s moves
+/// the largest frame (8 MiB) at 13 Mbit/s. A slower sender is stopped
+/// and sees a transport error, which it retries like any other.
+const DISCARD_DEADLINE: Duration = Duration::from_secs(5);
+/// Largest piece of a refused body read at once; what quinn hands over
+/// is dropped at once, so this bounds nothing but the read call.
+const DISCARD_CHUNK_BYTES: usize = 64 * 1024;
 /// Retry hint when a request budget is full: requests end with a commit
 /// round (a few to tens of milliseconds), so room comes back soon.
 const REQUEST_BYTES_RETRY_AFTER_MS: u32 = 50;
@@ -145,19 +154,23 @@ async fn turn_away(conn: quinn::Connection, bounds: &Bounds) {
         reason: format!("the node serves at most {max} client connections"),
         retry_after_ms: CONNECTIONS_RETRY_AFTER_MS,
     });
+    // Each stream is refused in a task of its own, so that one slow body
+    // does not hold up the answers to the others; the set ends them all
+    // when the linger does. Its size is bounded by the streams QUIC lets
+    // the connection open during the linger.
+    let mut refusing = tokio::task::JoinSet::new();
     let answering = async {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let _ = recv.stop(STOP_OVERLOADED.into());
-            respond(
-                &mut send,
-                PROTOCOL_VERSION,
-                &answer,
-                DEFAULT_MAX_FRAME_BYTES,
-            )
-            .await;
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            while refusing.try_join_next().is_some() {}
+            let answer = answer.clone();
+            refusing.spawn(async move {
+                let whole_frame = (HEADER_BYTES + DEFAULT_MAX_FRAME_BYTES) as u64;
+                refuse(send, recv, &answer, whole_frame).await;
+            });
         }
     };
     let _ = tokio::time::timeout(TURN_AWAY_LINGER, answering).await;
+    refusing.abort_all();
     conn.close(CLOSE_OVERLOADED.into(), b"too many client connections");
 }
 
@@ -205,13 +218,13 @@ async fn client_stream(
         Ok(len) => {
             match SharedBudget::reserve(&[connection, &bounds.request_bytes], request_room(len)) {
                 Err((which, refused)) => {
-                    let _ = recv.stop(STOP_OVERLOADED.into());
                     let which = if which == 0 {
                         "this connection"
                     } else {
                         "this node"
                     };
-                    Response::Error(no_room(which, refused))
+                    let answer = Response::Error(no_room(which, refused));
+                    return refuse(send, recv, &answer, len as u64).await;
                 }
                 Ok(room) => {
                     _room = Some(room);
@@ -238,6 +251,45 @@ async fn client_stream(
         DEFAULT_MAX_FRAME_BYTES,
     )
     .await;
+}
+
+/// Answers a request the node will not handle, in a way its client
+/// reads: the answer is written and the send side finished, then the
+/// rest of the request (at most `body_bytes_max`, for at most
+/// [`DISCARD_DEADLINE`]) is read and dropped a chunk at a time, so it
+/// costs no more memory than QUIC's receive window.
+///
+/// Stopping the stream instead (STOP_SENDING, also what dropping an
+/// unread `RecvStream` does) makes quinn fail the client's unfinished
+/// write with `Stopped`: a client that writes its whole request before
+/// reading, as ours does, saw a transport error instead of the answer
+/// whenever the body was larger than what it had buffered.
+async fn refuse(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    answer: &Response,
+    body_bytes_max: u64,
+) {
+    respond(&mut send, PROTOCOL_VERSION, answer, DEFAULT_MAX_FRAME_BYTES).await;
+    let discard = async {
+        let mut read = 0u64;
+        while read <= body_bytes_max {
+            match recv.read_chunk(DISCARD_CHUNK_BYTES, true).await {
+                Ok(Some(chunk)) => read += chunk.bytes.len() as u64,
+                // Finished (all read: dropping `recv` stops nothing), or
+                // reset or lost: nothing more to take.
+                Ok(None) | Err(_) => return true,
+            }
+        }
+        false
+    };
+    let ended = tokio::time::timeout(DISCARD_DEADLINE, discard)
+        .await
+        .unwrap_or(false);
+    if !ended {
+        debug!("refused request's body too long or too slow: stopped");
+        let _ = recv.stop(STOP_OVERLOADED.into());
+    }
 }
 
 async fn peer_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, node: &NodeShared) {
