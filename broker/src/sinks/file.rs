@@ -11,12 +11,14 @@
 //!
 //! Idempotent by offset (G3), but only over what the files really hold:
 //! the sink remembers the highest offset written per partition (recovered
-//! from the last line of the current file and the rotated files' names)
-//! and skips live events at or below it, so a batch re-sent after a
-//! failover writes no line twice. Before it skips anything it looks at the
-//! directory again (files an operator moved away no longer count), and it
-//! re-reads the partition's state whenever the current file is not the
-//! length it wrote. Replays and redrives (`Sink::send_again`) skip
+//! from the last line of the current file and the rotated files' names),
+//! and a live batch with an offset at or below it (a re-send after a
+//! failover) skips the lines the files hold, so none is written twice.
+//! Before it skips anything it looks at the directory again (files an
+//! operator moved away no longer count) and reads the lines of the files
+//! whose range meets the batch (a range has gaps: parked and filtered
+//! events); it also re-reads the partition's state whenever the current
+//! file is not the length it wrote. Replays and redrives (`Sink::send_again`) skip
 //! nothing: a redriven event was parked, so never written, and a replay
 //! is an operator asking for the events again.
 //!
@@ -40,7 +42,7 @@
 //! Each partition's file set must have one writer: the delivery actor of
 //! that (destination, partition), which lives on the partition leader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -277,26 +279,28 @@ fn read_range(file: &mut File, start: u64, end: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The (first, last) offsets of the partition's rotated files now in the
-/// directory (created if missing).
-fn rotated_ranges(config: &Config, partition: u32) -> Result<Vec<(u64, u64)>, FileError> {
+/// The partition's rotated files now in the directory (created if
+/// missing), each with the (first, last) offsets its name gives.
+fn rotated_files(config: &Config, partition: u32) -> Result<Vec<(u64, u64, PathBuf)>, FileError> {
     let dir = &config.dir;
     at("create directory", dir, std::fs::create_dir_all(dir))?;
-    let mut ranges = Vec::new();
+    let mut files = Vec::new();
     for entry in at("list directory", dir, std::fs::read_dir(dir))? {
         let name = at("list directory", dir, entry)?.file_name();
-        if let Some(range) = parse_rotated(&config.prefix, partition, &name.to_string_lossy()) {
-            ranges.push(range);
+        if let Some((first, last)) =
+            parse_rotated(&config.prefix, partition, &name.to_string_lossy())
+        {
+            files.push((first, last, dir.join(name)));
         }
     }
-    Ok(ranges)
+    Ok(files)
 }
 
 /// Recovers a partition's state from disk (see the module docs).
 fn recover(config: &Config, partition: u32) -> Result<Current, FileError> {
-    let last_rotated = rotated_ranges(config, partition)?
+    let last_rotated = rotated_files(config, partition)?
         .into_iter()
-        .map(|(_, last)| last)
+        .map(|(_, last, _)| last)
         .max();
     let path = current_path(config, partition);
     let empty = |last| Current {
@@ -433,18 +437,59 @@ fn ascending_runs(lines: &[(u64, Vec<u8>)]) -> Vec<&[(u64, Vec<u8>)]> {
     runs
 }
 
-/// Whether the partition's files hold `offset`: it lies in the current
-/// file's range or in a rotated file's (`rotated`, read from the directory
-/// as it is now).
-fn holds(state: &Current, rotated: &[(u64, u64)], offset: u64) -> bool {
-    let in_current = matches!(
-        (state.first_in_file, state.last_in_file),
-        (Some(first), Some(last)) if (first..=last).contains(&offset)
-    );
-    in_current
-        || rotated
-            .iter()
-            .any(|(first, last)| (*first..=*last).contains(&offset))
+/// Which of `wanted` the partition's files hold now, read from their
+/// lines. Only files whose offset range (the current file's state, a
+/// rotated file's name) meets `wanted` are read, but a range is not taken
+/// for its lines: it has gaps (parked or filtered events, a replay beside
+/// the live stream, a line an operator cut out), and a line skipped
+/// because of one would be confirmed without ever being written.
+fn held(
+    config: &Config,
+    partition: u32,
+    state: &Current,
+    wanted: &BTreeSet<u64>,
+) -> Result<BTreeSet<u64>, FileError> {
+    let (Some(lo), Some(hi)) = (wanted.first(), wanted.last()) else {
+        return Ok(BTreeSet::new());
+    };
+    let mut files = rotated_files(config, partition)?;
+    if let (Some(first), Some(last)) = (state.first_in_file, state.last_in_file) {
+        files.push((first, last, current_path(config, partition)));
+    }
+    let mut held = BTreeSet::new();
+    for (first, last, path) in files {
+        if first <= *hi && *lo <= last {
+            offsets_in(&path, wanted, &mut held)?;
+        }
+    }
+    Ok(held)
+}
+
+/// Adds to `held` the offsets of `wanted` that `path` has whole lines of.
+/// A file gone meanwhile (moved away) holds nothing; a torn last line
+/// (a write in progress elsewhere, a crash) does not count.
+fn offsets_in(
+    path: &Path,
+    wanted: &BTreeSet<u64>,
+    held: &mut BTreeSet<u64>,
+) -> Result<(), FileError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return at("open", path, Err(e)),
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        at("read", path, reader.read_until(b'\n', &mut line))?;
+        let Some(body) = line.strip_suffix(b"\n") else {
+            return Ok(());
+        };
+        if let Some(offset) = offset_of_line(body).filter(|o| wanted.contains(o)) {
+            held.insert(offset);
+        }
+    }
 }
 
 /// Writes `lines` (with their offsets) to the partition's current file,
@@ -551,10 +596,11 @@ impl FileSink {
                 // (files may have been moved away since the state was
                 // read), so read it again from the directory.
                 state = recover(&config, partition)?;
-                let rotated = rotated_ranges(&config, partition)?;
+                let wanted = lines.iter().map(|(o, _)| *o).collect();
+                let held = held(&config, partition, &state, &wanted)?;
                 lines
                     .into_iter()
-                    .filter(|(o, _)| !holds(&state, &rotated, *o))
+                    .filter(|(o, _)| !held.contains(o))
                     .collect()
             };
             if !fresh.is_empty() {
@@ -800,6 +846,33 @@ mod tests {
         std::fs::remove_file(dir.path().join(rotated_name("events", 0, 0, 1))).unwrap();
         assert_eq!(sink.send(&batch(0, 0..5)).await, SendOutcome::Delivered);
         assert_eq!(all_offsets(dir.path(), 0), (0..5).collect::<Vec<_>>());
+    }
+
+    /// A range is not its lines: with offset 2 parked, the files span
+    /// 0..=4 but hold no line 2, so a live re-send holding 2 writes it
+    /// (before, the range alone decided, and 2 was confirmed unwritten).
+    /// Likewise a line cut out of the current file.
+    #[tokio::test]
+    async fn a_resend_skips_only_the_lines_the_files_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::new(config(dir.path())).unwrap();
+        for b in [batch(0, [0, 1]), batch(0, [3, 4])] {
+            assert_eq!(sink.send(&b).await, SendOutcome::Delivered);
+        }
+        assert_eq!(sink.send(&batch(0, 1..6)).await, SendOutcome::Delivered);
+        assert_eq!(all_offsets(dir.path(), 0), (0..6).collect::<Vec<_>>());
+
+        let path = dir.path().join("events-p1.jsonl");
+        assert_eq!(sink.send(&batch(1, 0..4)).await, SendOutcome::Delivered);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kept: String = text
+            .lines()
+            .filter(|l| offset_of_line(l.as_bytes()) != Some(1))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, kept).unwrap();
+        assert_eq!(sink.send(&batch(1, 0..4)).await, SendOutcome::Delivered);
+        assert_eq!(all_offsets(dir.path(), 1), (0..4).collect::<Vec<_>>());
     }
 
     proptest! {
