@@ -50,6 +50,13 @@ pub struct BenchArgs {
     /// machine it varies less than throughput does.
     #[arg(long, value_delimiter = ',')]
     pub(crate) node_metrics: Vec<String>,
+    /// Instead of the latency benchmark: this many independent clients
+    /// (own connections each) append --events events of --size bytes as
+    /// fast as they can; prints the Overloaded answers they waited out,
+    /// the nodes' peak memory (needs --node-metrics) and checks that every
+    /// acknowledged event is stored (`ops/bench-memory`).
+    #[arg(long)]
+    pub(crate) memory_clients: Option<usize>,
 }
 
 /// Runs the benchmark.
@@ -67,6 +74,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some(clients) = args.memory_clients {
+        runtime.block_on(crate::bench_memory::run(
+            cfg.0,
+            clients,
+            &args.workload,
+            &args.node_metrics,
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     runtime.block_on(bench(args, cfg.0, nats_compare))
 }
 

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_delivery;
+mod bench_memory;
 mod client_cmds;
 mod delivery_cmds;
 mod node;

@@ -140,6 +140,7 @@ pub fn prepare(args: &UpArgs, extra: Vec<DestinationConfig>) -> anyhow::Result<V
                 },
                 raft: RaftTuning::default(),
                 limits: Limits::default(),
+                memory: Default::default(),
                 destinations: default
                     .iter()
                     .cloned()

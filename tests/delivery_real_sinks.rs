@@ -211,13 +211,15 @@ async fn create_pg_table(pg: &postgres::PgServer) {
         .batch_execute(
             "CREATE TABLE audit_events (
                  seq bigserial,
-                 event_id text PRIMARY KEY,
+                 cluster text NOT NULL,
                  partition integer NOT NULL,
                  \"offset\" bigint NOT NULL,
+                 event_id text NOT NULL,
                  tenant text NOT NULL,
                  received_at timestamptz NOT NULL,
                  hash text NOT NULL,
-                 event jsonb NOT NULL)",
+                 event jsonb NOT NULL,
+                 PRIMARY KEY (cluster, partition, \"offset\"))",
         )
         .await
         .expect("create table");
@@ -518,7 +520,17 @@ async fn elasticsearch_item_rejections_park_exactly_those_events() {
     let client = cluster.client().await;
     cluster.wait_ready(&client).await;
     let acked = append_range(&client, 0, 1000).await;
-    let stored_ids = || -> BTreeSet<String> { es.ids().into_iter().map(|(_, id)| id).collect() };
+    // Document ids are (cluster, partition, offset); the event id is in
+    // the document.
+    let stored_ids = || -> BTreeSet<String> {
+        es.with(|i| {
+            i.docs
+                .values()
+                .filter_map(|d| d.pointer("/event/id").and_then(Value::as_str))
+                .map(str::to_string)
+                .collect()
+        })
+    };
 
     // Everything else is stored, whatever bulk request it shared with a
     // refused event; exactly the refused ones are parked, with history.

@@ -29,6 +29,95 @@ pub const MIN_SEGMENT_BYTES: u64 = 64 * 1024;
 /// start-up.
 pub const MAX_SEGMENT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
+/// Memory bounds of a node, in bytes and connections (`[memory]`; G8).
+///
+/// What a node holds for clients is bounded by these: a request's bytes
+/// (its frame and decoded form) are counted from when its length is read
+/// until it is answered, against its connection and the node; appends
+/// queued for a Raft slot are part of that, and bounded per partition too
+/// so one hot partition cannot hold all of it; QUIC buffers at most
+/// `receive_window_bytes` unread per connection. A node therefore holds at
+/// most about `request_bytes_total + max_connections ×
+/// receive_window_bytes` for clients, besides its fixed overhead (Raft
+/// and storage caches; `docs/performance.md` has measurements). Past a
+/// bound the client gets `Overloaded` with a retry hint, never a stall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryLimits {
+    /// Bytes of appends waiting for a Raft slot per partition (canonical
+    /// event bytes plus a fixed per-event overhead). Default 16 MiB: four
+    /// full entries, so a busy partition's next entries are always full.
+    pub queued_append_bytes_per_partition: u64,
+    /// Bytes of client requests being read or handled per connection
+    /// (twice the frame length each). Default 32 MiB; at least four times
+    /// `limits.max_batch_bytes` (a frame and its decoded form, with room
+    /// for the encoding's overhead), so a full batch always fits alone. A
+    /// request needing more than this is refused as too large.
+    pub request_bytes_per_connection: u64,
+    /// Bytes of client requests being read or handled on the node, over
+    /// all connections. Default 128 MiB.
+    pub request_bytes_total: u64,
+    /// Client connections at once (peers do not count). Default 512.
+    pub max_connections: u32,
+    /// Bytes QUIC buffers unread per connection (its flow-control
+    /// window). Default 512 KiB: above a LAN's bandwidth-delay product,
+    /// and 512 connections of it are 256 MiB.
+    pub receive_window_bytes: u64,
+}
+
+/// Smallest QUIC receive window accepted: below it flow control stalls a
+/// stream on every packet.
+pub const MIN_RECEIVE_WINDOW_BYTES: u64 = 64 * 1024;
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        MemoryLimits {
+            queued_append_bytes_per_partition: 16 * 1024 * 1024,
+            request_bytes_per_connection: 32 * 1024 * 1024,
+            request_bytes_total: 128 * 1024 * 1024,
+            max_connections: 512,
+            receive_window_bytes: 512 * 1024,
+        }
+    }
+}
+
+impl MemoryLimits {
+    /// Checks that the bounds fit together: a full batch of
+    /// `max_batch_bytes` fits a connection's bound, a connection's the
+    /// node's.
+    pub fn check(&self, max_batch_bytes: usize) -> Result<(), String> {
+        let full_batch = 4 * max_batch_bytes as u64;
+        if self.request_bytes_per_connection < full_batch {
+            return Err(format!(
+                "memory.request_bytes_per_connection must be at least {full_batch} (four times limits.max_batch_bytes), got {}",
+                self.request_bytes_per_connection
+            ));
+        }
+        if self.request_bytes_total < self.request_bytes_per_connection {
+            return Err(format!(
+                "memory.request_bytes_total ({}) must be at least memory.request_bytes_per_connection ({})",
+                self.request_bytes_total, self.request_bytes_per_connection
+            ));
+        }
+        if self.queued_append_bytes_per_partition == 0 || self.max_connections == 0 {
+            return Err(
+                "memory.queued_append_bytes_per_partition and memory.max_connections must be positive"
+                    .into(),
+            );
+        }
+        if self.receive_window_bytes < MIN_RECEIVE_WINDOW_BYTES
+            || self.receive_window_bytes > u64::from(u32::MAX)
+        {
+            return Err(format!(
+                "memory.receive_window_bytes must be {MIN_RECEIVE_WINDOW_BYTES}..={}, got {}",
+                u32::MAX,
+                self.receive_window_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -172,6 +261,9 @@ pub struct NodeConfig {
     /// Where events are delivered (the same list on every node).
     #[serde(default)]
     pub destinations: Vec<crate::delivery::DestinationConfig>,
+    /// Memory bounds (`[memory]`).
+    #[serde(default)]
+    pub memory: MemoryLimits,
 }
 
 fn default_partitions() -> u32 {
@@ -269,6 +361,9 @@ impl NodeConfig {
                 r.leaderless_max_ms
             )));
         }
+        self.memory
+            .check(self.limits.max_batch_bytes)
+            .map_err(ConfigError::Invalid)?;
         if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&r.log_segment_bytes) {
             return Err(ConfigError::Invalid(format!(
                 "raft.log_segment_bytes must be {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}, got {}",
@@ -292,7 +387,11 @@ mod tests {
     use super::*;
 
     fn config(raft: &str) -> NodeConfig {
-        let text = format!(
+        toml::from_str(&config_text(raft)).expect("config parses")
+    }
+
+    fn config_text(raft: &str) -> String {
+        format!(
             r#"
 id = 1
 listen = "127.0.0.1:7101"
@@ -305,8 +404,7 @@ key = "node1.key"
 [raft]
 {raft}
 "#
-        );
-        toml::from_str(&text).expect("config parses")
+        )
     }
 
     #[test]
@@ -315,6 +413,45 @@ key = "node1.key"
         assert_eq!(on.raft.rebalance_leaders_ms, 10_000);
         assert!(on.check().is_ok());
         assert!(config("rebalance_leaders_ms = 0").check().is_ok());
+    }
+
+    #[test]
+    fn memory_bounds_have_defaults_and_must_fit_together() {
+        let c = config("");
+        assert_eq!(c.memory, MemoryLimits::default());
+        assert!(c.memory.check(c.limits.max_batch_bytes).is_ok());
+        let with = |f: &dyn Fn(&mut MemoryLimits)| {
+            let mut m = MemoryLimits::default();
+            f(&mut m);
+            m.check(4 << 20)
+        };
+        // (change, refused with this in the message)
+        type Change<'a> = &'a dyn Fn(&mut MemoryLimits);
+        let bad: [(Change, &str); 5] = [
+            (
+                &|m| m.request_bytes_per_connection = (16 << 20) - 1,
+                "four times",
+            ),
+            (
+                &|m| m.request_bytes_total = (32 << 20) - 1,
+                "request_bytes_total",
+            ),
+            (&|m| m.max_connections = 0, "max_connections"),
+            (
+                &|m| m.queued_append_bytes_per_partition = 0,
+                "queued_append",
+            ),
+            (&|m| m.receive_window_bytes = 1000, "receive_window_bytes"),
+        ];
+        for (change, needle) in bad {
+            let err = with(change).expect_err(needle);
+            assert!(err.contains(needle), "{err}");
+        }
+        let text = "[memory]\nmax_connections = 8\nrequest_bytes_total = 40000000";
+        let m: NodeConfig = toml::from_str(&format!("{}{text}", config_text(""))).expect("parses");
+        assert_eq!(m.memory.max_connections, 8);
+        assert_eq!(m.memory.receive_window_bytes, 512 * 1024);
+        assert!(m.check().is_ok());
     }
 
     #[test]

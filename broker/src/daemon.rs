@@ -124,7 +124,7 @@ pub fn stored_identity(
 /// cluster (after `auditflow init` on one node) before it serves.
 pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonError> {
     let store = open_store(&config)?;
-    let endpoint = NodeEndpoint::bind(&config.tls, config.listen)?;
+    let endpoint = NodeEndpoint::bind(&config.tls, config.listen, &config.memory)?;
     let admin = match config.admin_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -150,13 +150,19 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonErro
     // its configuration stops here with the reason.
     let identity = node::identify(&config, &store, Arc::clone(&transport), None).await?;
     info!(node = config.id, cluster = %identity.cluster, "identity");
+    let sink_cluster = identity.cluster.to_string();
     let shared = node::start(
         config,
         identity,
         &store,
         transport,
         Arc::new(SystemClock),
-        crate::delivery::supervisor::real_sinks(),
+        // Sinks key idempotent writes on (cluster, partition, offset):
+        // the cluster id created at init, the same on every node and
+        // different between clusters that might share a table or index.
+        crate::delivery::supervisor::real_sinks(crate::sinks::SinkContext {
+            cluster: sink_cluster,
+        }),
         // Delivery's randomness seam: seeded from the OS.
         rand::random(),
     )

@@ -538,6 +538,7 @@ pub async fn start(
             config.limits,
             Arc::clone(&nodes),
         )
+        .with_queued_bytes_max(config.memory.queued_append_bytes_per_partition)
         .start();
         partitions.push(PartitionHandle {
             raft,

@@ -7,10 +7,20 @@ mod elasticsearch;
 use std::time::Duration;
 
 use auditflow_broker::sinks::elasticsearch::{Config, ElasticsearchSink};
-use auditflow_broker::sinks::{Delivery, FailureKind, SendOutcome, Sink, SinkConfig, SinkFailure};
+use auditflow_broker::sinks::{
+    Delivery, FailureKind, SendOutcome, Sink, SinkConfig, SinkContext, SinkFailure,
+};
 use auditflow_protocol::{Hash32, Timestamp};
 use elasticsearch::{Es, API_KEY, PASSWORD, USER};
 use serde_json::{json, Value};
+
+/// The cluster id the sinks under test write for.
+const CLUSTER: &str = "test-cluster";
+
+/// The document id of offset `offset` (partition 1) of [`CLUSTER`].
+fn doc(offset: u64) -> String {
+    format!("{CLUSTER}:1:{offset}")
+}
 
 fn delivery(tenant: &str, offset: u64) -> Delivery {
     let id = format!("evt-{offset}");
@@ -52,11 +62,11 @@ fn per_item(outcome: SendOutcome) -> Vec<Result<(), SinkFailure>> {
 }
 
 #[tokio::test]
-async fn a_batch_is_stored_by_tenant_index_and_event_id() {
+async fn a_batch_is_stored_by_tenant_index_and_place_in_the_log() {
     let es = Es::start().await;
     let mut cfg = config(&es.url());
     cfg.pipeline = Some("audit-enrich".into());
-    let mut sink = ElasticsearchSink::new(cfg).expect("sink");
+    let mut sink = ElasticsearchSink::new(cfg, CLUSTER.into()).expect("sink");
     let events = [
         delivery("Acme", 0),
         delivery("globex", 1),
@@ -70,7 +80,7 @@ async fn a_batch_is_stored_by_tenant_index_and_event_id() {
     assert_eq!(docs.len(), 3);
     for d in &events {
         let index = format!("audit-{}", d.tenant.to_lowercase());
-        let stored = &docs[&(index, d.event_id.clone())];
+        let stored = &docs[&(index, doc(d.offset))];
         assert_eq!(
             stored,
             &d.body.to_value(),
@@ -88,10 +98,10 @@ async fn a_batch_is_stored_by_tenant_index_and_event_id() {
 #[tokio::test]
 async fn a_partial_failure_reports_each_item() {
     let es = Es::start().await;
-    let mut sink = ElasticsearchSink::new(config(&es.url())).expect("sink");
+    let mut sink = ElasticsearchSink::new(config(&es.url()), CLUSTER.into()).expect("sink");
     es.with(|i| {
-        i.reject.insert("evt-1".into());
-        i.throttle.insert("evt-3".into());
+        i.reject.insert(doc(1));
+        i.throttle.insert(doc(3));
     });
     let events = batch(0..5);
 
@@ -117,14 +127,14 @@ async fn a_partial_failure_reports_each_item() {
     assert_eq!(throttled.status, Some(429));
     assert!(throttled.is_retryable());
     let stored: Vec<String> = es.ids().into_iter().map(|(_, id)| id).collect();
-    assert_eq!(stored, ["evt-0", "evt-2", "evt-4"]);
+    assert_eq!(stored, [doc(0), doc(2), doc(4)]);
 }
 
 #[tokio::test]
 async fn re_sending_is_idempotent() {
     let es = Es::start().await;
-    let mut sink = ElasticsearchSink::new(config(&es.url())).expect("sink");
-    es.with(|i| i.throttle.insert("evt-2".into()));
+    let mut sink = ElasticsearchSink::new(config(&es.url()), CLUSTER.into()).expect("sink");
+    es.with(|i| i.throttle.insert(doc(2)));
     let events = batch(0..4);
     let first = per_item(sink.send(&events).await);
     assert!(first[2].as_ref().is_err_and(SinkFailure::is_retryable));
@@ -139,12 +149,48 @@ async fn re_sending_is_idempotent() {
     assert_eq!(es.with(|i| i.requests), 3);
 }
 
+/// Acceptance 5 of issue 27. The bug: documents were created with `_id` =
+/// the event id and a 409 counted as delivered, so another tenant's event
+/// with the same id, in an index without `{tenant}`, was dropped while
+/// the cursor moved on.
+#[tokio::test]
+async fn two_tenants_events_sharing_an_id_are_both_kept() {
+    let es = Es::start().await;
+    let mut cfg = config(&es.url());
+    cfg.index = "audit".into();
+    let mut sink = ElasticsearchSink::new(cfg, CLUSTER.into()).expect("sink");
+    let (acme, mut globex) = (delivery("acme", 0), delivery("globex", 1));
+    globex.event_id = acme.event_id.clone();
+    globex.body = auditflow_broker::sinks::Body::from_value(&json!({
+        "partition": 1, "offset": 1,
+        "event": {"id": acme.event_id, "tenant": "globex", "action": "doc.read"},
+    }));
+    let both = [acme.clone(), globex.clone()];
+    assert_eq!(sink.send(&both).await, SendOutcome::Delivered);
+    let docs = es.with(|i| i.docs.clone());
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    assert_eq!(docs[&("audit".to_string(), doc(1))], globex.body.to_value());
+    assert_eq!(docs[&("audit".to_string(), doc(0))], acme.body.to_value());
+
+    // A redelivery of the same events (a retry, a failover) is a 409 per
+    // item, counted as delivered, and stores nothing twice; another
+    // cluster's events at the same offsets are its own documents.
+    assert_eq!(sink.send(&both).await, SendOutcome::Delivered);
+    assert_eq!(sink.send(&both[1..]).await, SendOutcome::Delivered);
+    assert_eq!(es.ids().len(), 2);
+    let mut cfg = config(&es.url());
+    cfg.index = "audit".into();
+    let mut other = ElasticsearchSink::new(cfg, "other-cluster".into()).expect("sink");
+    assert_eq!(other.send(&both).await, SendOutcome::Delivered);
+    assert_eq!(es.ids().len(), 4);
+}
+
 #[tokio::test]
 async fn an_invalid_index_for_one_tenant_fails_only_that_item() {
     let es = Es::start().await;
     let mut cfg = config(&es.url());
     cfg.index = "{tenant}".into();
-    let mut sink = ElasticsearchSink::new(cfg).expect("sink");
+    let mut sink = ElasticsearchSink::new(cfg, CLUSTER.into()).expect("sink");
     let events = [
         delivery("acme", 0),
         delivery("_system", 1),
@@ -163,7 +209,7 @@ async fn whole_request_failures_are_retryable() {
     let es = Es::start().await;
 
     // Unavailable, with the server's hint.
-    let mut sink = ElasticsearchSink::new(config(&es.url())).expect("sink");
+    let mut sink = ElasticsearchSink::new(config(&es.url()), CLUSTER.into()).expect("sink");
     es.with(|i| i.unavailable = true);
     let SendOutcome::Failed(f) = sink.send(&batch(0..2)).await else {
         panic!("expected a failed batch")
@@ -196,7 +242,7 @@ async fn whole_request_failures_are_retryable() {
     // Wrong credentials: a configuration problem, not the events'.
     let mut cfg = config(&es.url());
     cfg.password = Some("wrong".into());
-    let mut sink = ElasticsearchSink::new(cfg).expect("sink");
+    let mut sink = ElasticsearchSink::new(cfg, CLUSTER.into()).expect("sink");
     let SendOutcome::Failed(f) = sink.send(&batch(0..2)).await else {
         panic!("expected a failed batch")
     };
@@ -213,7 +259,8 @@ async fn whole_request_failures_are_retryable() {
         .expect("bind");
     let addr = closed.local_addr().expect("addr");
     drop(closed);
-    let mut sink = ElasticsearchSink::new(config(&format!("http://{addr}"))).expect("sink");
+    let mut sink =
+        ElasticsearchSink::new(config(&format!("http://{addr}")), CLUSTER.into()).expect("sink");
     let SendOutcome::Failed(f) = sink.send(&batch(0..1)).await else {
         panic!("expected a failed batch")
     };
@@ -231,13 +278,17 @@ async fn api_key_authentication() {
         "api_key": API_KEY,
     }))
     .expect("settings");
-    let mut sink = config.build().expect("sink");
+    let mut sink = config
+        .build(&SinkContext {
+            cluster: CLUSTER.into(),
+        })
+        .expect("sink");
     assert_eq!(sink.send(&batch(0..2)).await, SendOutcome::Delivered);
     assert_eq!(
         es.ids(),
         [
-            ("audit-acme-2023.11.14".to_string(), "evt-0".to_string()),
-            ("audit-acme-2023.11.14".to_string(), "evt-1".to_string())
+            ("audit-acme-2023.11.14".to_string(), doc(0)),
+            ("audit-acme-2023.11.14".to_string(), doc(1))
         ]
     );
 }
@@ -299,6 +350,15 @@ async fn the_stand_in_refuses_what_elasticsearch_refuses() {
         .await
         .expect("send");
     assert_eq!(unauthenticated.status().as_u16(), 401);
+
+    // An `_id` longer than 512 bytes is refused, as Elasticsearch does.
+    let long = format!(
+        "{{\"create\":{{\"_index\":\"a\",\"_id\":\"{}\"}}}}\n{{\"f\":1}}\n",
+        "x".repeat(513)
+    );
+    let (s, b) = post(nd, &long).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"]["type"], "action_request_validation_exception");
 
     // Items: created, then a duplicate create is a 409 conflict.
     let (s, b) = post(nd, &format!("{ok}{ok}")).await;

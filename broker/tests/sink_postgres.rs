@@ -7,7 +7,9 @@
 //! gives retryable failures and then delivers (lazy connect, reconnect);
 //! a bad row in a batch comes back alone as a permanent failure
 //! (`PerItem`), the good rows are written; a missing table or grant is a
-//! retryable setup problem naming the SQLSTATE.
+//! retryable setup problem naming the SQLSTATE; rows are keyed on
+//! (cluster, partition, offset), so two tenants' events sharing an id are
+//! both kept, and a table keyed on the bare id is refused until migrated.
 //!
 //! Needs PostgreSQL's server binaries (Debian `postgresql-15`, listed in
 //! ops/apt-packages.txt); `AUDITFLOW_PG_BIN` overrides where they are.
@@ -24,6 +26,9 @@ use auditflow_broker::sinks::{Delivery, FailureKind, SendOutcome, Sink};
 use auditflow_protocol::{Hash32, Timestamp};
 use postgres::{PgServer, PASSWORD, SUPERUSER};
 use serde_json::json;
+
+/// The cluster id the sinks under test write for.
+const CLUSTER: &str = "test-cluster";
 
 fn config(url: String) -> Config {
     Config {
@@ -93,7 +98,8 @@ fn assert_retryable(outcome: &SendOutcome, needle: &str) {
 async fn rows_are_exact_and_resends_write_no_duplicates() {
     let mut pg = PgServer::init();
     pg.start().await;
-    let mut sink = PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD))).expect("sink");
+    let mut sink =
+        PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD)), CLUSTER.into()).expect("sink");
 
     let first = batch(2, 10..13);
     assert_eq!(sink.send(&first).await, SendOutcome::Delivered);
@@ -153,7 +159,7 @@ async fn rows_are_exact_and_resends_write_no_duplicates() {
         .expect("create schema");
     let mut qualified = config(pg.url(SUPERUSER, PASSWORD));
     qualified.table = "audit.Events".into();
-    let mut sink2 = PostgresSink::new(qualified).expect("sink");
+    let mut sink2 = PostgresSink::new(qualified, CLUSTER.into()).expect("sink");
     assert_eq!(sink2.send(&batch(1, 0..4)).await, SendOutcome::Delivered);
     assert_eq!(count(&admin, "audit.\"Events\"").await, 4);
 }
@@ -162,7 +168,8 @@ async fn rows_are_exact_and_resends_write_no_duplicates() {
 async fn outages_are_retryable_and_delivery_resumes() {
     let mut pg = PgServer::init();
     // Down at start-up: building the sink must not need the database.
-    let mut sink = PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD))).expect("sink");
+    let mut sink =
+        PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD)), CLUSTER.into()).expect("sink");
     assert_retryable(&sink.send(&batch(0, 0..2)).await, "127.0.0.1");
 
     pg.start().await;
@@ -187,7 +194,8 @@ async fn a_bad_row_fails_alone_and_the_rest_are_written() {
     let admin = pg.admin().await;
 
     // A NUL character cannot be stored in jsonb (22P05).
-    let mut sink = PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD))).expect("sink");
+    let mut sink =
+        PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD)), CLUSTER.into()).expect("sink");
     let mut items = batch(0, 0..3);
     let mut body = items[1].body.to_value();
     body["event"]["data"] = json!({"note": "nul \u{0000} here"});
@@ -215,15 +223,16 @@ async fn a_bad_row_fails_alone_and_the_rest_are_written() {
     // (23514), and create_table = false.
     admin
         .batch_execute(
-            "CREATE TABLE checked (event_id text PRIMARY KEY, partition int, \"offset\" bigint, \
-             tenant text CHECK (tenant <> 'forbidden'), received_at timestamptz, hash text, event jsonb)",
+            "CREATE TABLE checked (cluster text, partition int, \"offset\" bigint, event_id text, \
+             tenant text CHECK (tenant <> 'forbidden'), received_at timestamptz, hash text, event jsonb, \
+             PRIMARY KEY (cluster, partition, \"offset\"))",
         )
         .await
         .expect("create checked");
     let mut c = config(pg.url(SUPERUSER, PASSWORD));
     c.table = "checked".into();
     c.create_table = false;
-    let mut sink = PostgresSink::new(c).expect("sink");
+    let mut sink = PostgresSink::new(c, CLUSTER.into()).expect("sink");
     let mut items = batch(1, 0..4);
     items[2].tenant = "forbidden".into();
     match sink.send(&items).await {
@@ -258,15 +267,16 @@ async fn missing_table_and_grant_are_retryable_setup_problems() {
     let mut c = config(pg.url("writer", "w"));
     c.table = "managed".into();
     c.create_table = false;
-    let mut sink = PostgresSink::new(c).expect("sink");
+    let mut sink = PostgresSink::new(c, CLUSTER.into()).expect("sink");
     let items = batch(0, 0..2);
     assert_retryable(&sink.send(&items).await, "SQLSTATE 42P01");
 
     // The table exists but the role may not write: 42501, retried.
     admin
         .batch_execute(
-            "CREATE TABLE managed (event_id text PRIMARY KEY, partition int, \"offset\" bigint, \
-             tenant text, received_at timestamptz, hash text, event jsonb)",
+            "CREATE TABLE managed (cluster text, partition int, \"offset\" bigint, event_id text, \
+             tenant text, received_at timestamptz, hash text, event jsonb, \
+             PRIMARY KEY (cluster, partition, \"offset\"))",
         )
         .await
         .expect("create managed");
@@ -276,7 +286,7 @@ async fn missing_table_and_grant_are_retryable_setup_problems() {
 
     // The operator grants: delivered, nothing was lost meanwhile.
     admin
-        .batch_execute("GRANT INSERT, SELECT (event_id) ON managed TO writer")
+        .batch_execute("GRANT INSERT, SELECT (cluster, partition, \"offset\") ON managed TO writer")
         .await
         .expect("grant");
     assert_eq!(sink.send(&items).await, SendOutcome::Delivered);
@@ -286,12 +296,89 @@ async fn missing_table_and_grant_are_retryable_setup_problems() {
     // existing table is used as is.
     let mut c = config(pg.url("writer", "w"));
     c.table = "managed".into();
-    let mut sink = PostgresSink::new(c).expect("sink");
+    let mut sink = PostgresSink::new(c, CLUSTER.into()).expect("sink");
     assert_eq!(sink.send(&batch(0, 2..3)).await, SendOutcome::Delivered);
 
     // A wrong password is a setup problem too.
-    let mut sink = PostgresSink::new(config(pg.url("writer", "nope"))).expect("sink");
+    let mut sink =
+        PostgresSink::new(config(pg.url("writer", "nope")), CLUSTER.into()).expect("sink");
     assert_retryable(&sink.send(&items).await, "28P01");
+}
+
+/// Acceptance 5 of issue 27. The bug: rows were keyed on the bare event id
+/// (`ON CONFLICT (event_id) DO NOTHING`), so another tenant's event with
+/// the same id was dropped while the cursor moved on. Rows are keyed on
+/// (cluster, partition, offset) now; a table with the old key is refused
+/// with the statements that migrate it, and written once migrated.
+#[tokio::test]
+async fn two_tenants_events_sharing_an_id_are_both_kept() {
+    let mut pg = PgServer::init();
+    pg.start().await;
+    let admin = pg.admin().await;
+    let mut sink =
+        PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD)), CLUSTER.into()).expect("sink");
+    let acme = delivery(0, 7);
+    let mut globex = delivery(0, 8);
+    globex.event_id = acme.event_id.clone();
+    globex.tenant = "globex".into();
+    let both = [acme.clone(), globex.clone()];
+    assert_eq!(sink.send(&both).await, SendOutcome::Delivered);
+    let rows: Vec<(String, String, i64)> = admin
+        .query(
+            "SELECT event_id, tenant, \"offset\" FROM audit_events ORDER BY \"offset\"",
+            &[],
+        )
+        .await
+        .expect("select")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let id = acme.event_id.clone();
+    assert_eq!(
+        rows,
+        [(id.clone(), "acme".into(), 7), (id, "globex".into(), 8)]
+    );
+    // A redelivery of the same events stores nothing twice.
+    assert_eq!(sink.send(&both).await, SendOutcome::Delivered);
+    assert_eq!(sink.send(&both[1..]).await, SendOutcome::Delivered);
+    assert_eq!(count(&admin, "audit_events").await, 2);
+    // Another cluster writing the same table keeps its own rows.
+    let mut other =
+        PostgresSink::new(config(pg.url(SUPERUSER, PASSWORD)), "other".into()).expect("sink");
+    assert_eq!(other.send(&both).await, SendOutcome::Delivered);
+    assert_eq!(count(&admin, "audit_events").await, 4);
+
+    // A table made by an earlier version, keyed on the event id: refused,
+    // retryably (nothing parked), naming the migration; nothing written.
+    admin
+        .batch_execute(
+            "CREATE TABLE old_events (event_id text PRIMARY KEY, partition integer NOT NULL, \
+             \"offset\" bigint NOT NULL, tenant text NOT NULL, received_at timestamptz NOT NULL, \
+             hash text NOT NULL, event jsonb NOT NULL)",
+        )
+        .await
+        .expect("create old table");
+    let mut c = config(pg.url(SUPERUSER, PASSWORD));
+    c.table = "old_events".into();
+    let mut sink = PostgresSink::new(c, CLUSTER.into()).expect("sink");
+    let outcome = sink.send(&both).await;
+    assert_retryable(&outcome, "old_events_pkey (event_id)");
+    assert_retryable(&outcome, "ADD PRIMARY KEY (cluster, partition, \"offset\")");
+    assert_retryable(&outcome, "ALTER TABLE \"old_events\" ADD COLUMN");
+    assert_eq!(count(&admin, "old_events").await, 0);
+    // The operator runs the statements the message names: written.
+    let SendOutcome::Failed(f) = outcome else {
+        panic!("expected a failure")
+    };
+    let migration = f
+        .message
+        .split_once("Migrate with: ")
+        .map(|(_, m)| m.replace(" (DROP INDEX old_events_pkey if it is an index only)", ""))
+        .expect("migration statements");
+    admin.batch_execute(&migration).await.expect("migrate");
+    assert_eq!(sink.send(&both).await, SendOutcome::Delivered);
+    assert_eq!(sink.send(&both).await, SendOutcome::Delivered);
+    assert_eq!(count(&admin, "old_events").await, 2);
 }
 
 /// The data dir must not be left behind (the TempDir guard removes it even

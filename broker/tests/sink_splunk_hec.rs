@@ -279,7 +279,10 @@ async fn configured_through_the_destination_settings() {
         "index": "main",
     }))
     .expect("settings");
-    let mut sink = config.build().expect("sink");
+    let ctx = auditflow_broker::sinks::SinkContext {
+        cluster: "test-cluster".into(),
+    };
+    let mut sink = config.build(&ctx).expect("sink");
     assert_eq!(sink.send(&batch(0..2)).await, SendOutcome::Delivered);
     assert_eq!(hec.indexed_ids(), ["evt-0", "evt-1"]);
 }

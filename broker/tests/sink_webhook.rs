@@ -422,7 +422,10 @@ async fn configured_through_the_destination_settings() {
         "headers": {"x-api-key": "k-123"},
     }))
     .expect("settings");
-    let mut sink = config.build().expect("sink");
+    let ctx = auditflow_broker::sinks::SinkContext {
+        cluster: "test-cluster".into(),
+    };
+    let mut sink = config.build(&ctx).expect("sink");
     assert_eq!(sink.send(&[delivery(0, 0)]).await, SendOutcome::Delivered);
     assert_eq!(rx.accepted().len(), 1);
     // Unknown fields are refused (a typo must not silently disable signing).

@@ -35,9 +35,28 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Vec<u8>, TransportError> {
+    let len = read_frame_len(recv, max).await?;
+    read_frame_payload(recv, len).await
+}
+
+/// Reads a frame's header: the payload length, refused over `max`. With
+/// [`read_frame_payload`], for a reader that decides whether it has room
+/// for the payload before reading it.
+pub async fn read_frame_len(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<usize, TransportError> {
     let mut header = [0u8; HEADER_BYTES];
     read_exact(recv, &mut header).await?;
-    let len = frame::payload_len(header, max)?;
+    Ok(frame::payload_len(header, max)?)
+}
+
+/// Reads a payload of `len` bytes, the rest of a frame whose header
+/// [`read_frame_len`] read.
+pub async fn read_frame_payload(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+) -> Result<Vec<u8>, TransportError> {
     let mut payload = vec![0u8; len];
     read_exact(recv, &mut payload).await?;
     Ok(payload)

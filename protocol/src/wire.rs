@@ -229,6 +229,19 @@ pub enum RequestError {
         /// What failed.
         reason: String,
     },
+    /// The node is at one of its memory bounds (bytes queued for a
+    /// partition, bytes of requests in flight on this connection or on
+    /// the node, connections): nothing of the request was stored; send it
+    /// again after about `retry_after_ms` (the client library waits that
+    /// long plus jitter). Last variant, so older variants keep their
+    /// encoding.
+    #[error("overloaded: {reason}; retry after {retry_after_ms} ms")]
+    Overloaded {
+        /// Which bound, and its size.
+        reason: String,
+        /// The node's hint: how long until the bound has room again.
+        retry_after_ms: u32,
+    },
 }
 
 impl RequestError {
@@ -249,6 +262,7 @@ impl RequestError {
                 | RequestError::Unavailable { .. }
                 | RequestError::RetryLater { .. }
                 | RequestError::Internal { .. }
+                | RequestError::Overloaded { .. }
         )
     }
 }

@@ -418,6 +418,7 @@ fn node_config(id: NodeId, partitions: u32) -> NodeConfig {
             ..RaftTuning::default()
         },
         limits: Limits::default(),
+        memory: Default::default(),
         destinations: destinations().into_iter().map(|(d, _)| d).collect(),
     }
 }

@@ -124,6 +124,8 @@ pub struct ClusterOptions {
     pub partitions: u32,
     pub raft: RaftTuning,
     pub limits: Limits,
+    /// Memory bounds of every node.
+    pub memory: auditflow_broker::config::MemoryLimits,
     pub destinations: Vec<auditflow_broker::delivery::DestinationConfig>,
 }
 
@@ -138,6 +140,7 @@ impl Default for ClusterOptions {
                 ..RaftTuning::default()
             },
             limits: Limits::default(),
+            memory: Default::default(),
             destinations: Vec::new(),
         }
     }
@@ -169,6 +172,7 @@ pub fn node_config(
         raft: opts.raft.clone(),
         limits: opts.limits,
         destinations: opts.destinations.clone(),
+        memory: opts.memory,
     }
 }
 

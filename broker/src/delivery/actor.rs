@@ -183,7 +183,15 @@ impl Pipeline {
                     Input::Waited { came, closed }
                 }
                 Effect::Send(batch) => {
-                    let (outcome, latency_ms) = self.send(&batch).await;
+                    let (outcome, latency_ms) = self.send(&batch, false).await;
+                    Input::Sent {
+                        batch,
+                        outcome,
+                        latency_ms,
+                    }
+                }
+                Effect::SendAgain(batch) => {
+                    let (outcome, latency_ms) = self.send(&batch, true).await;
                     Input::Sent {
                         batch,
                         outcome,
@@ -257,7 +265,10 @@ impl Pipeline {
         }
     }
 
-    async fn send(&mut self, batch: &[Delivery]) -> (SendOutcome, u64) {
+    /// Sends through the sink (`again`: a replay or redrive, see
+    /// `Sink::send_again`), bounded in time, a panic turned into a
+    /// retryable failure.
+    async fn send(&mut self, batch: &[Delivery], again: bool) -> (SendOutcome, u64) {
         let started = Instant::now();
         let swapped;
         let batch = if batch.len() >= 2
@@ -270,7 +281,12 @@ impl Pipeline {
         } else {
             batch
         };
-        let send = AssertUnwindSafe(self.sink.send(batch)).catch_unwind();
+        let send = if again {
+            self.sink.send_again(batch)
+        } else {
+            self.sink.send(batch)
+        };
+        let send = AssertUnwindSafe(send).catch_unwind();
         let outcome = match tokio::time::timeout(SEND_TIMEOUT, send).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => SendOutcome::Failed(SinkFailure::retryable("sink panicked")),

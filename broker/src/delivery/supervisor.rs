@@ -32,9 +32,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 pub type SinkFactory =
     Arc<dyn Fn(&DestinationConfig, u32) -> Result<Box<dyn Sink>, SinkConfigError> + Send + Sync>;
 
-/// The production sinks, built from each destination's settings.
-pub fn real_sinks() -> SinkFactory {
-    Arc::new(|dest: &DestinationConfig, _partition: u32| dest.sink.build())
+/// The production sinks, built from each destination's settings, all with
+/// this node's `ctx` (the cluster id of their idempotency keys).
+pub fn real_sinks(ctx: crate::sinks::SinkContext) -> SinkFactory {
+    Arc::new(move |dest: &DestinationConfig, _partition: u32| dest.sink.build(&ctx))
 }
 
 /// What every supervisor of a node shares.

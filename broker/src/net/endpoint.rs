@@ -10,7 +10,7 @@ use tracing::info;
 
 use super::peer::QuicPeers;
 use super::tls::{self, TlsError};
-use crate::config::TlsConfig;
+use crate::config::{MemoryLimits, TlsConfig};
 use crate::node::NodeShared;
 use crate::replicated::NodeId;
 
@@ -40,9 +40,14 @@ pub struct NodeEndpoint {
 }
 
 impl NodeEndpoint {
-    /// Binds `listen` and loads the node's certificates from `tls`.
-    pub fn bind(tls: &TlsConfig, listen: SocketAddr) -> Result<Self, EndpointError> {
-        let server_config = tls::server_config(tls)?;
+    /// Binds `listen` and loads the node's certificates from `tls`; QUIC
+    /// buffers at most `memory.receive_window_bytes` unread per connection.
+    pub fn bind(
+        tls: &TlsConfig,
+        listen: SocketAddr,
+        memory: &MemoryLimits,
+    ) -> Result<Self, EndpointError> {
+        let server_config = tls::server_config(tls, memory.receive_window_bytes)?;
         let peer_config = tls::peer_client_config(tls)?;
         let endpoint_config = tls::endpoint_config(tls)?;
         let bind = |source| EndpointError::Bind {

@@ -151,8 +151,14 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// The endpoint's server configuration: both ALPNs, optional client certs.
-pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
+/// The endpoint's server configuration: both ALPNs, optional client certs,
+/// and at most `receive_window_bytes` buffered unread per connection and
+/// per stream (quinn's own default lets a connection buffer 1.25 MB per
+/// stream, over a thousand streams: no bound a node could budget for).
+pub fn server_config(
+    tls: &TlsConfig,
+    receive_window_bytes: u64,
+) -> Result<quinn::ServerConfig, TlsError> {
     let certs = load_certs(&tls.cert)?;
     let key = load_key(&tls.key)?;
     let roots = Arc::new(root_store(&tls.ca_cert)?);
@@ -168,7 +174,11 @@ pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config()));
+    let mut transport = transport_config();
+    let window = quinn::VarInt::from_u32(u32::try_from(receive_window_bytes).unwrap_or(u32::MAX));
+    transport.receive_window(window);
+    transport.stream_receive_window(window);
+    server.transport_config(Arc::new(transport));
     Ok(server)
 }
 
@@ -458,7 +468,7 @@ mod tests {
         );
         assert_ne!(before.0, after.0, "a new key");
         assert_eq!(before.1, after.1, "the same CA");
-        assert!(server_config(&tls).is_ok());
+        assert!(server_config(&tls, 512 * 1024).is_ok());
     }
 
     /// The endpoint configuration is built from a real generated node key.

@@ -25,10 +25,46 @@ use crate::clock::Clock;
 /// faster, since each entry costs a durable commit on every node (the
 /// client keeps one request per partition in flight for the same reason).
 pub const MAX_IN_FLIGHT_WRITES: usize = 2;
-/// Events waiting for a slot, per partition. Beyond this, appends get
-/// `RetryLater`: memory per partition stays bounded however fast clients
-/// push (G8).
+/// Events waiting for a slot, per partition, besides the bound in bytes
+/// (`memory.queued_append_bytes_per_partition`): many tiny events cost
+/// per-event work and allocations that their bytes understate.
 pub const MAX_QUEUED_EVENTS: usize = 50_000;
+/// Bytes counted per queued event on top of its canonical encoding: the
+/// `Event` struct, its strings' allocations and the queue entry, so that
+/// the byte bound holds for small events too (an `Event` with short
+/// fields is about this large in memory).
+pub const QUEUED_EVENT_OVERHEAD_BYTES: usize = 512;
+/// Default bound on queued bytes per partition, for an actor not told
+/// otherwise (`memory.queued_append_bytes_per_partition`'s default).
+pub const DEFAULT_QUEUED_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// The retry hint of a full queue: about two group-commit rounds, after
+/// which the queue has been proposed.
+pub const QUEUE_FULL_RETRY_AFTER_MS: u32 = 50;
+
+/// Whether an append of `events` events and `bytes` bytes fits the queue
+/// that holds `queued_events` and `queued_bytes` (pure). An append to an
+/// empty queue always fits: a request is at most one batch, which must go
+/// through whatever the bound, and queues of one request cannot grow.
+pub fn admit(
+    queued_events: usize,
+    queued_bytes: u64,
+    events: usize,
+    bytes: u64,
+    bytes_max: u64,
+) -> Result<(), String> {
+    if queued_events == 0 {
+        return Ok(());
+    }
+    if queued_events + events > MAX_QUEUED_EVENTS {
+        return Err(format!(
+            "{queued_events} events queued (at most {MAX_QUEUED_EVENTS})"
+        ));
+    }
+    if queued_bytes.saturating_add(bytes) > bytes_max {
+        return Err(format!("{queued_bytes} bytes queued (at most {bytes_max})"));
+    }
+    Ok(())
+}
 /// A proposal not committed within this time is reported as unavailable;
 /// the client retries with the same ids, which dedup makes safe.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +102,10 @@ pub struct PartitionActor {
     queue: VecDeque<Waiter>,
     /// Events in `queue`, for the [`MAX_QUEUED_EVENTS`] bound.
     queued_events: usize,
+    /// Bytes in `queue` as [`admit`] counts them, for `queued_bytes_max`.
+    queued_bytes: u64,
+    /// Bound on `queued_bytes` (G8).
+    queued_bytes_max: u64,
     /// Entries proposed and not yet answered.
     in_flight: usize,
     /// Node addresses, to turn openraft's leader hint into a redirect.
@@ -97,11 +137,19 @@ impl PartitionActor {
             max_entry_bytes: limits.max_batch_bytes.max(1),
             queue: VecDeque::new(),
             queued_events: 0,
+            queued_bytes: 0,
+            queued_bytes_max: DEFAULT_QUEUED_BYTES_MAX,
             in_flight: 0,
             nodes,
             held: None,
             drained: Vec::new(),
         }
+    }
+
+    /// Bounds the bytes of appends queued for a write slot.
+    pub fn with_queued_bytes_max(mut self, bytes: u64) -> Self {
+        self.queued_bytes_max = bytes;
+        self
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
@@ -120,6 +168,7 @@ impl PartitionActor {
                     break;
                 };
                 self.queued_events -= w.events.len();
+                self.queued_bytes -= queued_bytes(w.events.len(), w.bytes);
                 bytes += w.bytes;
                 waiters.push((w.events.len(), w.reply));
                 events.extend(w.events);
@@ -182,6 +231,13 @@ impl PartitionActor {
     }
 }
 
+/// Bytes an append counts in the queue: its canonical bytes plus the
+/// per-event overhead.
+fn queued_bytes(events: usize, bytes: usize) -> u64 {
+    (bytes as u64)
+        .saturating_add((events as u64).saturating_mul(QUEUED_EVENT_OVERHEAD_BYTES as u64))
+}
+
 /// Hands each waiter its slice of the entry's results, in order.
 fn distribute(outcome: Result<Vec<AppendResult>, RequestError>, waiters: Vec<(usize, Reply)>) {
     match outcome {
@@ -225,17 +281,26 @@ impl Handler<Append> for PartitionActor {
     type Result = ResponseFuture<Result<Vec<AppendResult>, RequestError>>;
 
     fn handle(&mut self, msg: Append, ctx: &mut Context<Self>) -> Self::Result {
-        if self.queued_events + msg.events.len() > MAX_QUEUED_EVENTS {
+        let bytes: usize = msg.events.iter().map(canonical::encoded_len).sum();
+        let counted = queued_bytes(msg.events.len(), bytes);
+        if let Err(why) = admit(
+            self.queued_events,
+            self.queued_bytes,
+            msg.events.len(),
+            counted,
+            self.queued_bytes_max,
+        ) {
             let partition = self.partition;
             return Box::pin(async move {
-                Err(RequestError::RetryLater {
-                    reason: format!("partition {partition} has {MAX_QUEUED_EVENTS} events queued"),
+                Err(RequestError::Overloaded {
+                    reason: format!("partition {partition} has {why}"),
+                    retry_after_ms: QUEUE_FULL_RETRY_AFTER_MS,
                 })
             });
         }
-        let bytes = msg.events.iter().map(canonical::encoded_len).sum();
         let (tx, rx) = oneshot::channel();
         self.queued_events += msg.events.len();
+        self.queued_bytes += counted;
         self.queue.push_back(Waiter {
             events: msg.events,
             bytes,
@@ -321,5 +386,64 @@ impl Handler<Shutdown> for PartitionActor {
             .into_actor(self)
             .map(|_, _, ctx| ctx.stop()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queue's admission: (queued events, queued bytes, new events,
+    /// new bytes, bound) → admitted, or refused naming the bound.
+    #[test]
+    fn appends_are_admitted_up_to_the_byte_bound() {
+        /// Queued events and bytes, new events and bytes, the bound, and
+        /// the refusal's text if refused.
+        type Case = (usize, u64, usize, u64, u64, Option<&'static str>);
+        let table: [Case; 7] = [
+            (0, 0, 1, 100, 1_000, None),
+            (1, 500, 1, 500, 1_000, None),
+            (
+                1,
+                500,
+                1,
+                501,
+                1_000,
+                Some("500 bytes queued (at most 1000)"),
+            ),
+            // An empty queue takes a request larger than the bound: it is
+            // one batch at most, and must go through.
+            (0, 0, 10, 5_000, 1_000, None),
+            (
+                MAX_QUEUED_EVENTS - 1,
+                0,
+                2,
+                0,
+                u64::MAX,
+                Some("events queued"),
+            ),
+            (MAX_QUEUED_EVENTS - 1, 0, 1, 0, u64::MAX, None),
+            (3, u64::MAX - 1, 1, 10, u64::MAX - 5, Some("bytes queued")),
+        ];
+        for (qe, qb, e, b, max, refused) in table {
+            let got = admit(qe, qb, e, b, max);
+            match refused {
+                None => assert_eq!(got, Ok(()), "{qe} {qb} {e} {b} {max}"),
+                Some(needle) => {
+                    let err = got.expect_err(needle);
+                    assert!(err.contains(needle), "{err}");
+                }
+            }
+        }
+        // Small events count their overhead: 1,000 empty events are not
+        // free.
+        assert_eq!(
+            queued_bytes(1_000, 0),
+            1_000 * QUEUED_EVENT_OVERHEAD_BYTES as u64
+        );
+        assert_eq!(
+            queued_bytes(2, 100),
+            100 + 2 * QUEUED_EVENT_OVERHEAD_BYTES as u64
+        );
     }
 }

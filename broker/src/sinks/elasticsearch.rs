@@ -3,16 +3,20 @@
 //! ending in `\n`, the last one too):
 //!
 //! ```text
-//! {"create":{"_index":"auditflow-acme","_id":"<event id>"}}
+//! {"create":{"_index":"auditflow-acme","_id":"<cluster>:<partition>:<offset>"}}
 //! {...the delivered body...}
 //! ```
 //!
-//! Idempotent (G3): `create` with `_id` = the event id writes a document
-//! once; re-delivering it (after a retry or a failover) gets a 409
+//! Idempotent (G3): `create` with `_id` = the event's place in the log
+//! (cluster id, partition, offset; see [`doc_id`]) writes a document once;
+//! re-delivering it (after a retry or a failover) gets a 409
 //! `version_conflict_engine_exception`, which means "already there" and so
-//! counts as delivered. Idempotency holds within an index, so the index of
-//! an event only depends on the event (`{tenant}`, `{date}` of
-//! `received_at`), never on when it is sent.
+//! counts as delivered. Never the bare event id: two tenants' events may
+//! share an id (in one index unless the template has `{tenant}`), and an
+//! id may come back after the dedup window; a 409 on either would drop an
+//! event. The event id stays in the document (`event.id`). Idempotency
+//! holds within an index, so the index of an event only depends on the
+//! event (`{tenant}`, `{date}` of `received_at`), never on when it is sent.
 //!
 //! Per-item results (`SendOutcome::PerItem`), from the bulk answer's
 //! `items[i].create.status` and `error.type`/`error.reason`:
@@ -49,6 +53,20 @@ const FILTER_PATH: &str = "errors,items.*.status,items.*.error.type,items.*.erro
 /// 16 MiB covers batches of tens of thousands of refused items; a longer
 /// answer is not trusted and the batch is retried (idempotent).
 const ANSWER_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Longest `_id` Elasticsearch accepts, in bytes.
+pub const DOC_ID_BYTES_MAX: usize = 512;
+
+/// Longest cluster id the sink takes: with a partition (10 digits) and
+/// an offset (20) it keeps the `_id` under [`DOC_ID_BYTES_MAX`].
+const CLUSTER_ID_BYTES_MAX: usize = 256;
+
+/// The document id of a delivery (pure): `{cluster}:{partition}:{offset}`.
+/// Partition and offset are digits, so the two last `:`-separated fields
+/// read back unambiguously whatever the cluster id holds.
+pub fn doc_id(cluster: &str, d: &Delivery) -> String {
+    format!("{cluster}:{}:{}", d.partition, d.offset)
+}
 
 /// Longest index name Elasticsearch accepts, in bytes.
 const INDEX_NAME_BYTES_MAX: usize = 255;
@@ -140,6 +158,8 @@ enum Auth {
 pub struct ElasticsearchSink {
     /// The settings, checked.
     config: Config,
+    /// The cluster's id, the first part of every document id.
+    cluster: String,
     /// `{url}/_bulk?filter_path=..[&pipeline=..]`.
     bulk_url: String,
     /// Credentials.
@@ -214,15 +234,15 @@ pub struct BulkRequest {
     pub items: Vec<Result<usize, SinkFailure>>,
 }
 
-/// Builds the NDJSON body of a batch (pure).
-pub fn bulk_body(index_template: &str, batch: &[Delivery]) -> BulkRequest {
+/// Builds the NDJSON body of a batch (pure); documents of `cluster`.
+pub fn bulk_body(cluster: &str, index_template: &str, batch: &[Delivery]) -> BulkRequest {
     let mut body = Vec::new();
     let mut items = Vec::with_capacity(batch.len());
     let mut position = 0;
     for d in batch {
         match index_for(index_template, d) {
             Ok(index) => {
-                let action = json!({"create": {"_index": index, "_id": d.event_id}});
+                let action = json!({"create": {"_index": index, "_id": doc_id(cluster, d)}});
                 // Writing a Value into a Vec cannot fail; compact JSON has
                 // no raw newlines (they are escaped inside strings), so
                 // each document stays on its line.
@@ -348,11 +368,16 @@ pub fn classify_answer(
 
 impl ElasticsearchSink {
     /// Checks the settings and builds the HTTP client.
-    pub fn new(config: Config) -> Result<ElasticsearchSink, SinkConfigError> {
+    pub fn new(config: Config, cluster: String) -> Result<ElasticsearchSink, SinkConfigError> {
         let bad = |reason: String| SinkConfigError {
             kind: "elasticsearch",
             reason,
         };
+        if cluster.is_empty() || cluster.len() > CLUSTER_ID_BYTES_MAX {
+            return Err(bad(format!(
+                "the cluster id (first part of document ids) must be 1..={CLUSTER_ID_BYTES_MAX} bytes"
+            )));
+        }
         let mut bulk_url = http::parse_url("elasticsearch", &http::join(&config.url, "_bulk"))?;
         {
             let mut query = bulk_url.query_pairs_mut();
@@ -405,6 +430,7 @@ impl ElasticsearchSink {
         )?;
         Ok(ElasticsearchSink {
             config,
+            cluster,
             bulk_url: bulk_url.to_string(),
             auth,
             client,
@@ -418,7 +444,7 @@ impl Sink for ElasticsearchSink {
             if batch.is_empty() {
                 return SendOutcome::Delivered;
             }
-            let request = bulk_body(&self.config.index, batch);
+            let request = bulk_body(&self.cluster, &self.config.index, batch);
             let sent = request.items.iter().filter(|i| i.is_ok()).count();
             let answers = if sent == 0 {
                 Vec::new()
@@ -508,11 +534,13 @@ mod tests {
         let c = config();
         assert_eq!(c.index, "auditflow");
         assert_eq!(c.timeout_ms, 30_000);
-        assert!(ElasticsearchSink::new(c.clone()).is_ok());
+        assert!(ElasticsearchSink::new(c.clone(), "c1".into()).is_ok());
+        assert!(ElasticsearchSink::new(c.clone(), String::new()).is_err());
+        assert!(ElasticsearchSink::new(c.clone(), "c".repeat(257)).is_err());
         let with = |f: &dyn Fn(&mut Config)| {
             let mut c = config();
             f(&mut c);
-            ElasticsearchSink::new(c)
+            ElasticsearchSink::new(c, "c1".into())
         };
         assert!(with(&|c| c.index = "Audit".into()).is_err());
         assert!(with(&|c| c.index = "_audit".into()).is_err());
@@ -561,14 +589,14 @@ mod tests {
             delivery(2, "-bad"),
             delivery(3, "acme"),
         ];
-        let req = bulk_body("{tenant}", &batch);
+        let req = bulk_body("c1", "{tenant}", &batch);
         let text = String::from_utf8(req.body).unwrap();
         assert!(text.ends_with('\n'));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert_eq!(
             serde_json::from_str::<Value>(lines[0]).unwrap(),
-            json!({"create": {"_index": "acme", "_id": "e1"}})
+            json!({"create": {"_index": "acme", "_id": "c1:0:1"}})
         );
         assert_eq!(
             serde_json::from_str::<Value>(lines[1]).unwrap(),
@@ -576,11 +604,32 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_str::<Value>(lines[2]).unwrap(),
-            json!({"create": {"_index": "acme", "_id": "e3"}})
+            json!({"create": {"_index": "acme", "_id": "c1:0:3"}})
         );
         assert!(matches!(req.items[0], Ok(0)));
         assert!(matches!(&req.items[1], Err(f) if f.kind == FailureKind::Permanent));
         assert!(matches!(req.items[2], Ok(1)));
+    }
+
+    /// Document ids are the event's place in the log, never its id: two
+    /// tenants' events with one id in one index are two documents.
+    #[test]
+    fn document_ids_are_cluster_partition_offset() {
+        let (a, mut b) = (delivery(7, "acme"), delivery(8, "globex"));
+        b.event_id = a.event_id.clone();
+        assert_eq!(doc_id("c1", &a), "c1:0:7");
+        assert_ne!(doc_id("c1", &a), doc_id("c1", &b));
+        assert_ne!(doc_id("c1", &a), doc_id("c2", &a));
+        assert_eq!(
+            doc_id("c:1", &a).rsplitn(3, ':').collect::<Vec<_>>(),
+            ["7", "0", "c:1"]
+        );
+        let longest = Delivery {
+            partition: u32::MAX,
+            offset: u64::MAX,
+            ..a
+        };
+        assert!(doc_id(&"c".repeat(CLUSTER_ID_BYTES_MAX), &longest).len() <= DOC_ID_BYTES_MAX);
     }
 
     #[test]

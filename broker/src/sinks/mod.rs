@@ -179,6 +179,28 @@ pub enum SendOutcome {
 pub trait Sink: Send + 'static {
     /// Sends one batch (non-empty, one partition, offset order).
     fn send<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, SendOutcome>;
+
+    /// Sends a batch an operator asked to have written again: a replay
+    /// window or a DLQ redrive (G3: replay and redrive always write
+    /// again). A sink whose own dedup skips what it believes it already
+    /// wrote must not skip these: a redriven event was parked, so it was
+    /// never written, and a replayed one may have been lost downstream.
+    /// The default is [`Sink::send`], right for sinks whose dedup key is
+    /// held by the endpoint itself (a table's unique key, a document id).
+    fn send_again<'a>(&'a mut self, batch: &'a [Delivery]) -> BoxFuture<'a, SendOutcome> {
+        self.send(batch)
+    }
+}
+
+/// What a sink learns from the node that builds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkContext {
+    /// The cluster's id. Sinks that write idempotently key on (cluster,
+    /// partition, offset) (G3): an event's place in the log is unique
+    /// where its id is not (two tenants may pick the same id, an id may
+    /// come back after the dedup window), and the cluster part keeps two
+    /// clusters writing one table or index apart.
+    pub cluster: String,
 }
 
 /// Why a sink could not be built from its settings.
@@ -227,17 +249,20 @@ impl SinkConfig {
 
     /// Builds the sink. Connections are made lazily on first send, so a
     /// destination that is down at start-up does not stop the node.
-    pub fn build(&self) -> Result<Box<dyn Sink>, SinkConfigError> {
+    pub fn build(&self, ctx: &SinkContext) -> Result<Box<dyn Sink>, SinkConfigError> {
         Ok(match self {
             SinkConfig::File(c) => Box::new(file::FileSink::new(c.clone())?),
             SinkConfig::Webhook(c) => Box::new(webhook::WebhookSink::new(c.clone())?),
             SinkConfig::Syslog(c) => Box::new(syslog::SyslogSink::new(c.clone())?),
-            SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone())?),
+            SinkConfig::Postgres(c) => {
+                Box::new(postgres::PostgresSink::new(c.clone(), ctx.cluster.clone())?)
+            }
             SinkConfig::S3(c) => Box::new(s3::S3Sink::new(c.clone())?),
             SinkConfig::SplunkHec(c) => Box::new(splunk_hec::SplunkHecSink::new(c.clone())?),
-            SinkConfig::Elasticsearch(c) => {
-                Box::new(elasticsearch::ElasticsearchSink::new(c.clone())?)
-            }
+            SinkConfig::Elasticsearch(c) => Box::new(elasticsearch::ElasticsearchSink::new(
+                c.clone(),
+                ctx.cluster.clone(),
+            )?),
         })
     }
 }

@@ -4,23 +4,35 @@
 //!
 //! ```sql
 //! CREATE TABLE audit_events (
-//!     event_id    text PRIMARY KEY,     -- the idempotency key (G3)
+//!     cluster     text NOT NULL,        -- the cluster's id
 //!     partition   integer NOT NULL,
 //!     "offset"    bigint NOT NULL,
+//!     event_id    text NOT NULL,
 //!     tenant      text NOT NULL,
 //!     received_at timestamptz NOT NULL, -- microseconds: PostgreSQL's precision
 //!     hash        text NOT NULL,        -- chain hash, lowercase hex
-//!     event       jsonb NOT NULL        -- the masked event (`body.event`)
+//!     event       jsonb NOT NULL,       -- the masked event (`body.event`)
+//!     PRIMARY KEY (cluster, partition, "offset") -- the idempotency key (G3)
 //! );
 //! ```
 //!
-//! The sink's role needs `INSERT` and `SELECT (event_id)` on the table
-//! (`ON CONFLICT` reads the key), and `CREATE` on the schema if it is to
-//! create the table.
+//! The sink's role needs `INSERT` and `SELECT (cluster, partition,
+//! "offset")` on the table (`ON CONFLICT` reads the key), and `CREATE` on
+//! the schema if it is to create the table.
 //!
-//! A batch is one transaction of multi-row `INSERT .. ON CONFLICT (event_id)
-//! DO NOTHING` statements, so a re-sent or overlapping batch (after a retry
-//! or a leader change) adds no duplicate rows: delivery is effectively-once.
+//! A batch is one transaction of multi-row `INSERT .. ON CONFLICT (cluster,
+//! partition, "offset") DO NOTHING` statements, so a re-sent or overlapping
+//! batch (after a retry or a leader change) adds no duplicate rows:
+//! delivery is effectively-once. The key is the event's place in the log,
+//! never its bare id: two tenants may choose the same id, and an id may
+//! come back after the dedup window, and neither may be dropped.
+//!
+//! Before the first write the sink reads the table's unique indexes: the
+//! key must be one of them, and no unique index may leave out one of its
+//! columns (the pre-issue-27 layout had `event_id text PRIMARY KEY`, which
+//! would drop or refuse other tenants' events). Otherwise every send fails
+//! retryably, naming the indexes and the statements that migrate the
+//! table; the sink never changes an existing table itself.
 //!
 //! Failures are classified by SQLSTATE (always quoted in the message):
 //! connection problems, timeouts, `08` connection exceptions, `40`
@@ -30,7 +42,7 @@
 //! are configuration problems an operator fixes with a grant or a table, so
 //! they are *retryable*: parking every event in the DLQ for them would be
 //! wrong. `22` data exceptions, `23` integrity violations (other than the
-//! event-id conflict, which is absorbed) and `54` limits are about the data:
+//! key conflict, which is absorbed) and `54` limits are about the data:
 //! the batch is retried one row at a time to find the bad rows, which alone
 //! come back as permanent failures ([`SendOutcome::PerItem`]).
 //!
@@ -95,14 +107,17 @@ fn default_statement_timeout_ms() -> u64 {
 }
 
 /// Columns written per row; also the bind parameters per row.
-const COLUMNS: usize = 7;
+const COLUMNS: usize = 8;
+
+/// The idempotency key's columns, as the catalog names them.
+const KEY_COLUMNS: [&str; 3] = ["cluster", "partition", "offset"];
 
 /// PostgreSQL's wire protocol counts bind parameters in an `i16`-sized
 /// field read as unsigned: at most 65535 per statement. Larger batches are
 /// split into several statements of the same transaction.
 const PARAMS_PER_STATEMENT_MAX: usize = 65_535;
 
-/// Rows per `INSERT` statement (9362).
+/// Rows per `INSERT` statement (8191).
 pub const ROWS_PER_STATEMENT_MAX: usize = PARAMS_PER_STATEMENT_MAX / COLUMNS;
 const _: () = assert!(ROWS_PER_STATEMENT_MAX * COLUMNS <= PARAMS_PER_STATEMENT_MAX);
 
@@ -118,6 +133,8 @@ const IDENTIFIER_BYTES_MAX: usize = 63;
 /// The PostgreSQL sink.
 pub struct PostgresSink {
     config: Config,
+    /// The cluster's id, the first column of every row's key.
+    cluster: String,
     /// Parsed connection settings, with our timeouts applied.
     pg: tokio_postgres::Config,
     /// The table as it appears in SQL (quoted parts).
@@ -146,6 +163,7 @@ impl Drop for Conn {
 
 /// One row, converted and checked before it goes out.
 struct Row {
+    cluster: String,
     event_id: String,
     partition: i32,
     offset: i64,
@@ -156,7 +174,7 @@ struct Row {
 }
 
 impl Row {
-    fn new(d: &Delivery) -> Result<Row, SinkFailure> {
+    fn new(cluster: &str, d: &Delivery) -> Result<Row, SinkFailure> {
         let partition = i32::try_from(d.partition).map_err(|_| {
             SinkFailure::permanent(format!("partition {} does not fit `integer`", d.partition))
         })?;
@@ -181,6 +199,7 @@ impl Row {
             body
         };
         Ok(Row {
+            cluster: cluster.to_string(),
             event_id: d.event_id.clone(),
             partition,
             offset,
@@ -193,9 +212,10 @@ impl Row {
 
     fn params(&self) -> [&(dyn ToSql + Sync); COLUMNS] {
         [
-            &self.event_id,
+            &self.cluster,
             &self.partition,
             &self.offset,
+            &self.event_id,
             &self.tenant,
             &self.received_at,
             &self.hash,
@@ -238,7 +258,7 @@ fn setup_hint(code: &str) -> &'static str {
     match code {
         "42P01" => "the table does not exist: create it, or set create_table = true",
         "42501" => {
-            "permission denied: GRANT INSERT, SELECT (event_id) ON the table (ON CONFLICT reads the key) to the sink's role, and CREATE on the schema if it should create the table"
+            "permission denied: GRANT INSERT, SELECT (cluster, partition, \"offset\") ON the table (ON CONFLICT reads the key) to the sink's role, and CREATE on the schema if it should create the table"
         }
         "3F000" => "the schema does not exist: create it",
         "3D000" => "the database does not exist: create it or fix the url",
@@ -253,6 +273,8 @@ enum PgError {
     Db(tokio_postgres::Error),
     /// The client-side limit passed.
     TimedOut(&'static str),
+    /// The table's keys are not the sink's (see [`key_problem`]).
+    Schema(String),
 }
 
 impl From<tokio_postgres::Error> for PgError {
@@ -306,7 +328,7 @@ fn table_sql(table: &str) -> Result<String, String> {
 /// The `INSERT` for `rows` rows.
 fn insert_sql(table_sql: &str, rows: usize) -> String {
     let mut sql = format!(
-        "INSERT INTO {table_sql} (event_id, partition, \"offset\", tenant, received_at, hash, event) VALUES "
+        "INSERT INTO {table_sql} (cluster, partition, \"offset\", event_id, tenant, received_at, hash, event) VALUES "
     );
     for r in 0..rows {
         let p = r * COLUMNS;
@@ -317,31 +339,89 @@ fn insert_sql(table_sql: &str, rows: usize) -> String {
         // columns are, so a hand-made table with e.g. `bigint` partition
         // still takes an assignment cast instead of a client type error.
         sql.push_str(&format!(
-            "(${}::text,${}::int4,${}::int8,${}::text,${}::timestamptz,${}::text,${}::jsonb)",
+            "(${}::text,${}::int4,${}::int8,${}::text,${}::text,${}::timestamptz,${}::text,${}::jsonb)",
             p + 1,
             p + 2,
             p + 3,
             p + 4,
             p + 5,
             p + 6,
-            p + 7
+            p + 7,
+            p + 8
         ));
     }
-    sql.push_str(" ON CONFLICT (event_id) DO NOTHING");
+    sql.push_str(" ON CONFLICT (cluster, partition, \"offset\") DO NOTHING");
     sql
 }
 
 fn create_sql(table_sql: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {table_sql} (\
-         event_id text PRIMARY KEY, \
+         cluster text NOT NULL, \
          partition integer NOT NULL, \
          \"offset\" bigint NOT NULL, \
+         event_id text NOT NULL, \
          tenant text NOT NULL, \
          received_at timestamptz NOT NULL, \
          hash text NOT NULL, \
-         event jsonb NOT NULL)"
+         event jsonb NOT NULL, \
+         PRIMARY KEY (cluster, partition, \"offset\"))"
     )
+}
+
+/// The table's unique indexes: name and column names (expression columns
+/// left out), for [`key_problem`].
+const UNIQUE_INDEXES_SQL: &str = "SELECT i.indexrelid::regclass::text, \
+     coalesce(array_agg(a.attname::text ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}') \
+     FROM pg_index i \
+     CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+     LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+     WHERE i.indrelid = to_regclass($1) AND i.indisunique \
+     GROUP BY i.indexrelid ORDER BY 1";
+
+/// What is wrong with a table's unique indexes (pure), if anything: the
+/// key (cluster, partition, offset) must be one of them (`ON CONFLICT`
+/// needs it), and every other must contain its columns, or it would drop
+/// or refuse distinct events (a unique `event_id`: another tenant's event
+/// with the same id). The answer says how to migrate.
+fn key_problem(table: &str, cluster: &str, unique: &[(String, Vec<String>)]) -> Option<String> {
+    let is_key = |cols: &[String]| {
+        cols.len() == KEY_COLUMNS.len() && KEY_COLUMNS.iter().all(|k| cols.iter().any(|c| c == k))
+    };
+    let covers_key = |cols: &[String]| KEY_COLUMNS.iter().all(|k| cols.iter().any(|c| c == k));
+    let has_key = unique.iter().any(|(_, cols)| is_key(cols));
+    let narrower: Vec<&(String, Vec<String>)> = unique
+        .iter()
+        .filter(|(_, cols)| !covers_key(cols))
+        .collect();
+    if has_key && narrower.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> = unique
+        .iter()
+        .map(|(name, cols)| format!("{name} ({})", cols.join(", ")))
+        .collect();
+    let mut fix = vec![format!(
+        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS cluster text NOT NULL DEFAULT '{}'",
+        cluster.replace('\'', "''")
+    )];
+    for (name, _) in &narrower {
+        fix.push(format!(
+            "ALTER TABLE {table} DROP CONSTRAINT {name} (DROP INDEX {name} if it is an index only)"
+        ));
+    }
+    if !has_key {
+        fix.push(format!(
+            "ALTER TABLE {table} ADD PRIMARY KEY (cluster, partition, \"offset\")"
+        ));
+    }
+    Some(format!(
+        "table {table} must be keyed on (cluster, partition, \"offset\") and have no unique key \
+         without those columns, but its unique keys are [{}]: events of different tenants may \
+         share an id, so an event-id key drops or refuses events. Migrate with: {}",
+        listed.join("; "),
+        fix.join("; ")
+    ))
 }
 
 /// Advisory lock key for creating `table`: every sink of every node
@@ -356,11 +436,16 @@ fn create_lock_key(table_sql: &str) -> i64 {
 
 impl PostgresSink {
     /// Checks the settings. Does not connect: the first send does.
-    pub fn new(config: Config) -> Result<PostgresSink, SinkConfigError> {
+    pub fn new(config: Config, cluster: String) -> Result<PostgresSink, SinkConfigError> {
         let bad = |reason: String| SinkConfigError {
             kind: "postgres",
             reason,
         };
+        if cluster.is_empty() {
+            return Err(bad(
+                "the cluster id (first column of the key) is empty".into()
+            ));
+        }
         let table_sql = table_sql(&config.table).map_err(bad)?;
         let mut pg: tokio_postgres::Config =
             config.url.parse().map_err(|e| bad(format!("url: {e}")))?;
@@ -393,6 +478,7 @@ impl PostgresSink {
         let target = target(&pg);
         Ok(PostgresSink {
             config,
+            cluster,
             pg,
             table_sql,
             target,
@@ -413,6 +499,10 @@ impl PostgresSink {
     /// connection's fault (and the table check after a missing table).
     fn failure(&mut self, e: PgError) -> (Class, SinkFailure) {
         let (class, failure) = match e {
+            PgError::Schema(problem) => (
+                Class::Setup,
+                SinkFailure::retryable(format!("postgres {}: {problem}", self.target)),
+            ),
             PgError::TimedOut(what) => (
                 Class::Connection,
                 SinkFailure::retryable(format!("postgres {}: {what} timed out", self.target)),
@@ -478,7 +568,7 @@ impl PostgresSink {
             });
             self.conn = Some(Conn { client, task });
         }
-        if self.config.create_table && !self.table_ready {
+        if !self.table_ready {
             let limit = self.statement_limit();
             let lock_key = create_lock_key(&self.table_sql);
             let create = create_sql(&self.table_sql);
@@ -495,7 +585,7 @@ impl PostgresSink {
             )
             .await?;
             let exists: bool = row.try_get(0)?;
-            if !exists {
+            if !exists && self.config.create_table {
                 let tx = timed(limit, "begin", conn.client.transaction()).await?;
                 timed(
                     limit,
@@ -506,7 +596,29 @@ impl PostgresSink {
                 timed(limit, "create table", tx.batch_execute(&create)).await?;
                 timed(limit, "commit", tx.commit()).await?;
             }
-            self.table_ready = true;
+            if exists || self.config.create_table {
+                // A table made before issue 27 is keyed on the bare event
+                // id: refuse to write into it rather than keep dropping.
+                let rows = timed(
+                    limit,
+                    "key check",
+                    conn.client.query(UNIQUE_INDEXES_SQL, &[&table_sql]),
+                )
+                .await?;
+                let mut unique = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    unique.push((
+                        row.try_get::<_, String>(0)?,
+                        row.try_get::<_, Vec<String>>(1)?,
+                    ));
+                }
+                if let Some(problem) = key_problem(&self.table_sql, &self.cluster, &unique) {
+                    return Err(PgError::Schema(problem));
+                }
+                self.table_ready = true;
+            }
+            // Else the table is missing and not ours to create: the insert
+            // reports 42P01, and the next send looks again.
         }
         match self.conn.as_mut() {
             Some(c) => Ok(&mut c.client),
@@ -592,7 +704,8 @@ impl Sink for PostgresSink {
             if batch.is_empty() {
                 return SendOutcome::Delivered;
             }
-            let rows: Vec<Result<Row, SinkFailure>> = batch.iter().map(Row::new).collect();
+            let rows: Vec<Result<Row, SinkFailure>> =
+                batch.iter().map(|d| Row::new(&self.cluster, d)).collect();
             if rows.iter().any(Result::is_err) {
                 if batch.len() == 1 {
                     if let Some(Err(f)) = rows.into_iter().next() {
@@ -677,25 +790,87 @@ mod tests {
     #[test]
     fn constructor_checks_but_does_not_connect() {
         // Nothing listens on port 1: building must still succeed.
-        assert!(PostgresSink::new(config("postgres://u:p@127.0.0.1:1/db")).is_ok());
-        assert!(PostgresSink::new(config("not a url at all ://")).is_err());
-        assert!(PostgresSink::new(config("postgres://u:p@h/db?sslmode=require")).is_err());
+        let new = |c| PostgresSink::new(c, "c1".into());
+        assert!(new(config("postgres://u:p@127.0.0.1:1/db")).is_ok());
+        assert!(PostgresSink::new(config("postgres://u:p@127.0.0.1:1/db"), String::new()).is_err());
+        assert!(new(config("not a url at all ://")).is_err());
+        assert!(new(config("postgres://u:p@h/db?sslmode=require")).is_err());
         let mut c = config("postgres://u:p@h/db");
         c.table = "x; DROP TABLE y".into();
-        assert!(PostgresSink::new(c).is_err());
-        let sink = PostgresSink::new(config("postgres://u:secret@db.example:6543/audit")).unwrap();
+        assert!(new(c).is_err());
+        let sink = new(config("postgres://u:secret@db.example:6543/audit")).unwrap();
         assert_eq!(sink.target, "db.example:6543/audit");
     }
 
     #[test]
     fn insert_sql_numbers_parameters() {
         let sql = insert_sql("\"t\"", 2);
-        assert!(sql.starts_with("INSERT INTO \"t\" (event_id, partition, \"offset\""));
-        assert!(sql.contains("($1::text,$2::int4,"));
-        assert!(sql.contains("($8::text,$9::int4,"));
-        assert!(sql.contains("$14::jsonb)"));
-        assert!(!sql.contains("$15"));
-        assert!(sql.ends_with("ON CONFLICT (event_id) DO NOTHING"));
+        assert!(
+            sql.starts_with("INSERT INTO \"t\" (cluster, partition, \"offset\", event_id, tenant,")
+        );
+        assert!(sql.contains("($1::text,$2::int4,$3::int8,$4::text,"));
+        assert!(sql.contains("($9::text,$10::int4,"));
+        assert!(sql.contains("$16::jsonb)"));
+        assert!(!sql.contains("$17"));
+        assert!(sql.ends_with("ON CONFLICT (cluster, partition, \"offset\") DO NOTHING"));
+        assert!(create_sql("\"t\"").ends_with("PRIMARY KEY (cluster, partition, \"offset\"))"));
+    }
+
+    /// A table's unique indexes against the key (cluster, partition,
+    /// offset): which tables the sink writes into, and what it tells an
+    /// operator to run otherwise.
+    #[test]
+    fn table_keys_are_checked() {
+        let idx = |name: &str, cols: &[&str]| {
+            (
+                name.to_string(),
+                cols.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        let key = idx("t_pkey", &["cluster", "partition", "offset"]);
+        let ok: [&[(String, Vec<String>)]; 3] = [
+            std::slice::from_ref(&key),
+            &[idx("k", &["offset", "cluster", "partition"])],
+            // A wider unique index refuses nothing the key accepts.
+            &[
+                key.clone(),
+                idx("w", &["cluster", "partition", "offset", "tenant"]),
+            ],
+        ];
+        for unique in ok {
+            assert_eq!(key_problem("t", "c1", unique), None, "{unique:?}");
+        }
+        /// A table's unique indexes, and what the answer must name.
+        type Case<'a> = (&'a [(String, Vec<String>)], &'a [&'a str]);
+        let bad: [Case; 4] = [
+            // The layout before issue 27.
+            (
+                &[idx("t_pkey", &["event_id"])],
+                &[
+                    "t_pkey (event_id)",
+                    "ADD COLUMN IF NOT EXISTS cluster text NOT NULL DEFAULT 'c1'",
+                    "DROP CONSTRAINT t_pkey",
+                    "ADD PRIMARY KEY (cluster, partition, \"offset\")",
+                ],
+            ),
+            // The key added, the old one left: still drops events.
+            (
+                &[key.clone(), idx("t_event_id_key", &["event_id"])],
+                &["DROP CONSTRAINT t_event_id_key"],
+            ),
+            // (tenant, event_id) alone: ON CONFLICT has nothing to use.
+            (&[idx("te", &["tenant", "event_id"])], &["ADD PRIMARY KEY"]),
+            (&[], &["unique keys are []", "ADD PRIMARY KEY"]),
+        ];
+        for (unique, needles) in bad {
+            let problem = key_problem("t", "c1", unique).expect("a problem");
+            for needle in needles {
+                assert!(problem.contains(needle), "{needle:?} in {problem}");
+            }
+        }
+        assert!(key_problem("t", "o'k", &[])
+            .unwrap()
+            .contains("DEFAULT 'o''k'"));
     }
 
     #[test]

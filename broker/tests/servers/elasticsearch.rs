@@ -11,9 +11,12 @@
 //!   else 400 `action_request_validation_exception` "no requests added";
 //! - action lines that are JSON objects with one known action → else 400
 //!   `illegal_argument_exception` "Malformed action/metadata line"; with an
-//!   `_index` (none in the URL) → else 400 "index is missing";
+//!   `_index` (none in the URL) → else 400 "index is missing"; an `_id`
+//!   of at most 512 bytes → else 400 `action_request_validation_exception`
+//!   "id [..] is too long";
 //! - per item: a document that is not a JSON object, an invalid index name,
-//!   or an id it was told to reject → 400 `mapper_parsing_exception` /
+//!   or an id it was told to reject (the `_id` or the document's
+//!   `event.id`) → 400 `mapper_parsing_exception` /
 //!   `invalid_index_name_exception`; an id it was told to throttle → 429
 //!   `es_rejected_execution_exception`; `create` of an existing `_id` → 409
 //!   `version_conflict_engine_exception`; otherwise 201 stored;
@@ -226,6 +229,17 @@ pub async fn bulk(
             );
         };
         let id = meta.get("_id").and_then(Value::as_str).map(str::to_string);
+        if let Some(long) = id.as_ref().filter(|id| id.len() > 512) {
+            // Elasticsearch refuses the whole request for this.
+            return es_error(
+                StatusCode::BAD_REQUEST,
+                "action_request_validation_exception",
+                &format!(
+                    "Validation Failed: 1: id [{long}] is too long, must be no longer than 512 bytes but was: {};",
+                    long.len()
+                ),
+            );
+        }
         let source = if verb == "delete" {
             None
         } else {
@@ -268,7 +282,7 @@ pub async fn bulk(
                 "invalid_index_name_exception",
                 &format!("Invalid index name [{index}]"),
             )
-        } else if doc.is_none() || i.reject.contains(&id) {
+        } else if doc.is_none() || told(&i.reject, &id, doc.as_ref()) {
             item_error(
                 400,
                 &index,
@@ -276,7 +290,7 @@ pub async fn bulk(
                 "mapper_parsing_exception",
                 &format!("failed to parse field [event.data.amount] of type [long] in document with id '{id}'"),
             )
-        } else if i.throttle.contains(&id) {
+        } else if told(&i.throttle, &id, doc.as_ref()) {
             item_error(
                 429,
                 &index,
@@ -365,4 +379,15 @@ pub fn filter(full: &Value, paths: &str) -> Value {
         out.insert("items".into(), Value::Array(items));
     }
     Value::Object(out)
+}
+
+/// Whether `set` names this item: its `_id`, or the event id inside the
+/// document (the sink's `_id` is the event's place in the log, which a
+/// cluster test does not know in advance).
+fn told(set: &BTreeSet<String>, id: &str, doc: Option<&Value>) -> bool {
+    set.contains(id)
+        || doc
+            .and_then(|d| d.pointer("/event/id"))
+            .and_then(Value::as_str)
+            .is_some_and(|event_id| set.contains(event_id))
 }

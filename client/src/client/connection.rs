@@ -92,12 +92,16 @@ impl Client {
                     addr: addr.into(),
                     reason: e.to_string(),
                 })?;
-            write_frame(&mut send, &bytes)
-                .await
-                .map_err(|e| ClientError::transport(addr, e))?;
-            let payload = read_frame(&mut recv, DEFAULT_MAX_FRAME_BYTES)
-                .await
-                .map_err(|e| ClientError::transport(addr, e))?;
+            let written = write_frame(&mut send, &bytes).await;
+            let read = read_frame(&mut recv, DEFAULT_MAX_FRAME_BYTES).await;
+            // A node that stops reading a request (STOP_SENDING fails the
+            // write) may have answered it first, as one refusing a frame
+            // does: the answer counts; without one the write's failure is
+            // the error.
+            let payload = match (written, read) {
+                (_, Ok(payload)) => payload,
+                (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(ClientError::transport(addr, e)),
+            };
             frame::decode::<Response>(PROTOCOL_VERSION, &payload).map_err(|source| {
                 ClientError::Frame {
                     addr: addr.into(),

@@ -47,6 +47,8 @@ struct Inner {
     window: Semaphore,
     /// Single appends waiting to be sent, per partition (auto-batching).
     batchers: Mutex<BTreeMap<u32, Batcher>>,
+    /// `Overloaded` answers waited out so far, for [`Client::overloaded_answers`].
+    overloaded: std::sync::atomic::AtomicU64,
 }
 
 /// Requests of single appends in flight per partition. While one is, new
@@ -108,6 +110,7 @@ impl Client {
                 endpoint,
                 conns: Mutex::default(),
                 batchers: Mutex::default(),
+                overloaded: std::sync::atomic::AtomicU64::new(0),
                 meta: RwLock::new(ClusterMetadata {
                     partition_count: 0,
                     nodes: Vec::new(),
@@ -122,6 +125,15 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.cfg
+    }
+
+    /// How many `Overloaded` (retry later) answers this client has waited
+    /// out and retried: a node at its memory bounds says so, and an
+    /// application can export this to see it.
+    pub fn overloaded_answers(&self) -> u64 {
+        self.inner
+            .overloaded
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The last metadata seen (no request).
@@ -165,7 +177,7 @@ mod tests {
 
     use auditflow_protocol::canonical;
 
-    use super::retry::{jittered, BACKOFF_BASE, BACKOFF_CAP};
+    use super::retry::{jittered, retry_pause, BACKOFF_BASE, BACKOFF_CAP, OVERLOAD_PAUSE_CAP};
     use super::*;
     use auditflow_protocol::{Actor, Outcome, Target, Timestamp};
 
@@ -241,6 +253,47 @@ Af8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIFwrQjHcseiLTwlErah9LJbavxXu
         assert_eq!(backoff_bound(40), BACKOFF_CAP);
         for a in 0..30 {
             assert!(jittered(a) <= backoff_bound(a));
+        }
+    }
+
+    /// An overloaded node's hint is waited out, with jitter on top, and
+    /// bounded; other failures keep full jitter.
+    #[test]
+    fn overload_pauses_follow_the_hint_with_jitter() {
+        use auditflow_protocol::wire::RequestError;
+        let over = |ms| {
+            ClientError::Server(RequestError::Overloaded {
+                reason: "queue".into(),
+                retry_after_ms: ms,
+            })
+        };
+        let ms = Duration::from_millis;
+        let unavailable = || {
+            ClientError::Server(RequestError::Unavailable {
+                partition: 0,
+                reason: "election".into(),
+            })
+        };
+        // (error, attempt, draw, pause)
+        let table: [(ClientError, u32, f64, Duration); 9] = [
+            (over(200), 0, 0.0, ms(200)),
+            (over(200), 0, 1.0, ms(400)),
+            (over(200), 0, 0.5, ms(300)),
+            // Later attempts spread wider than the hint.
+            (over(200), 10, 1.0, ms(200) + BACKOFF_CAP),
+            (over(0), 0, 1.0, BACKOFF_BASE),
+            // A hint past the cap is cut to it.
+            (over(u32::MAX), 0, 0.0, OVERLOAD_PAUSE_CAP),
+            (over(4_000), 3, 1.0, OVERLOAD_PAUSE_CAP),
+            (unavailable(), 2, 1.0, backoff_bound(2)),
+            (unavailable(), 2, 0.0, Duration::ZERO),
+        ];
+        for (error, attempt, unit, want) in table {
+            assert_eq!(
+                retry_pause(&error, attempt, unit),
+                want,
+                "{error} #{attempt} at {unit}"
+            );
         }
     }
 

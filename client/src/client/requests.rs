@@ -9,7 +9,8 @@ use auditflow_protocol::delivery::{
 };
 use auditflow_protocol::partition::partition_of;
 use auditflow_protocol::wire::{
-    Ack, AppendResult, EventError, EventsPage, NodeStatus, ReplayFrom, Request, Response,
+    Ack, AppendResult, ClusterMetadata, EventError, EventsPage, NodeStatus, ReplayFrom, Request,
+    Response,
 };
 use auditflow_protocol::{canonical, Event, Limits, StoredEvent};
 use tokio::sync::oneshot;
@@ -17,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::{AppendError, ClientError};
 
 use super::connection::unexpected;
-use super::retry::jittered;
+use super::retry::retry_pause;
 use super::{lock, Client, MAX_PIPELINE};
 
 /// Gives every event without an id a fresh UUIDv7 (time-ordered, so ids
@@ -62,7 +63,12 @@ impl Client {
     /// together in the next request (within the cluster's batch limits).
     pub async fn append(&self, mut event: Event) -> Result<Ack, AppendError> {
         assign_ids(std::slice::from_mut(&mut event));
-        let partitions = self.cached_metadata().partition_count.max(1);
+        let partitions = self
+            .routing_metadata()
+            .await
+            .map_err(AppendError::Failed)?
+            .partition_count
+            .max(1);
         let partition = partition_of(&event, partitions);
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.batchers)
@@ -152,7 +158,7 @@ impl Client {
         mut events: Vec<Event>,
     ) -> Result<Vec<Result<Ack, EventError>>, ClientError> {
         assign_ids(&mut events);
-        let meta = self.cached_metadata();
+        let meta = self.routing_metadata().await?;
         let partitions = meta.partition_count.max(1);
         let mut by_partition: HashMap<u32, Vec<usize>> = HashMap::new();
         for (i, e) in events.iter().enumerate() {
@@ -195,6 +201,19 @@ impl Client {
                 })
             })
             .collect()
+    }
+
+    /// The metadata appends are routed and split by: the cached one, or,
+    /// for a client that has not loaded any yet ([`Client::open`]), a
+    /// fresh one. Without it every event went to partition 0 in requests
+    /// within the default limits, which a cluster with tighter ones
+    /// refused whole (`BatchTooLarge`).
+    async fn routing_metadata(&self) -> Result<ClusterMetadata, ClientError> {
+        let meta = self.cached_metadata();
+        if meta.partition_count > 0 {
+            return Ok(meta);
+        }
+        self.metadata().await
     }
 
     async fn append_partition(
@@ -441,7 +460,7 @@ impl Tail {
                 }
                 Err(e) if e.is_retryable() => {
                     self.client.set_leader(self.partition, None);
-                    let pause = jittered(attempt);
+                    let pause = retry_pause(&e, attempt, rand::Rng::gen(&mut rand::thread_rng()));
                     if started.elapsed() + pause >= deadline {
                         return Err(e);
                     }

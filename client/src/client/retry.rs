@@ -33,6 +33,35 @@ pub(super) fn jittered(attempt: u32) -> Duration {
     Duration::from_micros(rand::thread_rng().gen_range(0..=bound))
 }
 
+/// Longest wait an overloaded node's hint can impose, so that a wrong hint
+/// cannot stall a client for long; the retry deadline still applies.
+pub const OVERLOAD_PAUSE_CAP: Duration = Duration::from_secs(5);
+
+/// The pause before the next attempt after `error` (pure: `unit` is a
+/// uniform draw in `[0, 1]` from the caller's RNG). A node that answered
+/// [`RequestError::Overloaded`] said how long until it has room: wait at
+/// least that, plus up to as much again (or the backoff bound, whichever
+/// is larger) as jitter, so the clients it turned away do not all come
+/// back at the same instant. Anything else: full jitter up to
+/// [`backoff_bound`].
+pub fn retry_pause(error: &ClientError, attempt: u32, unit: f64) -> Duration {
+    let unit = unit.clamp(0.0, 1.0);
+    match error {
+        ClientError::Server(RequestError::Overloaded { retry_after_ms, .. }) => {
+            let hint = Duration::from_millis(u64::from(*retry_after_ms)).min(OVERLOAD_PAUSE_CAP);
+            let spread = hint.max(backoff_bound(attempt));
+            (hint + spread.mul_f64(unit)).min(OVERLOAD_PAUSE_CAP)
+        }
+        _ => backoff_bound(attempt).mul_f64(unit),
+    }
+}
+
+/// Whether `error` says the node asked is overloaded: it is still the
+/// partition's leader, so the client keeps sending there.
+fn overloaded(error: &ClientError) -> bool {
+    matches!(error, ClientError::Server(RequestError::Overloaded { .. }))
+}
+
 impl Client {
     /// Fresh metadata from the first node that answers (retrying until the
     /// deadline); also refreshes the cache used for routing.
@@ -152,8 +181,16 @@ impl Client {
             };
             debug!(partition, %addr, "attempt {attempt} failed: {error}");
             redirects = 0;
-            self.set_leader(partition, None);
-            let pause = jittered(attempt);
+            if overloaded(&error) {
+                // Still the leader, only busy: come back to it.
+                self.inner
+                    .overloaded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                redirect = Some(addr);
+            } else {
+                self.set_leader(partition, None);
+            }
+            let pause = retry_pause(&error, attempt, rand::thread_rng().gen());
             if started.elapsed() + pause >= deadline {
                 return Err(ClientError::DeadlineExceeded {
                     ms: deadline.as_millis() as u64,

@@ -118,6 +118,10 @@ pub enum Effect {
     /// Send this batch through the sink; answer [`Input::Sent`] with the
     /// batch handed back.
     Send(Vec<Delivery>),
+    /// Like [`Effect::Send`], for a replay or a redrive: the sink writes
+    /// the batch even where its own dedup thinks it holds it
+    /// ([`crate::sinks::Sink::send_again`]).
+    SendAgain(Vec<Delivery>),
     /// Record this cursor through Raft (`DeliveryCommand::Advance`) and
     /// count the record; no answer (a failure ends the step).
     Record(u64),
@@ -620,7 +624,7 @@ impl Core {
             self.done(Resume::Now);
         } else {
             self.awaiting = Await::RedriveSent { kept };
-            self.emit(Effect::Send(batch));
+            self.emit(Effect::SendAgain(batch));
         }
     }
 
@@ -710,7 +714,7 @@ impl Core {
             return;
         }
         self.awaiting = Await::ReplaySent { start, last };
-        self.emit(Effect::Send(batch));
+        self.emit(Effect::SendAgain(batch));
     }
 
     /// Replay: refused events are parked like the live stream's (without

@@ -188,9 +188,16 @@ fn run(case: &Case) -> (Vec<String>, DestState) {
                         closed: false,
                     }
                 }
-                Effect::Send(batch) => {
+                effect @ (Effect::Send(_) | Effect::SendAgain(_)) => {
+                    // A replay or redrive must ask the sink to write again
+                    // (G3), so the trace tells the two apart.
+                    let (verb, batch) = match effect {
+                        Effect::SendAgain(b) => ("send again", b),
+                        Effect::Send(b) => ("send", b),
+                        _ => ("?", Vec::new()),
+                    };
                     let offsets: Vec<String> = batch.iter().map(|d| d.offset.to_string()).collect();
-                    trace.push(format!("send {}", offsets.join(",")));
+                    trace.push(format!("{verb} {}", offsets.join(",")));
                     let outcome = outcomes.pop_front().unwrap_or(SendOutcome::Delivered);
                     Input::Sent {
                         batch,
@@ -488,12 +495,12 @@ fn cases() -> Vec<Case> {
             show_status: false,
             expect: &[
                 // Replay's turn: fails, backs off (a cheap first retry).
-                "send 0,1,2",
+                "send again 0,1,2",
                 "wait 2ms",
                 // The live stream's turn.
                 "send 3,4",
                 "now",
-                "send 0,1,2",
+                "send again 0,1,2",
                 "park [1:replay: gone x1]",
                 "replay 0->3",
                 "now",
@@ -523,7 +530,7 @@ fn cases() -> Vec<Case> {
             show_status: true,
             expect: &[
                 "resolve [7]",
-                "send 2",
+                "send again 2",
                 "resolve [2]",
                 "status ok+1",
                 "now",
@@ -555,7 +562,7 @@ fn cases() -> Vec<Case> {
             early: &[],
             show_status: false,
             expect: &[
-                "send 1",
+                "send again 1",
                 "park [1:redrive failed: down x1]",
                 "now",
                 "idle 1000ms",
