@@ -242,6 +242,12 @@ impl Store {
         self.log.damaged()
     }
 
+    /// Clears `partition`'s damage once its rejoin has ended
+    /// ([`RaftLog::mark_repaired`]).
+    pub fn mark_repaired(&self, partition: u32) {
+        self.log.mark_repaired(partition);
+    }
+
     /// Whether `partition`'s log is damaged and not repaired yet.
     pub fn is_damaged(&self, partition: u32) -> bool {
         self.log.is_damaged(partition)

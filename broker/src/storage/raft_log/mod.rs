@@ -212,6 +212,25 @@ impl RaftLog {
         state.unsaved_committed.insert(partition, committed);
     }
 
+    /// Marks `partition`'s damage repaired by other means than its commit
+    /// point: its rejoin ended (`partition::rejoin`), so the leader has
+    /// replaced its log and a membership after the demotion made it a
+    /// voter again. Without this a damaged log that held an uncommitted
+    /// tail longer than its leader's log would refuse reads until that
+    /// many new entries arrived. Durable ahead of the next write.
+    pub fn mark_repaired(&self, partition: u32) {
+        let mut state = lock(&self.shared.state);
+        let Some(p) = state.partitions.get_mut(&partition) else {
+            return;
+        };
+        if p.damage.take().is_some() {
+            state.unsaved_repaired.push(partition);
+            tracing::info!("raft log: partition {partition} is repaired (rejoined)");
+            metrics::gauge!(crate::metrics::RAFT_LOG_DAMAGED_PARTITIONS)
+                .set(damaged_count(&state) as f64);
+        }
+    }
+
     /// The partitions whose log replay found damaged in synced records
     /// and that are not repaired yet, each with the first index that may
     /// be lost. Such a partition must not vote, campaign or serve reads:
