@@ -84,6 +84,12 @@ pub const RAFT_LOG_WRITE_RECORDS: &str = "auditflow_raft_log_write_records";
 pub const RAFT_LOG_WRITE_SECONDS: &str = "auditflow_raft_log_write_seconds";
 /// Raft log segment files on this node.
 pub const RAFT_LOG_SEGMENTS: &str = "auditflow_raft_log_segments";
+/// Damaged spans of synced Raft log records replay found (each one lost
+/// acknowledged data on this node; see storage-format.md).
+pub const RAFT_LOG_DAMAGE_TOTAL: &str = "auditflow_raft_log_damage_total";
+/// Partitions whose Raft log is damaged and not yet repaired: they do not
+/// vote, campaign or serve reads.
+pub const RAFT_LOG_DAMAGED_PARTITIONS: &str = "auditflow_raft_log_damaged_partitions";
 /// Leadership handovers this node started (`partition::rebalance`), by
 /// partition and `result` (`done`, `failed`).
 pub const LEADER_HANDOVERS_TOTAL: &str = "auditflow_leader_handovers_total";
@@ -222,6 +228,16 @@ pub fn describe() {
         RAFT_LOG_SEGMENTS,
         Unit::Count,
         "Raft log segment files on this node."
+    );
+    describe_counter!(
+        RAFT_LOG_DAMAGE_TOTAL,
+        Unit::Count,
+        "Damaged spans of synced Raft log records found at start-up (acknowledged data lost on this node)."
+    );
+    describe_gauge!(
+        RAFT_LOG_DAMAGED_PARTITIONS,
+        Unit::Count,
+        "Partitions whose Raft log is damaged and not yet repaired from their leader: they neither vote nor serve reads."
     );
     describe_counter!(
         PEER_REDIALS_TOTAL,

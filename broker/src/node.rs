@@ -522,6 +522,18 @@ pub async fn start(
             );
             store.set_rejoin(p, Some(RejoinState::Pending)).await?;
             state = Some(RejoinState::Pending);
+        } else if state.is_none() && store.is_damaged(p) {
+            // Replay found synced records of this partition damaged: the
+            // log lost entries this node acknowledged, so it must not vote
+            // or count toward a commit with it. The same path as a lost
+            // disk: demoted to learner, repaired by the leader's appends or
+            // snapshot, promoted back once caught up.
+            warn!(
+                partition = p,
+                "raft log damaged in synced records; rejoining as a learner"
+            );
+            store.set_rejoin(p, Some(RejoinState::Pending)).await?;
+            state = Some(RejoinState::Pending);
         }
         if state.is_some() {
             // Before the first election timeout can fire.

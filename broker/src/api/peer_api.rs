@@ -34,6 +34,9 @@ pub async fn handle(node: &NodeShared, envelope: PeerEnvelope) -> PeerResponse {
     };
     let raft = &handle.raft;
     let rejoining = *handle.rejoin.borrow();
+    // A replica whose Raft log lost acknowledged entries rejoins like a
+    // lost disk (node::start marks it Pending), so this gate is the one
+    // that keeps it from voting with the damaged range.
     match request {
         PeerRequest::Vote { .. } | PeerRequest::Campaign { .. } if rejoining.is_some() => {
             PeerResponse::Rejoining

@@ -270,6 +270,8 @@ pub async fn rejoin(
         if done {
             match store.set_rejoin(partition, None).await {
                 Ok(()) => {
+                    // A damaged log rejoined too: the leader replaced it.
+                    store.mark_repaired(partition);
                     info!(partition, "rejoined as a voter");
                     gate.send_replace(None);
                     break;

@@ -177,7 +177,7 @@ impl Store {
         check_format(&db, &path)?;
         let events = Arc::new(EventFiles::open(events_dir, &event_file_metas(&db)?)?);
         let halt = Halt::default();
-        let log = RaftLog::open(log_dir, mode, halt.clone())?;
+        let log = RaftLog::open(log_dir, mode, &applied_indexes(&db)?, halt.clone())?;
         let db = Arc::new(db);
         let writer = match mode {
             WriterMode::Thread => {
@@ -256,9 +256,29 @@ impl Store {
         )
     }
 
+    /// The partitions whose Raft log replay found damaged in synced
+    /// records and that are not repaired yet, each with the first index
+    /// that may be lost ([`RaftLog::damaged`]). Such a partition must not
+    /// vote, campaign or serve reads until it is repaired.
+    pub fn damaged(&self) -> Vec<(u32, u64)> {
+        self.log.damaged()
+    }
+
+    /// Clears `partition`'s damage once its rejoin has ended
+    /// ([`RaftLog::mark_repaired`]).
+    pub fn mark_repaired(&self, partition: u32) {
+        self.log.mark_repaired(partition);
+    }
+
+    /// Whether `partition`'s log is damaged and not repaired yet.
+    pub fn is_damaged(&self, partition: u32) -> bool {
+        self.log.is_damaged(partition)
+    }
+
     /// Read access to the applied state of `partition`.
     pub fn reader(&self, partition: u32) -> PartitionReader {
         PartitionReader {
+            log: self.log.clone(),
             partition,
             db: Arc::clone(&self.db),
             events: Arc::clone(&self.events),
@@ -331,6 +351,25 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Every partition's last applied index, as the database durably holds
+/// it: the Raft log's floor for telling a torn tail from lost entries.
+fn applied_indexes(db: &Database) -> Result<BTreeMap<u32, u64>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SM_META)?;
+    let mut out = BTreeMap::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let (partition, name) = k.value();
+        if name == tables::KEY_APPLIED {
+            let applied: Option<types::LogId> = tables::decode(v.value(), tables::KEY_APPLIED)?;
+            if let Some(applied) = applied {
+                out.insert(partition, applied.index);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Every partition's current event file, as the database says.
 fn event_file_metas(db: &Database) -> Result<BTreeMap<u32, EventFileMeta>, StoreError> {
     let txn = db.begin_read()?;
@@ -354,6 +393,8 @@ fn read_head(db: &Database, partition: u32) -> Result<PartitionHead, StoreError>
 /// Reads one partition's applied state.
 #[derive(Clone)]
 pub struct PartitionReader {
+    /// Whether the partition's log is damaged: reads wait for the repair.
+    log: RaftLog,
     partition: u32,
     db: Arc<Database>,
     events: Arc<EventFiles>,
@@ -387,8 +428,25 @@ impl PartitionReader {
         read_head(&self.db, self.partition)
     }
 
+    /// Whether the partition's Raft log is damaged and not repaired yet:
+    /// its replica may lack acknowledged events, and reads are refused.
+    pub fn is_damaged(&self) -> bool {
+        self.log.is_damaged(self.partition)
+    }
+
     /// Up to `limit` stored events from `from` on, in offset order.
+    /// Refused ([`StoreError::Refused`]) while the partition's log is
+    /// damaged: this replica may lack events it acknowledged, and a
+    /// reader must not take its gaps for the log.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        if self.is_damaged() {
+            return Err(StoreError::Refused {
+                what: format!("read of partition {}", self.partition),
+                reason: "this node's raft log of the partition is damaged and is being \
+                         repaired from its leader; read from another node or retry later"
+                    .into(),
+            });
+        }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(EVENTS)?;
         let mut taken = 0;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use redb::StorageBackend;
 
 use super::format::Record;
+use super::replay::Lost;
 use crate::storage::types::{LogId, Vote};
 use crate::storage::StoreError;
 
@@ -26,6 +27,53 @@ pub(super) struct PartitionLog {
     pub(super) vote: Option<Vote>,
     pub(super) committed: Option<LogId>,
     pub(super) purged: Option<LogId>,
+    /// Damage to synced records found by replay, until repaired.
+    pub(super) damage: Option<Damage>,
+    /// Highest entry index any record of this partition named, purged or
+    /// truncated ones included: how far a damaged partition must be
+    /// repaired.
+    pub(super) seen_max: u64,
+}
+
+/// A partition's damaged log (see [`Record::Damaged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Damage {
+    /// First index that may be lost.
+    pub(super) from: u64,
+    /// Repaired once the commit point reaches it.
+    pub(super) until: u64,
+    /// Whether a `Damaged` record says so (after it in the log); replay
+    /// writes one for damage it finds that none records yet.
+    pub(super) recorded: bool,
+}
+
+impl PartitionLog {
+    /// The index the next entry would have.
+    pub(super) fn next_index(&self) -> u64 {
+        match (self.entries.keys().next_back(), self.purged) {
+            (Some(last), _) => last + 1,
+            (None, Some(purged)) => purged.index + 1,
+            (None, None) => 0,
+        }
+    }
+
+    /// Marks the log lost from `from` on, as replay found it.
+    pub(super) fn found_damage(&mut self, from: u64) {
+        match &mut self.damage {
+            Some(d) if d.from <= from => {}
+            Some(d) => {
+                d.from = from;
+                d.recorded = false;
+            }
+            None => {
+                self.damage = Some(Damage {
+                    from,
+                    until: 0,
+                    recorded: false,
+                })
+            }
+        }
+    }
 }
 
 pub(super) struct Segment {
@@ -50,6 +98,13 @@ pub(super) struct State {
     /// their own (openraft saves one at every commit of every partition
     /// and waits for it).
     pub(super) unsaved_committed: BTreeMap<u32, Option<LogId>>,
+    /// `Repaired` records not written yet: written ahead of the next
+    /// write like commit points (one lost in a crash only keeps the
+    /// partition marked until its commit point passes again).
+    pub(super) unsaved_repaired: Vec<u32>,
+    /// Whether replay met damage it could not attribute: a partition
+    /// first seen after it may have lost its earlier records there.
+    pub(super) unattributed: bool,
 }
 
 impl State {
@@ -57,6 +112,7 @@ impl State {
         match *record {
             Record::Entry { partition, log_id } => {
                 let p = self.partitions.entry(partition).or_default();
+                p.seen_max = p.seen_max.max(log_id.index);
                 if p.purged.is_some_and(|purged| log_id.index <= purged.index) {
                     return;
                 }
@@ -88,8 +144,29 @@ impl State {
                 p.entries.split_off(&from);
             }
             Record::Batch => {}
+            Record::Damaged {
+                partition,
+                from,
+                until,
+            } => {
+                let p = self.partitions.entry(partition).or_default();
+                let d = p.damage.get_or_insert(Damage {
+                    from,
+                    until,
+                    recorded: true,
+                });
+                if from <= d.from {
+                    d.recorded = true;
+                }
+                d.from = d.from.min(from);
+                d.until = d.until.max(until);
+            }
+            Record::Repaired { partition } => {
+                self.partitions.entry(partition).or_default().damage = None;
+            }
             Record::Purge { partition, upto } => {
                 let p = self.partitions.entry(partition).or_default();
+                p.seen_max = p.seen_max.max(upto.index);
                 if p.purged.is_some_and(|purged| purged.index >= upto.index) {
                     return;
                 }
@@ -97,6 +174,37 @@ impl State {
                 p.purged = Some(upto);
             }
         }
+    }
+
+    /// Marks what replay found lost in synced records.
+    pub(super) fn found_damage(&mut self, lost: Lost) {
+        match lost {
+            Lost::Record { partition, index } => {
+                let p = self.partitions.entry(partition).or_default();
+                let from = index.unwrap_or_else(|| p.next_index());
+                p.found_damage(from);
+            }
+            Lost::Unknown => {
+                for p in self.partitions.values_mut() {
+                    let from = p.next_index();
+                    p.found_damage(from);
+                }
+                self.unattributed = true;
+            }
+        }
+    }
+
+    /// Replays `record` found intact at `pos` in `segment`.
+    pub(super) fn replay(&mut self, record: &Record, segment: u64, pos: u64, len: usize) {
+        if let Some(partition) = record.partition() {
+            if self.unattributed && !self.partitions.contains_key(&partition) {
+                self.partitions
+                    .entry(partition)
+                    .or_default()
+                    .found_damage(0);
+            }
+        }
+        self.apply(record, segment, pos, len);
     }
 
     /// The records that open a new segment: each partition's metadata.
@@ -114,6 +222,13 @@ impl State {
             }
             if let Some(upto) = p.purged {
                 out.push(Record::Purge { partition, upto });
+            }
+            if let Some(d) = p.damage {
+                out.push(Record::Damaged {
+                    partition,
+                    from: d.from,
+                    until: d.until,
+                });
             }
         }
         out

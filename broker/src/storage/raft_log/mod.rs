@@ -63,7 +63,7 @@ use super::{tables, Halt, StoreError, WriterMode};
 use crate::storage::types::{Entry, LogId, Vote};
 
 use format::{parse, Parsed};
-pub use format::{Framed, Record, MAGIC};
+pub use format::{Framed, Record, MAGIC, MAGIC_V1, SEGMENT_HEADER};
 use index::{Loc, State};
 use replay::replay;
 pub use writer::ZERO_FILL_BYTES;
@@ -119,16 +119,26 @@ enum Writer {
 
 impl RaftLog {
     /// Opens the log in `dir`: replays its segments, cuts off a write a
-    /// crash interrupted at the end of the newest one, and refuses damage
-    /// anywhere else.
-    /// A failed write or sync later is also reported to `halt`.
-    pub fn open(dir: Box<dyn LogDir>, mode: WriterMode, halt: Halt) -> Result<RaftLog, StoreError> {
-        let state = replay(dir.as_ref())?;
+    /// crash interrupted at the end of the newest one, and marks the
+    /// partitions whose synced records are damaged (see
+    /// [`RaftLog::damaged`]): their logs are cut back to the intact
+    /// prefix, durably, before anything else is written. `applied` is each
+    /// partition's last applied index as the state machine durably holds
+    /// it. A segment that is not one of this log, or of format 1, is
+    /// refused. A failed write or sync later is also reported to `halt`.
+    pub fn open(
+        dir: Box<dyn LogDir>,
+        mode: WriterMode,
+        applied: &BTreeMap<u32, u64>,
+        halt: Halt,
+    ) -> Result<RaftLog, StoreError> {
+        let state = replay(dir.as_ref(), applied)?;
         let shared = Arc::new(Shared {
             dir,
             state: Mutex::new(state),
             halt,
         });
+        record_damage(&shared, applied)?;
         let writer = match mode {
             WriterMode::Inline => Writer::Inline,
             WriterMode::Task => {
@@ -181,10 +191,70 @@ impl RaftLog {
     /// Sets the partition's commit point without writing it now: it goes
     /// to disk ahead of the next write (not synced by itself: losing it
     /// only makes a restarted node wait for the leader to learn it again).
+    ///
+    /// A damaged partition is repaired once its commit point reaches the
+    /// highest index it held: openraft commits on a follower only up to
+    /// what its log shares with the leader's, so everything the damaged
+    /// log held has then been replaced by committed entries.
     pub fn set_committed(&self, partition: u32, committed: Option<LogId>) {
         let mut state = lock(&self.shared.state);
-        state.partitions.entry(partition).or_default().committed = committed;
+        let p = state.partitions.entry(partition).or_default();
+        p.committed = committed;
+        let repaired = p
+            .damage
+            .is_some_and(|d| committed.is_some_and(|c| c.index >= d.until));
+        if repaired {
+            p.damage = None;
+            state.unsaved_repaired.push(partition);
+            tracing::info!(
+                "raft log: partition {partition} is repaired (committed up to {})",
+                committed.map_or(0, |c| c.index)
+            );
+            metrics::gauge!(crate::metrics::RAFT_LOG_DAMAGED_PARTITIONS)
+                .set(damaged_count(&state) as f64);
+        }
         state.unsaved_committed.insert(partition, committed);
+    }
+
+    /// Marks `partition`'s damage repaired by other means than its commit
+    /// point: its rejoin ended (`partition::rejoin`), so the leader has
+    /// replaced its log and a membership after the demotion made it a
+    /// voter again. Without this a damaged log that held an uncommitted
+    /// tail longer than its leader's log would refuse reads until that
+    /// many new entries arrived. Durable ahead of the next write.
+    pub fn mark_repaired(&self, partition: u32) {
+        let mut state = lock(&self.shared.state);
+        let Some(p) = state.partitions.get_mut(&partition) else {
+            return;
+        };
+        if p.damage.take().is_some() {
+            state.unsaved_repaired.push(partition);
+            tracing::info!("raft log: partition {partition} is repaired (rejoined)");
+            metrics::gauge!(crate::metrics::RAFT_LOG_DAMAGED_PARTITIONS)
+                .set(damaged_count(&state) as f64);
+        }
+    }
+
+    /// The partitions whose log replay found damaged in synced records
+    /// and that are not repaired yet, each with the first index that may
+    /// be lost. Such a partition must not vote, campaign or serve reads:
+    /// its log lacks entries it acknowledged.
+    pub fn damaged(&self) -> Vec<(u32, u64)> {
+        let state = lock(&self.shared.state);
+        state
+            .partitions
+            .iter()
+            .filter_map(|(id, p)| p.damage.map(|d| (*id, d.from)))
+            .collect()
+    }
+
+    /// Whether `partition` is damaged and not repaired yet.
+    pub fn is_damaged(&self, partition: u32) -> bool {
+        let state = lock(&self.shared.state);
+        state
+            .partitions
+            .get(&partition)
+            .is_some_and(|p| p.damage.is_some())
     }
 
     /// The partition's metadata and last stored entry.
@@ -292,6 +362,79 @@ impl RaftLog {
     }
 }
 
+fn damaged_count(state: &State) -> usize {
+    state
+        .partitions
+        .values()
+        .filter(|p| p.damage.is_some())
+        .count()
+}
+
+/// Makes the damage replay found and no record names yet durable: per
+/// partition a `Damaged` record (so that a restart before the repair still
+/// knows), a `Truncate` from the first lost index (the entries after a
+/// hole are no log) and a cleared commit point (openraft would otherwise
+/// re-apply entries the log no longer has; it takes the state machine's
+/// applied index instead). Written and synced before the writer starts.
+fn record_damage(shared: &Shared, applied: &BTreeMap<u32, u64>) -> Result<(), StoreError> {
+    let mut records = Vec::new();
+    {
+        let mut state = lock(&shared.state);
+        for (&partition, p) in &mut state.partitions {
+            let Some(d) = &mut p.damage else { continue };
+            if d.recorded {
+                continue;
+            }
+            let until = [
+                d.until,
+                p.seen_max,
+                applied.get(&partition).copied().unwrap_or(0),
+                p.committed.map_or(0, |c| c.index),
+            ]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+            tracing::error!(
+                "raft log: partition {partition} lost synced entries from index {}: it will \
+                 not vote or serve reads until its log is repaired from its leader up to \
+                 index {until}",
+                d.from
+            );
+            records.push(Record::Damaged {
+                partition,
+                from: d.from,
+                until,
+            });
+            records.push(Record::Truncate {
+                partition,
+                from: d.from,
+            });
+            records.push(Record::Committed {
+                partition,
+                committed: None,
+            });
+        }
+        metrics::gauge!(crate::metrics::RAFT_LOG_DAMAGED_PARTITIONS)
+            .set(damaged_count(&state) as f64);
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let framed = records
+        .into_iter()
+        .map(Framed::meta)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (done, mut rx) = oneshot::channel();
+    write_batch(
+        shared,
+        vec![Job {
+            records: framed,
+            done,
+        }],
+    );
+    rx.try_recv().map_err(|_| StoreError::WriterStopped)?
+}
+
 /// Which partitions keep old segments alive (see [`RaftLog::usage`]).
 ///
 /// Segments go oldest first once every entry in them is purged, and
@@ -339,7 +482,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, segment_bytes: u64) -> Result<RaftLog, StoreError> {
         let fs = FsLogDir::create(dir, segment_bytes).unwrap();
-        RaftLog::open(Box::new(fs), WriterMode::Thread, Halt::default())
+        RaftLog::open(Box::new(fs), WriterMode::Thread, &BTreeMap::new(), Halt::default())
     }
 
     fn id(term: u64, index: u64) -> LogId {
@@ -379,7 +522,7 @@ mod tests {
 
     /// Where a segment's records end (the zeros filled ahead start).
     fn records_end(bytes: &[u8]) -> usize {
-        let mut pos = MAGIC.len();
+        let mut pos = SEGMENT_HEADER;
         while let Parsed::Record(_, _, used) = parse(&bytes[pos..]) {
             pos += used;
         }
@@ -437,8 +580,9 @@ mod tests {
         let mut padded = first.clone();
         padded.extend(std::iter::repeat_n(0u8, 100));
         std::fs::write(segment_path(&dir, 1), &padded).unwrap();
-        let err = open(&dir, 1024).err().expect("zeros in an older segment");
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        // Every partition it held is damaged from the end of its records.
+        let log = open(&dir, 1024).unwrap();
+        assert_eq!(log.damaged().len(), 1, "zeros in an older segment");
     }
 
     #[tokio::test]
@@ -566,8 +710,131 @@ mod tests {
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), hole as u64);
     }
 
+    /// Position and length of the frame of entry `index` of `partition`
+    /// in a segment's bytes.
+    fn frame_of(bytes: &[u8], partition: u32, index: u64) -> (usize, usize) {
+        let mut pos = SEGMENT_HEADER;
+        loop {
+            match parse(&bytes[pos..]) {
+                Parsed::Record(
+                    Record::Entry {
+                        partition: p,
+                        log_id,
+                    },
+                    _,
+                    len,
+                ) if p == partition && log_id.index == index => return (pos, len),
+                Parsed::Record(_, _, len) => pos += len,
+                other => panic!("entry {partition}/{index} not found: {other:?}"),
+            }
+        }
+    }
+
+    /// Flips the last byte (in the body) of entry `index` of partition 0
+    /// in segment `seq`.
+    /// Returns the segment's bytes after the flip and where it is.
+    fn flip_entry(dir: &std::path::Path, seq: u64, index: u64) -> (Vec<u8>, usize) {
+        let seg = segment_path(dir, seq);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let (pos, len) = frame_of(&bytes, 0, index);
+        bytes[pos + len - 1] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        (bytes, pos + len - 1)
+    }
+
     #[tokio::test]
-    async fn damage_before_the_end_is_refused_with_the_segment() {
+    async fn a_flip_in_a_synced_batch_marks_the_partition_damaged_not_cut() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        {
+            let log = open(&dir, SEGMENT_BYTES).unwrap();
+            for i in 0..10 {
+                append(&log, 0, 1, i * 10 + 1..i * 10 + 11).await;
+                append(&log, 1, 1, i * 10 + 1..i * 10 + 11).await;
+            }
+        }
+        // Entry 35 sits in the middle of the log: later batches prove its
+        // batch was synced.
+        let (damaged, flipped) = flip_entry(&dir, 1, 35);
+        let log = open(&dir, SEGMENT_BYTES).unwrap();
+        assert_eq!(log.damaged(), vec![(0, 35)]);
+        assert!(log.is_damaged(0) && !log.is_damaged(1));
+        assert_eq!(
+            log.meta(0).last,
+            Some(id(1, 34)),
+            "cut back to the intact prefix"
+        );
+        assert_eq!(log.meta(0).committed, None);
+        assert_eq!(read(&log, 1, 1..1000).len(), 100, "partition 1 is whole");
+        let seg = std::fs::read(segment_path(&dir, 1)).unwrap();
+        assert!(seg[..=flipped] == damaged[..=flipped], "nothing cut off");
+        assert!(seg.len() >= damaged.len());
+        drop(log);
+
+        // Still damaged after another restart, before any repair.
+        let log = open(&dir, SEGMENT_BYTES).unwrap();
+        assert_eq!(log.damaged(), vec![(0, 35)]);
+        // The leader's entries replace the lost ones; the commit point
+        // reaching the highest index the log held repairs it.
+        append(&log, 0, 2, 35..101).await;
+        log.set_committed(0, Some(id(2, 99)));
+        assert!(log.is_damaged(0), "not yet past index 100");
+        log.set_committed(0, Some(id(2, 100)));
+        assert!(log.damaged().is_empty());
+        drop(log);
+        let log = open(&dir, SEGMENT_BYTES).unwrap();
+        assert!(log.damaged().is_empty(), "the repair is durable");
+        let got = read(&log, 0, 1..1000);
+        assert_eq!(got.len(), 100);
+        assert_eq!(got[34], id(2, 35));
+    }
+
+    #[tokio::test]
+    async fn a_flip_in_the_final_batch_of_a_cleanly_closed_log_is_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        // One batch, then the closing marker of a clean stop.
+        ten_entries(&dir).await;
+        flip_entry(&dir, 1, 7);
+        let log = open(&dir, SEGMENT_BYTES).unwrap();
+        assert_eq!(log.damaged(), vec![(0, 7)]);
+        assert_eq!(log.meta(0).last, Some(id(1, 6)));
+    }
+
+    #[tokio::test]
+    async fn a_cut_tail_below_what_was_applied_is_damage_not_a_torn_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        ten_entries(&dir).await;
+        // As a kill leaves it: no closing marker after the last batch.
+        let seg = segment_path(&dir, 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.truncate(records_end(&bytes) - batch_marker().len());
+        std::fs::write(&seg, &bytes).unwrap();
+        let (bytes, _) = flip_entry(&dir, 1, 7);
+        let with_applied = |applied: &[(u32, u64)]| {
+            let fs = FsLogDir::create(&dir, SEGMENT_BYTES).unwrap();
+            RaftLog::open(
+                Box::new(fs),
+                WriterMode::Thread,
+                &applied.iter().copied().collect(),
+                Halt::default(),
+            )
+        };
+        // Nothing applied past the cut: a torn write, cut off.
+        std::fs::write(&seg, &bytes).unwrap();
+        let log = with_applied(&[(0, 5)]).unwrap();
+        assert!(log.damaged().is_empty());
+        assert_eq!(log.meta(0).last, Some(id(1, 6)));
+        drop(log);
+        // The state machine durably applied entry 9: the batch was synced.
+        std::fs::write(&seg, &bytes).unwrap();
+        let log = with_applied(&[(0, 9)]).unwrap();
+        assert_eq!(log.damaged(), vec![(0, 7)]);
+    }
+
+    #[tokio::test]
+    async fn damage_in_an_older_segment_marks_its_partitions() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
         {
@@ -576,39 +843,41 @@ mod tests {
             append(&log, 0, 1, 100..200).await;
             assert!(log.segments() >= 2);
         }
+        // A length field: the rest of the segment is unreadable.
         let seg = segment_path(&dir, 1);
         let mut bytes = std::fs::read(&seg).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xff;
+        let (pos, _) = frame_of(&bytes, 0, 3);
+        bytes[pos + 1] ^= 0xff;
         std::fs::write(&seg, &bytes).unwrap();
-        let err = open(&dir, 1024).err().expect("damaged log refused");
-        let text = err.to_string();
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{text}");
-        assert!(text.contains("segment 1"), "{text}");
-        // Refusing wrote nothing.
-        assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+        let log = open(&dir, 1024).unwrap();
+        assert_eq!(log.damaged(), vec![(0, 3)]);
+        assert_eq!(log.meta(0).last, Some(id(1, 2)));
     }
 
     #[tokio::test]
-    async fn damage_inside_the_newest_segment_is_refused_not_cut_off() {
+    async fn a_damaged_segment_header_or_an_old_format_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
-        {
-            let log = open(&dir, SEGMENT_BYTES).unwrap();
-            for i in 0..10 {
-                append(&log, 0, 1, i * 10 + 1..i * 10 + 11).await;
-            }
-        }
+        ten_entries(&dir).await;
         let seg = segment_path(&dir, 1);
-        let mut bytes = std::fs::read(&seg).unwrap();
-        let mid = records_end(&bytes) / 2;
-        bytes[mid] ^= 0x01;
-        std::fs::write(&seg, &bytes).unwrap();
-        let err = open(&dir, SEGMENT_BYTES)
-            .err()
-            .expect("damaged log refused");
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "nothing cut off");
+        let good = std::fs::read(&seg).unwrap();
+        for i in [3, 10, 18] {
+            let mut bad = good.clone();
+            bad[i] ^= 0x02;
+            std::fs::write(&seg, &bad).unwrap();
+            let err = open(&dir, SEGMENT_BYTES).err().expect("refused");
+            assert!(
+                matches!(err, StoreError::Corrupt { .. }),
+                "flip at {i}: {err}"
+            );
+            assert!(err.to_string().contains("segment 1"), "{err}");
+            assert_eq!(std::fs::read(&seg).unwrap(), bad, "refusing wrote nothing");
+        }
+        let mut old = good.clone();
+        old[..8].copy_from_slice(MAGIC_V1);
+        std::fs::write(&seg, &old).unwrap();
+        let err = open(&dir, SEGMENT_BYTES).err().expect("refused");
+        assert!(matches!(err, StoreError::Incompatible { .. }), "{err}");
     }
 
     #[tokio::test]

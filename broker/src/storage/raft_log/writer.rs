@@ -8,7 +8,7 @@ use redb::StorageBackend;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
-use super::format::{batch_marker, Framed, Record, MAGIC};
+use super::format::{batch_marker, segment_header, Framed, Record};
 use super::index::{Segment, State};
 use super::{lock, Shared};
 use crate::metrics::{
@@ -36,6 +36,19 @@ pub(super) fn writer_loop(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_JOBS_PER_WRITE);
     while crate::storage::writer::next_batch(&mut rx, &mut batch, MAX_JOBS_PER_WRITE) {
         write_batch(shared, std::mem::take(&mut batch));
+    }
+    close(shared);
+}
+
+/// At a clean stop: one last batch marker (with the commit points held
+/// back), synced. Replay takes an intact marker as proof that everything
+/// before it was synced, so damage to the final batch of a log closed
+/// cleanly is found as damage rather than cut off as a torn write.
+pub(super) fn close(shared: &Shared) {
+    if lock(&shared.state).failed.is_none() {
+        if let Err(e) = write_records(shared, &[]) {
+            warn!("raft log: cannot write the closing marker: {e}");
+        }
     }
 }
 
@@ -89,11 +102,18 @@ fn write_records(shared: &Shared, jobs: &[Job]) -> Result<(), StoreError> {
         buf.extend_from_slice(&batch_marker());
         // Not indexed again after the write: the state already holds these
         // (or newer) values.
-        for (partition, committed) in std::mem::take(&mut state.unsaved_committed) {
-            let record = Record::Committed {
+        let held = std::mem::take(&mut state.unsaved_committed)
+            .into_iter()
+            .map(|(partition, committed)| Record::Committed {
                 partition,
                 committed,
-            };
+            })
+            .chain(
+                std::mem::take(&mut state.unsaved_repaired)
+                    .into_iter()
+                    .map(|partition| Record::Repaired { partition }),
+            );
+        for record in held {
             if let Ok(framed) = Framed::meta(record) {
                 buf.extend_from_slice(&framed.frame);
             }
@@ -170,7 +190,7 @@ pub(super) fn roll(dir: &dyn LogDir, state: &mut State) -> std::io::Result<()> {
     }
     let seq = state.active + 1;
     let file: Arc<dyn StorageBackend> = Arc::from(dir.open(seq)?);
-    let mut buf = MAGIC.to_vec();
+    let mut buf = segment_header(seq).to_vec();
     buf.extend_from_slice(&batch_marker());
     for record in state.metadata() {
         let framed = Framed::meta(record).map_err(|e| std::io::Error::other(e.to_string()))?;
