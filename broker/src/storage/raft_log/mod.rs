@@ -482,7 +482,12 @@ mod tests {
 
     fn open(dir: &std::path::Path, segment_bytes: u64) -> Result<RaftLog, StoreError> {
         let fs = FsLogDir::create(dir, segment_bytes).unwrap();
-        RaftLog::open(Box::new(fs), WriterMode::Thread, &BTreeMap::new(), Halt::default())
+        RaftLog::open(
+            Box::new(fs),
+            WriterMode::Thread,
+            &BTreeMap::new(),
+            Halt::default(),
+        )
     }
 
     fn id(term: u64, index: u64) -> LogId {
