@@ -13,11 +13,22 @@
 //!    reported is the time until the webhook's lag is zero again: the
 //!    drain time of the backlog. Node memory before and after the backlog
 //!    built shows that it is not held in memory.
+//!
+//! With `--fail-percent 1,5,20` it runs the flaky phase instead (issue
+//! 33): one webhook destination with default settings (single mode, one
+//! POST per event, default retry and breaker policy) to a receiver that
+//! answers 503 to the given share of requests at random. For each share,
+//! and for a fault-free run (0 %) in the same cluster, `--flaky-events`
+//! are appended; reported are the delivered throughput (events over the
+//! time from the first append until the lag is zero on every partition),
+//! its ratio to the fault-free run, and the time from the last
+//! acknowledged append until the lag is zero. `--rounds` repeats the
+//! shares in alternating order and reports medians.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +75,16 @@ pub struct DeliveryBenchArgs {
     /// UDP port of node 1 (admin HTTP on +100).
     #[arg(long, default_value_t = 7501)]
     base_port: u16,
+    /// Flaky phase instead of live and backlog: shares (percent, comma
+    /// separated) of webhook requests answered 503 at random.
+    #[arg(long, value_delimiter = ',')]
+    fail_percent: Vec<u32>,
+    /// Events appended per share in the flaky phase.
+    #[arg(long, default_value_t = 10_000)]
+    flaky_events: usize,
+    /// Rounds of the flaky phase (medians are reported).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 /// Runs the benchmark.
@@ -81,19 +102,26 @@ pub fn run(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
 struct Receiver {
     events: AtomicU64,
     down: AtomicBool,
+    /// Share of requests (percent) answered 503 at random.
+    fail_percent: AtomicU32,
 }
 
 async fn hook(State(r): State<Arc<Receiver>>, body: axum::body::Bytes) -> StatusCode {
     if r.down.load(Ordering::Relaxed) {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
-    match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body) {
-        Ok(events) => {
-            r.events.fetch_add(events.len() as u64, Ordering::Relaxed);
-            StatusCode::OK
-        }
-        Err(_) => StatusCode::BAD_REQUEST,
+    let fail = r.fail_percent.load(Ordering::Relaxed);
+    if fail > 0 && rand::random::<u32>() % 100 < fail {
+        return StatusCode::SERVICE_UNAVAILABLE;
     }
+    // An array (array mode) or one event (single mode).
+    let events = match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body) {
+        Ok(events) => events.len(),
+        Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() => 1,
+        Err(_) => return StatusCode::BAD_REQUEST,
+    };
+    r.events.fetch_add(events as u64, Ordering::Relaxed);
+    StatusCode::OK
 }
 
 async fn bench(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
@@ -115,14 +143,23 @@ async fn bench(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let webhook: DestinationConfig = serde_json::from_value(serde_json::json!({
-        "name": "bench-hook",
-        "sink": { "kind": "webhook", "url": format!("http://{hook_addr}/hook"), "batch_mode": "array" },
-        "batch_size": args.batch,
-        "linger_ms": 20,
-        "retry": { "initial_ms": 100, "max_ms": 1000 },
-    }))
-    .context("webhook destination")?;
+    let settings = if args.fail_percent.is_empty() {
+        serde_json::json!({
+            "name": "bench-hook",
+            "sink": { "kind": "webhook", "url": format!("http://{hook_addr}/hook"), "batch_mode": "array" },
+            "batch_size": args.batch,
+            "linger_ms": 20,
+            "retry": { "initial_ms": 100, "max_ms": 1000 },
+        })
+    } else {
+        // The issue's new user: default settings, single mode.
+        serde_json::json!({
+            "name": "bench-hook",
+            "sink": { "kind": "webhook", "url": format!("http://{hook_addr}/hook") },
+        })
+    };
+    let webhook: DestinationConfig =
+        serde_json::from_value(settings).context("webhook destination")?;
     let up_args = UpArgs {
         dir: dir.clone(),
         base_port: args.base_port,
@@ -131,7 +168,11 @@ async fn bench(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
     };
     let nodes = up::prepare(&up_args, vec![webhook])?;
     let mut children = up::spawn_nodes(&dir, &nodes)?;
-    let result = phases(&args, &dir, &receiver, &children).await;
+    let result = if args.fail_percent.is_empty() {
+        phases(&args, &dir, &receiver, &children).await
+    } else {
+        flaky_phases(&args, &dir, &receiver).await
+    };
     up::stop_nodes(&mut children).await;
     if remove_dir {
         let _ = std::fs::remove_dir_all(&dir);
@@ -204,6 +245,87 @@ async fn phases(
             "  {dest:<11} drained the {} event backlog in {t:.1}s after it came back: {:.0} events/s ({received} events received)",
             args.backlog,
             args.backlog as f64 / t
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One share's measurements in the flaky phase.
+#[derive(Clone, Copy, Debug)]
+struct FlakyRun {
+    /// Delivered events per second, first append to zero lag.
+    rate: f64,
+    /// Seconds from the last acknowledged append to zero lag.
+    lag_to_zero_s: f64,
+}
+
+/// The flaky phase: see the module doc.
+async fn flaky_phases(
+    args: &DeliveryBenchArgs,
+    dir: &std::path::Path,
+    receiver: &Receiver,
+) -> anyhow::Result<ExitCode> {
+    let mut cfg = auditflow_client::ClientConfig::load(&dir.join("client.toml"))?;
+    cfg.max_in_flight = cfg.max_in_flight.max(APPEND_BATCH * APPEND_WINDOW);
+    let client = Client::connect(cfg).await?;
+    wait_for_leaders(&client).await?;
+    let run = format!("{:x}", std::process::id());
+    let mut shares = vec![0u32];
+    shares.extend(
+        args.fail_percent
+            .iter()
+            .copied()
+            .filter(|p| *p > 0 && *p <= 100),
+    );
+    println!(
+        "flaky: webhook (single mode, default policy) answering 503 to {shares:?} % of requests, {} events each, {} round(s)",
+        args.flaky_events, args.rounds
+    );
+    let mut runs: BTreeMap<u32, Vec<FlakyRun>> = BTreeMap::new();
+    let mut next = 0usize;
+    for round in 0..args.rounds.max(1) {
+        // Alternate the order, so drift (a warming cache, a growing log)
+        // does not favour one share.
+        let order: Vec<u32> = if round % 2 == 0 {
+            shares.clone()
+        } else {
+            shares.iter().rev().copied().collect()
+        };
+        for pct in order {
+            receiver.fail_percent.store(pct, Ordering::Relaxed);
+            let started = Instant::now();
+            append(&client, &run, next..next + args.flaky_events, args).await?;
+            let appended_s = started.elapsed().as_secs_f64();
+            next += args.flaky_events;
+            let caught_up = wait_caught_up(&client, &["bench-hook"], started).await?;
+            let t = caught_up.get("bench-hook").copied().unwrap_or(f64::NAN);
+            let r = FlakyRun {
+                rate: args.flaky_events as f64 / t,
+                lag_to_zero_s: (t - appended_s).max(0.0),
+            };
+            println!(
+                "  round {round} {pct:>3} %: {:.0} events/s delivered, lag zero {:.2}s after the appends",
+                r.rate, r.lag_to_zero_s
+            );
+            runs.entry(pct).or_default().push(r);
+        }
+    }
+    receiver.fail_percent.store(0, Ordering::Relaxed);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let base = median(
+        runs.get(&0)
+            .map_or(Vec::new(), |r| r.iter().map(|r| r.rate).collect()),
+    );
+    println!("  medians:");
+    for (pct, rs) in &runs {
+        let rate = median(rs.iter().map(|r| r.rate).collect());
+        let lag = median(rs.iter().map(|r| r.lag_to_zero_s).collect());
+        println!(
+            "  {pct:>3} %: {rate:.0} events/s, ratio {:.2} to fault-free, lag zero {lag:.2}s after the appends",
+            rate / base
         );
     }
     Ok(ExitCode::SUCCESS)

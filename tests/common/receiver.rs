@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -26,7 +27,14 @@ struct Inner {
     reject: BTreeSet<String>,
     /// Answer everything with 503 (an outage).
     down: bool,
+    /// Answer this share of requests (percent) with 503, at random.
+    fail_percent: u32,
+    /// State of the xorshift generator behind `fail_percent` (no `rand`
+    /// dependency for one coin).
+    rng: u64,
     requests: u64,
+    /// Every request, failed or not: (partition of its first event, when).
+    log: Vec<(Option<u32>, Instant)>,
 }
 
 /// The receiver; clones share state.
@@ -74,6 +82,18 @@ impl Receiver {
         self.inner.lock().unwrap().reject.extend(ids);
     }
 
+    /// Answers `percent` % of requests with 503 at random (0: none).
+    pub fn set_fail_percent(&self, percent: u32, seed: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.fail_percent = percent.min(100);
+        inner.rng = seed | 1;
+    }
+
+    /// Every request so far: (partition of its first event, arrival time).
+    pub fn request_log(&self) -> Vec<(Option<u32>, Instant)> {
+        self.inner.lock().unwrap().log.clone()
+    }
+
     pub fn accept_all(&self) {
         self.inner.lock().unwrap().reject.clear();
     }
@@ -95,7 +115,27 @@ async fn hook(
 ) -> (StatusCode, String) {
     let mut inner = inner.lock().unwrap();
     inner.requests += 1;
-    if inner.down {
+    let partition = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| match v {
+            serde_json::Value::Array(a) => a.first().cloned(),
+            one => Some(one),
+        })
+        .and_then(|v| v.get("partition")?.as_u64())
+        .map(|p| p as u32);
+    inner.log.push((partition, Instant::now()));
+    let coin = if inner.fail_percent > 0 {
+        // xorshift64
+        let mut x = inner.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        inner.rng = x;
+        x % 100 < u64::from(inner.fail_percent)
+    } else {
+        false
+    };
+    if inner.down || coin {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "down for maintenance".into(),
