@@ -206,6 +206,11 @@ async fn breaker_opens_probes_and_closes() {
         m
     });
 
+    // Events go to partitions by tenant, so a partition may have none and
+    // its receiver sees no request: watch the ones that have events.
+    let busy: BTreeSet<u32> = per_partition.keys().copied().collect();
+    assert!(!busy.is_empty());
+
     // The breaker opens after THRESHOLD quick failures, then the first
     // probe comes no earlier than an open period later.
     wait_until(
@@ -214,8 +219,9 @@ async fn breaker_opens_probes_and_closes() {
         || {
             let r = requests_by_partition(&receiver);
             std::future::ready(
-                (r.len() == partitions as usize && r.values().all(|g| g.len() > THRESHOLD))
-                    .then_some(()),
+                (r.keys().copied().collect::<BTreeSet<u32>>() == busy
+                    && r.values().all(|g| g.len() > THRESHOLD))
+                .then_some(()),
             )
         },
     )
@@ -275,6 +281,9 @@ async fn breaker_opens_probes_and_closes() {
             "{s:?}"
         );
         assert_eq!(s.dlq_size, 0, "{s:?}");
+        if !busy.contains(&s.partition) {
+            continue;
+        }
         assert_ne!(s.breaker, "closed", "{s:?}");
         assert!(s.breaker_wait_ms > 0, "{s:?}");
     }
