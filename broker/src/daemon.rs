@@ -162,6 +162,8 @@ pub async fn run_quic_node(config: NodeConfig) -> Result<RunningNode, DaemonErro
         // different between clusters that might share a table or index.
         crate::delivery::supervisor::real_sinks(crate::sinks::SinkContext {
             cluster: sink_cluster,
+            // Set per destination by `real_sinks`.
+            max_in_flight: 1,
         }),
         // Delivery's randomness seam: seeded from the OS.
         rand::random(),

@@ -281,6 +281,7 @@ async fn api_key_authentication() {
     let mut sink = config
         .build(&SinkContext {
             cluster: CLUSTER.into(),
+            max_in_flight: 1,
         })
         .expect("sink");
     assert_eq!(sink.send(&batch(0..2)).await, SendOutcome::Delivered);

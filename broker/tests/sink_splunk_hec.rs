@@ -281,6 +281,7 @@ async fn configured_through_the_destination_settings() {
     .expect("settings");
     let ctx = auditflow_broker::sinks::SinkContext {
         cluster: "test-cluster".into(),
+        max_in_flight: 1,
     };
     let mut sink = config.build(&ctx).expect("sink");
     assert_eq!(sink.send(&batch(0..2)).await, SendOutcome::Delivered);

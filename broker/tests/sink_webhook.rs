@@ -49,6 +49,14 @@ struct Inner {
     overloaded: bool,
     /// Never answer (to exercise the client timeout).
     hang: bool,
+    /// Event ids answered with 503 (a transient failure).
+    busy: BTreeSet<String>,
+    /// Hold every request this long before answering, so concurrent
+    /// ones overlap.
+    delay_ms: u64,
+    /// Requests being handled now, and the most at once.
+    in_flight: u64,
+    max_in_flight: u64,
 }
 
 /// The receiver; clones share state.
@@ -113,14 +121,18 @@ async fn hook(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let (key, hang) = {
+    let (key, hang, delay) = {
         let mut i = inner.lock().expect("receiver lock");
         i.requests += 1;
-        (i.key.clone(), i.hang)
+        i.in_flight += 1;
+        i.max_in_flight = i.max_in_flight.max(i.in_flight);
+        (i.key.clone(), i.hang, i.delay_ms)
     };
     if hang {
         std::future::pending::<()>().await;
     }
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    inner.lock().expect("receiver lock").in_flight -= 1;
     let header = |name: &str| {
         headers
             .get(name)
@@ -166,6 +178,9 @@ async fn hook(
         Value::Array(items) => items.iter().map(event_id).collect(),
         one => vec![event_id(one)],
     };
+    if ids.iter().any(|id| i.busy.contains(id)) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
+    }
     if let Some(refused) = ids.iter().find(|id| i.reject.contains(*id)) {
         return bad(&format!("event {refused} refused"));
     }
@@ -424,6 +439,7 @@ async fn configured_through_the_destination_settings() {
     .expect("settings");
     let ctx = auditflow_broker::sinks::SinkContext {
         cluster: "test-cluster".into(),
+        max_in_flight: 1,
     };
     let mut sink = config.build(&ctx).expect("sink");
     assert_eq!(sink.send(&[delivery(0, 0)]).await, SendOutcome::Delivered);
@@ -433,4 +449,79 @@ async fn configured_through_the_destination_settings() {
         "kind": "webhook", "url": rx.url(), "secert": SECRET,
     }));
     assert!(typo.is_err());
+}
+
+#[tokio::test]
+async fn unordered_single_mode_overlaps_requests_and_reports_every_result() {
+    let rx = Receiver::start(None).await;
+    rx.with(|i| {
+        i.delay_ms = 100;
+        i.busy.insert("evt-0-1".into());
+    });
+    let batch: Vec<Delivery> = (0..8).map(|o| delivery(0, o)).collect();
+    let mut sink = WebhookSink::new(config(&rx.url(), None, BatchMode::Single))
+        .expect("sink")
+        .with_in_flight(4);
+    let SendOutcome::PerItem(results) = sink.send(&batch).await else {
+        panic!("expected per-item results")
+    };
+    // Every event was sent; only the busy one failed, and the ones after
+    // it were not held back.
+    assert_eq!(results.len(), 8);
+    for (o, r) in results.iter().enumerate() {
+        if o == 1 {
+            assert!(r.as_ref().is_err_and(|f| f.is_retryable()), "{r:?}");
+        } else {
+            assert_eq!(r, &Ok(()), "event {o}");
+        }
+    }
+    assert_eq!(rx.with(|i| i.requests), 8);
+    let most = rx.with(|i| i.max_in_flight);
+    assert!(
+        (2..=4).contains(&most),
+        "at most 4 at once, and overlapping: {most}"
+    );
+
+    // One in flight (strict ordering): one at a time, and the busy event
+    // stops the batch.
+    let rx = Receiver::start(None).await;
+    rx.with(|i| {
+        i.delay_ms = 20;
+        i.busy.insert("evt-0-1".into());
+    });
+    let mut sink = WebhookSink::new(config(&rx.url(), None, BatchMode::Single)).expect("sink");
+    let SendOutcome::PerItem(results) = sink.send(&batch).await else {
+        panic!("expected per-item results")
+    };
+    assert_eq!(results[0], Ok(()));
+    assert!(results[1..].iter().all(Result::is_err));
+    assert_eq!(rx.with(|i| (i.requests, i.max_in_flight)), (2, 1));
+}
+
+#[tokio::test]
+async fn unordered_array_mode_cuts_the_batch_into_concurrent_arrays() {
+    let rx = Receiver::start(None).await;
+    rx.with(|i| {
+        i.delay_ms = 100;
+        i.busy.insert("evt-2-4".into());
+    });
+    let batch: Vec<Delivery> = (0..7).map(|o| delivery(2, o)).collect();
+    let mut sink = WebhookSink::new(config(&rx.url(), None, BatchMode::Array))
+        .expect("sink")
+        .with_in_flight(3);
+    let SendOutcome::PerItem(results) = sink.send(&batch).await else {
+        panic!("expected per-item results")
+    };
+    // Arrays of 3, 3 and 1: the middle one holds the busy event.
+    let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, true, true, false, false, false, true]);
+    let mut ids: Vec<String> = rx
+        .accepted()
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["2-0-2", "2-6-6"]);
+    assert_eq!(rx.with(|i| i.requests), 3);
+    assert!(rx.with(|i| i.max_in_flight) >= 2);
 }

@@ -12,6 +12,7 @@ use auditflow_broker::clock::Clock;
 use auditflow_broker::config::{NodeConfig, PeerConfig, RaftTuning, TlsConfig};
 use auditflow_broker::delivery::backoff::RetryPolicy;
 use auditflow_broker::delivery::breaker::BreakerPolicy;
+use auditflow_broker::delivery::config::Ordering;
 use auditflow_broker::delivery::mask::{MaskAction, MaskRule};
 use auditflow_broker::delivery::{DestinationConfig, Filter};
 use auditflow_broker::node::{self, NodeError, NodeShared};
@@ -465,6 +466,8 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                     open_ms: 500,
                     ..BreakerPolicy::default()
                 },
+                ordering: Ordering::Strict,
+                max_in_flight: None,
             },
             Refusal::PerItem,
         ),
@@ -489,6 +492,8 @@ fn destinations() -> Vec<(DestinationConfig, Refusal)> {
                     open_ms: 1000,
                     ..BreakerPolicy::default()
                 },
+                ordering: Ordering::Strict,
+                max_in_flight: None,
             },
             Refusal::WholeBatch,
         ),

@@ -20,9 +20,12 @@
 //!   1); [`BreakerPolicy::half_open_successes`] successes in a row close
 //!   the breaker, any failure opens it again for another period.
 //!
-//! The defaults never trip on a 5 % (or 20 %) transient error rate: ten
-//! consecutive failures at 5 % happen with probability 1e-13 per request,
-//! and a window of 100 requests with more than half failed is as unlikely.
+//! The defaults never trip on a 5 % transient error rate: ten consecutive
+//! failures at 5 % happen with probability 1e-13 per request, and a window
+//! of 20 to 100 requests with more than half failed is as unlikely. At
+//! 20 % they are rare, not impossible: ten in a row come about once in
+//! ten million requests, and more than half of the first 20 requests
+//! failed about once in 10^4 windows.
 //! A dead endpoint opens it after ten requests, which with the cheap first
 //! retries of [`super::backoff`] takes well under a second.
 
@@ -443,9 +446,10 @@ mod tests {
 
     proptest! {
         /// The defaults never open on independent transient failures at
-        /// up to 20 % of requests, over a long run of them.
+        /// up to 10 % of requests, over a long run of them. (At 20 % an
+        /// opening is rare but possible: see the module doc.)
         #[test]
-        fn defaults_never_trip_on_transient_errors(seed in any::<u64>(), percent in 1u32..=20) {
+        fn defaults_never_trip_on_transient_errors(seed in any::<u64>(), percent in 1u32..=10) {
             let mut rng = StdRng::seed_from_u64(seed);
             let mut b = Breaker::new(BreakerPolicy::default());
             let now = Instant::now();

@@ -11,6 +11,7 @@
 //! filter = { tenants = ["acme"], action_prefixes = ["user."], outcomes = ["failure", "denied"] }
 //! masking = [ { path = "actor.ip", action = "hash" }, { path = "data.card.number", action = "redact" } ]
 //! retry = { initial_ms = 100, multiplier = 2.0, max_ms = 30000, max_attempts = 20 }
+//! ordering = "strict"                          # or "none", with max_in_flight
 //! ```
 
 use auditflow_protocol::Outcome;
@@ -51,7 +52,36 @@ pub struct DestinationConfig {
     /// When to stop calling a failing endpoint for a while.
     #[serde(default)]
     pub breaker: BreakerPolicy,
+    /// Whether first arrivals must come in offset order (G4).
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// With `ordering = "none"`: most requests in flight at once per
+    /// partition ([`DEFAULT_MAX_IN_FLIGHT`] if unset). Refused with
+    /// `strict`, where it is always one.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
+
+/// Whether a destination needs events to arrive in offset order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// First arrivals in offset order per partition (G4): one request in
+    /// flight, and an event that fails blocks the ones after it.
+    #[default]
+    Strict,
+    /// Arrival order does not matter to the endpoint (a store that sorts
+    /// by time or offset): up to `max_in_flight` requests at once, and
+    /// events after a failed one go ahead. The cursor still advances only
+    /// over a fully delivered prefix, so nothing is skipped on a restart.
+    None,
+}
+
+/// Requests in flight per partition with `ordering = "none"` when
+/// `max_in_flight` is not set.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 8;
+/// Largest `max_in_flight`: each request holds a connection and a body.
+pub const MAX_IN_FLIGHT: u32 = 64;
 
 fn default_batch_size() -> usize {
     100
@@ -112,6 +142,79 @@ impl DestinationConfig {
         self.breaker
             .check()
             .map_err(|e| format!("destination {n}: breaker: {e}"))?;
+        match (self.ordering, self.max_in_flight) {
+            (Ordering::Strict, Some(m)) if m != 1 => {
+                return Err(format!(
+                    "destination {n}: max_in_flight = {m} needs ordering = \"none\" \
+                     (strict ordering sends one request at a time)"
+                ))
+            }
+            (Ordering::None, Some(m)) if m == 0 || m > MAX_IN_FLIGHT => {
+                return Err(format!(
+                    "destination {n}: max_in_flight must be 1..={MAX_IN_FLIGHT}"
+                ))
+            }
+            (Ordering::None, _) if !self.sink.concurrent() => {
+                return Err(format!(
+                    "destination {n}: ordering = \"none\" is not supported by {} sinks \
+                     (only webhook sends requests concurrently)",
+                    self.sink.kind()
+                ))
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// Requests in flight at once per partition: one with strict
+    /// ordering.
+    pub fn in_flight(&self) -> usize {
+        match self.ordering {
+            Ordering::Strict => 1,
+            Ordering::None => self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT) as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(extra: serde_json::Value) -> DestinationConfig {
+        let mut v = serde_json::json!({
+            "name": "d",
+            "sink": { "kind": "webhook", "url": "http://127.0.0.1:9/" },
+        });
+        if let (Some(o), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
+            o.extend(more);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn ordering_and_in_flight() {
+        let strict = dest(serde_json::json!({}));
+        assert_eq!(strict.ordering, Ordering::Strict);
+        assert_eq!(strict.in_flight(), 1);
+        assert!(strict.check().is_ok());
+        let none = dest(serde_json::json!({"ordering": "none"}));
+        assert_eq!(none.in_flight(), DEFAULT_MAX_IN_FLIGHT as usize);
+        assert!(none.check().is_ok());
+        let four = dest(serde_json::json!({"ordering": "none", "max_in_flight": 4}));
+        assert_eq!(four.in_flight(), 4);
+        assert!(four.check().is_ok());
+        for bad in [
+            serde_json::json!({"max_in_flight": 4}),
+            serde_json::json!({"ordering": "none", "max_in_flight": 0}),
+            serde_json::json!({"ordering": "none", "max_in_flight": 65}),
+        ] {
+            let d = dest(bad.clone());
+            assert!(d.check().unwrap_err().contains("max_in_flight"), "{bad}");
+        }
+        let mut file = none.clone();
+        file.sink =
+            serde_json::from_value(serde_json::json!({"kind": "file", "dir": "/tmp/x"})).unwrap();
+        assert!(file.check().unwrap_err().contains("not supported by file"));
+        assert!(serde_json::from_value::<Ordering>(serde_json::json!("loose")).is_err());
     }
 }

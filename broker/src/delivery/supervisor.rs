@@ -35,7 +35,12 @@ pub type SinkFactory =
 /// The production sinks, built from each destination's settings, all with
 /// this node's `ctx` (the cluster id of their idempotency keys).
 pub fn real_sinks(ctx: crate::sinks::SinkContext) -> SinkFactory {
-    Arc::new(move |dest: &DestinationConfig, _partition: u32| dest.sink.build(&ctx))
+    Arc::new(move |dest: &DestinationConfig, _partition: u32| {
+        dest.sink.build(&crate::sinks::SinkContext {
+            max_in_flight: dest.in_flight(),
+            ..ctx.clone()
+        })
+    })
 }
 
 /// What every supervisor of a node shares.

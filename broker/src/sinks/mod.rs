@@ -201,6 +201,10 @@ pub struct SinkContext {
     /// come back after the dedup window), and the cluster part keeps two
     /// clusters writing one table or index apart.
     pub cluster: String,
+    /// Requests the sink may have in flight at once for its partition
+    /// (the destination's `max_in_flight`; 1 with strict ordering). Only
+    /// [`SinkConfig::concurrent`] sinks use it.
+    pub max_in_flight: usize,
 }
 
 /// Why a sink could not be built from its settings.
@@ -247,12 +251,21 @@ impl SinkConfig {
         }
     }
 
+    /// Whether the sink can have several requests in flight for one
+    /// partition (`ordering = "none"`); the others write one batch at a
+    /// time to one connection, file or object.
+    pub fn concurrent(&self) -> bool {
+        matches!(self, SinkConfig::Webhook(_))
+    }
+
     /// Builds the sink. Connections are made lazily on first send, so a
     /// destination that is down at start-up does not stop the node.
     pub fn build(&self, ctx: &SinkContext) -> Result<Box<dyn Sink>, SinkConfigError> {
         Ok(match self {
             SinkConfig::File(c) => Box::new(file::FileSink::new(c.clone())?),
-            SinkConfig::Webhook(c) => Box::new(webhook::WebhookSink::new(c.clone())?),
+            SinkConfig::Webhook(c) => {
+                Box::new(webhook::WebhookSink::new(c.clone())?.with_in_flight(ctx.max_in_flight))
+            }
             SinkConfig::Syslog(c) => Box::new(syslog::SyslogSink::new(c.clone())?),
             SinkConfig::Postgres(c) => {
                 Box::new(postgres::PostgresSink::new(c.clone(), ctx.cluster.clone())?)

@@ -21,6 +21,13 @@
 //! Answers: 2xx is success; 408, 429, 5xx and transport errors are
 //! retryable (`Retry-After` honoured); other 4xx are permanent. In single
 //! mode each event has its own result (a 400 parks only that event).
+//!
+//! Concurrency (`ordering = "none"`, `max_in_flight` > 1): single mode
+//! sends up to that many events at once and reports every event's result
+//! (events after a failed one are not held back); array mode cuts the
+//! batch into that many arrays, sent at once. With one in flight (strict
+//! ordering) single mode stops at the first retryable failure, so nothing
+//! after it arrives first.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
@@ -119,6 +127,8 @@ pub struct WebhookSink {
     key: Option<Vec<u8>>,
     /// Pooled connections to the endpoint.
     client: reqwest::Client,
+    /// Requests at once (1: in order, one at a time).
+    in_flight: usize,
 }
 
 /// Decodes a Standard Webhooks secret (`whsec_` + base64) into the HMAC
@@ -224,7 +234,15 @@ impl WebhookSink {
             headers,
             key,
             client,
+            in_flight: 1,
         })
+    }
+
+    /// Lets `n` requests be in flight at once (the destination's
+    /// `max_in_flight` with `ordering = "none"`); at least one.
+    pub fn with_in_flight(mut self, n: usize) -> WebhookSink {
+        self.in_flight = n.max(1);
+        self
     }
 
     /// POSTs one body carrying `batch` (one event in single mode).
@@ -247,6 +265,14 @@ impl WebhookSink {
             .map(|_| ())
     }
 
+    /// POSTs `batch` as one JSON array.
+    async fn post_array(&self, batch: &[Delivery]) -> Result<(), SinkFailure> {
+        let bodies: Vec<&super::Body> = batch.iter().map(|d| &d.body).collect();
+        let body = serde_json::to_vec(&bodies)
+            .map_err(|e| SinkFailure::permanent(format!("batch does not encode as JSON: {e}")))?;
+        self.post(&array_id(batch), batch, body).await
+    }
+
     async fn post_one(&self, d: &Delivery) -> Result<(), SinkFailure> {
         let body = d.body.as_str().as_bytes().to_vec();
         self.post(&d.event_id, std::slice::from_ref(d), body).await
@@ -261,20 +287,30 @@ impl Sink for WebhookSink {
             }
             let this = &*self;
             match this.config.batch_mode {
-                BatchMode::Array => {
-                    let bodies: Vec<&super::Body> = batch.iter().map(|d| &d.body).collect();
-                    let body = match serde_json::to_vec(&bodies) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            return SendOutcome::Failed(SinkFailure::permanent(format!(
-                                "batch does not encode as JSON: {e}"
-                            )))
-                        }
-                    };
-                    match this.post(&array_id(batch), batch, body).await {
-                        Ok(()) => SendOutcome::Delivered,
-                        Err(f) => SendOutcome::Failed(f),
-                    }
+                BatchMode::Array if this.in_flight > 1 && batch.len() > 1 => {
+                    let chunk = batch.len().div_ceil(this.in_flight);
+                    let posts: Vec<_> = batch.chunks(chunk).map(|c| this.post_array(c)).collect();
+                    let results = futures::future::join_all(posts).await;
+                    let per_item: Vec<_> = batch
+                        .chunks(chunk)
+                        .zip(results)
+                        .flat_map(|(c, r)| std::iter::repeat_n(r, c.len()))
+                        .collect();
+                    http::per_item_outcome(per_item, batch.len())
+                }
+                BatchMode::Array => match this.post_array(batch).await {
+                    Ok(()) => SendOutcome::Delivered,
+                    Err(f) => SendOutcome::Failed(f),
+                },
+                BatchMode::Single if this.in_flight > 1 => {
+                    // Futures start only when polled: `buffered` keeps at
+                    // most `in_flight` of them going.
+                    let posts: Vec<_> = batch.iter().map(|d| this.post_one(d)).collect();
+                    let results = futures::stream::iter(posts)
+                        .buffered(this.in_flight)
+                        .collect::<Vec<_>>()
+                        .await;
+                    http::per_item_outcome(results, batch.len())
                 }
                 BatchMode::Single => http::one_by_one(batch, |d| this.post_one(d)).await,
             }

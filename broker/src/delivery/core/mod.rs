@@ -34,6 +34,12 @@
 //!    as one), stops sending to a dead endpoint for a while and then
 //!    probes it with one event at a time.
 //!
+//! With `ordering = "none"` the sink may have several requests in flight
+//! and report events after a failed one as delivered. Those are kept in
+//! `ahead` and left out of later sends; the cursor still moves only over
+//! the fully delivered prefix, so a restart sends them again at worst
+//! (at-least-once), never skips one.
+//!
 //! The cursor is recorded at most every [`RECORD_INTERVAL`] while events
 //! stream: each record is a Raft entry and a durable commit on every
 //! node. What was delivered but not yet recorded is kept here (delivery
@@ -42,7 +48,7 @@
 //! the interval, and before the node stops cleanly ([`Core::begin_flush`]).
 //! The cursor never runs ahead of the sink (G2, at-least-once).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +57,7 @@ use rand::{Rng, RngCore};
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, BreakerState, Permit};
-use super::config::DestinationConfig;
+use super::config::{DestinationConfig, Ordering};
 use super::mask;
 use super::status::LiveStatus;
 use crate::replicated::delivery::{push_attempt, AttemptRecord, DeliveryCommand, DlqEntry};
@@ -322,6 +328,10 @@ pub struct Core {
     unrecorded: Option<(u64, u64)>,
     /// When the cursor was last recorded.
     last_record: Instant,
+    /// `ordering = "none"`: offsets past the head of line the sink has
+    /// already confirmed, not sent again. Within a batch of the cursor
+    /// (pruned at every read), so bounded by the batch size.
+    ahead: BTreeSet<u64>,
     awaiting: Await,
     input: Option<Input>,
     ops: VecDeque<Op>,
@@ -345,6 +355,7 @@ impl Core {
             replay_attempts: 0,
             unrecorded: None,
             last_record: now,
+            ahead: BTreeSet::new(),
             awaiting: Await::Nothing,
             input: None,
             ops: VecDeque::new(),
@@ -826,6 +837,12 @@ impl Core {
             Ok(b) => b,
             Err(reason) => return self.trouble(now, reason),
         };
+        if !self.ahead.is_empty() {
+            // What the sink confirmed after an earlier failure is not sent
+            // again; what is below the cursor is done with.
+            self.ahead = self.ahead.split_off(&events[0].offset);
+            batch.retain(|d| !self.ahead.contains(&d.offset));
+        }
         if batch.is_empty() {
             return self.advance(replicated, last + 1, 0, now);
         }
@@ -890,6 +907,9 @@ impl Core {
         latency_ms: u64,
         now: Now,
     ) {
+        if self.dest.ordering == Ordering::None {
+            self.keep_ahead(batch, &results);
+        }
         let Classified {
             delivered,
             refused,
@@ -938,6 +958,30 @@ impl Core {
                 }
                 self.retry_or_park(&batch[i], f, latency_ms);
             }
+        }
+    }
+
+    /// `ordering = "none"`: remembers the items the sink confirmed after
+    /// the first retryable failure, so they are not sent again.
+    fn keep_ahead(&mut self, batch: &[Delivery], results: &[Result<(), SinkFailure>]) {
+        let Some(first) = results
+            .iter()
+            .position(|r| matches!(r, Err(f) if f.is_retryable()))
+        else {
+            return;
+        };
+        let before = self.ahead.len();
+        for (d, r) in batch.iter().zip(results).skip(first + 1) {
+            if r.is_ok() {
+                self.ahead.insert(d.offset);
+            }
+        }
+        let went = (self.ahead.len() - before) as u64;
+        if went > 0 {
+            self.emit(Effect::Status(StatusChange {
+                delivered: went,
+                ..StatusChange::default()
+            }));
         }
     }
 
@@ -996,16 +1040,28 @@ impl Core {
     /// [`requests_of`]. The planted per-batch breaker counts the send as
     /// one request instead.
     fn count_requests(&mut self, outcome: &SendOutcome, len: usize, now: Now) {
-        let (successes, failed) = requests_of(outcome, len);
-        if self.breaker.per_batch() {
-            self.breaker.record(u64::from(!failed), failed, now.at);
+        let (successes, failed) = if self.dest.in_flight() > 1 {
+            concurrent_requests_of(outcome, len)
         } else {
-            self.breaker.record(successes, failed, now.at);
+            let (successes, failed) = requests_of(outcome, len);
+            (successes, u64::from(failed))
+        };
+        if self.breaker.per_batch() {
+            self.breaker
+                .record(u64::from(failed == 0), failed > 0, now.at);
+        } else {
+            // Concurrent answers have no order: successes first, so the
+            // failures count as consecutive (the breaker errs towards
+            // opening on a dead endpoint).
+            self.breaker.record(successes, false, now.at);
+            for _ in 0..failed {
+                self.breaker.record(0, true, now.at);
+            }
         }
         self.emit(Effect::Status(StatusChange {
             at: Some(now.wall),
-            requests: successes + u64::from(failed),
-            failed_requests: u64::from(failed),
+            requests: successes + failed,
+            failed_requests: failed,
             breaker: Some(self.breaker.state(now.at)),
             ..StatusChange::default()
         }));
@@ -1223,6 +1279,31 @@ fn requests_of(outcome: &SendOutcome, len: usize) -> (u64, bool) {
             // Fewer results than items: the rest are missing, which the
             // stream treats as a retryable failure.
             (answered, results.len() < len)
+        }
+    }
+}
+
+/// Like [`requests_of`], for a sink with several requests in flight:
+/// every item's result is a request of its own (answered, failed
+/// retryably), since the ones after a failure were sent too. A whole
+/// batch failed is one failed request.
+fn concurrent_requests_of(outcome: &SendOutcome, len: usize) -> (u64, u64) {
+    match outcome {
+        SendOutcome::PerItem(results) => {
+            let failed = results
+                .iter()
+                .take(len)
+                .filter(|r| matches!(r, Err(f) if f.is_retryable()))
+                .count() as u64;
+            let answered = results.len().min(len) as u64 - failed;
+            (
+                answered,
+                failed + (len.saturating_sub(results.len()) > 0) as u64,
+            )
+        }
+        other => {
+            let (answered, failed) = requests_of(other, len);
+            (answered, u64::from(failed))
         }
     }
 }

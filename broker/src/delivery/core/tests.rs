@@ -352,6 +352,35 @@ fn cases() -> Vec<Case> {
             replay: None,
         },
         Case {
+            name: "unordered: items confirmed after a failed one are not sent again",
+            config: "ordering = \"none\"\nmax_in_flight = 4",
+            events: 4,
+            setup: no_state,
+            outcomes: vec![
+                SendOutcome::PerItem(vec![Ok(()), Err(retryable("busy")), Ok(())]),
+                SendOutcome::Delivered,
+            ],
+            steps: 3,
+            early: &[],
+            show_status: false,
+            expect: &[
+                "send 0,1,2",
+                // The cursor moves over the delivered prefix only.
+                "advance 1",
+                "wait 2ms",
+                // 2 was confirmed: the retry sends 1 and what comes after
+                // the batch.
+                "send 1,3",
+                "now",
+                "idle 97ms",
+                "record 4",
+                "now",
+            ],
+            cursor: 4,
+            dlq: &[],
+            replay: None,
+        },
+        Case {
             name: "permanent per-item failure is parked, the rest goes through",
             config: "",
             events: 3,
