@@ -4,9 +4,8 @@
 //! Each round injects, one after the other, on a node chosen in turn:
 //! `kill -9` and a restart; a freeze (`docker pause`, the cgroup freezer:
 //! SIGSTOP for every thread) and a thaw; a cut off the network (`docker
-//! network disconnect`) and a reconnect; and, once the broker survives it
-//! ([`WIPE_DATA_DIR`]), a `kill -9` whose node restarts with an empty data
-//! directory. After every fault the two other nodes must go on
+//! network disconnect`) and a reconnect; and ([`WIPE_DATA_DIR`]) a
+//! `kill -9` whose node restarts with an empty data directory. After every fault the two other nodes must go on
 //! acknowledging appends, and the faulty node must come back into
 //! agreement. At the end every acknowledged event must be on every node at
 //! its acknowledged offset with its acknowledged hash, each partition's
@@ -31,12 +30,12 @@ const PROGRESS: usize = 200;
 /// Rounds of `AUDITFLOW_SLOW=1`.
 const SLOW_ROUNDS: usize = 5;
 
-/// Whether the loop includes the wiped data directory. A node that starts
-/// with no data votes at once as a fresh member today and can cost
-/// acknowledged events (issue 27 point 1); the rejoin-as-learner that makes
-/// it safe is on its way (branch `identity`). Flip this to `true` once it
-/// is merged; until then `AUDITFLOW_DOCKER_WIPE=1` runs the step anyway.
-const WIPE_DATA_DIR: bool = false;
+/// Whether the loop includes the wiped data directory: a node that
+/// starts with no data rejoins as a learner and is promoted once caught
+/// up (`partition::rejoin`), so it never votes with what it forgot.
+/// `AUDITFLOW_DOCKER_WIPE=0` leaves the step out (to tell a wipe failure
+/// from another one).
+const WIPE_DATA_DIR: bool = true;
 
 /// One fault of a round.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +51,11 @@ enum Fault {
 }
 
 fn wipe_enabled() -> bool {
-    WIPE_DATA_DIR || std::env::var_os("AUDITFLOW_DOCKER_WIPE").is_some_and(|v| v == "1")
+    match std::env::var("AUDITFLOW_DOCKER_WIPE").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => WIPE_DATA_DIR,
+    }
 }
 
 /// Waits until every node answers and all agree on every partition's
