@@ -44,6 +44,57 @@ async fn rss_bytes(http: &reqwest::Client, addr: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{url} has no process_resident_memory_bytes"))
 }
 
+/// How long the read-back of one partition keeps trying replicas that do
+/// not answer or do not hold the acknowledged offsets yet.
+const READ_BACK_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Partition `p`'s stored events below offset `end`: (id, hash) by offset.
+///
+/// Any node answers a read from its own replica, which may lag (a
+/// follower that has not applied the last entries yet, or one a
+/// livelocked leader cannot catch up) or not answer at all under this
+/// load. Reading from whichever node the client took for the leader and
+/// stopping at its first empty page reported events as missing that the
+/// other replicas held. So each page is asked of the leader first and
+/// then of the other nodes, in rounds a second apart, until some replica
+/// serves it or [`READ_BACK_PATIENCE`] has passed.
+async fn read_back(
+    check: &Client,
+    p: u32,
+    end: u64,
+) -> BTreeMap<u64, (String, auditflow_protocol::Hash32)> {
+    let mut stored = BTreeMap::new();
+    let deadline = Instant::now() + READ_BACK_PATIENCE;
+    let mut from = 0;
+    while from < end && Instant::now() < deadline {
+        let mut nodes = Vec::new();
+        if let Ok(meta) = check.metadata().await {
+            let leader = meta.leaders.get(p as usize).copied().flatten();
+            nodes = meta.nodes;
+            nodes.sort_by_key(|n| Some(n.id) != leader);
+        }
+        let mut progressed = false;
+        for node in &nodes {
+            let Ok(page) = check.read_from(&node.addr, p, from, 1000, 0).await else {
+                continue;
+            };
+            if page.events.is_empty() {
+                continue;
+            }
+            for e in page.events {
+                stored.insert(e.offset, (e.event.id, e.hash));
+            }
+            from = page.next_offset;
+            progressed = true;
+            break;
+        }
+        if !progressed {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    stored
+}
+
 /// Runs `clients` clients appending `workload.events` events of
 /// `workload.size` bytes in all, then checks them; prints the report.
 pub async fn run(
@@ -148,28 +199,19 @@ pub async fn run(
             .or_default()
             .push((ack.offset, id, ack));
     }
+    let read_started = Instant::now();
     let mut missing = 0usize;
     for (p, mut want) in per_partition {
         want.sort_unstable_by_key(|(o, _, _)| *o);
-        let mut stored = BTreeMap::new();
         let end = want.last().map_or(0, |(o, _, _)| o + 1);
-        let mut from = 0;
-        while from < end {
-            let page = check.read(p, from, 1000).await.context("read back")?;
-            if page.events.is_empty() {
-                break;
-            }
-            for e in page.events {
-                stored.insert(e.offset, (e.event.id, e.hash));
-            }
-            from = page.next_offset;
-        }
+        let stored = read_back(check, p, end).await;
         for (offset, id, ack) in want {
             if stored.get(&offset) != Some(&(id.clone(), ack.hash)) {
                 missing += 1;
             }
         }
     }
+    let read_s = read_started.elapsed().as_secs_f64();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
         "memory bench: {clients} clients, {} events of {} bytes in {:.1} s ({:.0} events/s, {:.1} MiB/s)",
@@ -189,7 +231,7 @@ pub async fn run(
         );
     }
     println!(
-        "  acknowledged events stored at their acked offset with their hash: {} of {}",
+        "  acknowledged events stored at their acked offset with their hash: {} of {} (read back in {read_s:.1} s)",
         acked.len() - missing,
         acked.len()
     );
