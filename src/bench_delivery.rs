@@ -184,16 +184,23 @@ async fn bench(args: DeliveryBenchArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// Connects to the cluster in `dir` with room for the benchmark's
+/// appends in flight, once its leaders have settled.
+async fn connect(dir: &std::path::Path) -> anyhow::Result<Client> {
+    let mut cfg = auditflow_client::ClientConfig::load(&dir.join("client.toml"))?;
+    cfg.max_in_flight = cfg.max_in_flight.max(APPEND_BATCH * APPEND_WINDOW);
+    let client = Client::connect(cfg).await?;
+    wait_for_leaders(&client).await?;
+    Ok(client)
+}
+
 async fn phases(
     args: &DeliveryBenchArgs,
     dir: &std::path::Path,
     receiver: &Receiver,
     children: &[tokio::process::Child],
 ) -> anyhow::Result<ExitCode> {
-    let mut cfg = auditflow_client::ClientConfig::load(&dir.join("client.toml"))?;
-    cfg.max_in_flight = cfg.max_in_flight.max(APPEND_BATCH * APPEND_WINDOW);
-    let client = Client::connect(cfg).await?;
-    wait_for_leaders(&client).await?;
+    let client = connect(dir).await?;
     let run = format!("{:x}", std::process::id());
 
     // Live phase.
@@ -269,10 +276,7 @@ async fn flaky_phases(
     dir: &std::path::Path,
     receiver: &Receiver,
 ) -> anyhow::Result<ExitCode> {
-    let mut cfg = auditflow_client::ClientConfig::load(&dir.join("client.toml"))?;
-    cfg.max_in_flight = cfg.max_in_flight.max(APPEND_BATCH * APPEND_WINDOW);
-    let client = Client::connect(cfg).await?;
-    wait_for_leaders(&client).await?;
+    let client = connect(dir).await?;
     let run = format!("{:x}", std::process::id());
     let mut shares = vec![0u32];
     shares.extend(

@@ -112,27 +112,6 @@ async fn statuses(
     (rows.len() == partitions as usize).then(|| rows.into_values().collect())
 }
 
-/// Resident memory of a process (KiB).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn node_pids(cluster: &Cluster) -> Vec<u32> {
-    cluster
-        .nodes
-        .iter()
-        .map(|n| n.child.as_ref().expect("node running").id())
-        .collect()
-}
-
 /// Requests the receiver has had, by partition, with their gaps to the
 /// previous request of that partition.
 fn requests_by_partition(receiver: &Receiver) -> BTreeMap<u32, Vec<Duration>> {
@@ -226,7 +205,7 @@ async fn breaker_opens_probes_and_closes() {
         },
     )
     .await;
-    let rss_before: Vec<u64> = node_pids(&cluster).into_iter().map(rss_kib).collect();
+    let rss_before = cluster.rss_kib();
 
     wait_until(
         "every partition to have had more probes",
@@ -241,7 +220,7 @@ async fn breaker_opens_probes_and_closes() {
         },
     )
     .await;
-    let rss_after: Vec<u64> = node_pids(&cluster).into_iter().map(rss_kib).collect();
+    let rss_after = cluster.rss_kib();
     let open_floor = Duration::from_millis(OPEN_MS * 9 / 10);
     for (p, gaps) in requests_by_partition(&receiver) {
         let opened_at = gaps
@@ -354,11 +333,7 @@ async fn flaky_receiver_with_kills_and_pauses() {
 
     // Another node paused while a chunk is appended, then resumed.
     let paused = (victim + 1) % cluster.nodes.len();
-    let pid = cluster.nodes[paused]
-        .child
-        .as_ref()
-        .expect("node running")
-        .id();
+    let pid = cluster.pid(paused);
     signal(pid, libc::SIGSTOP);
     acked.extend(append_range(&client, 3 * chunk, 4 * chunk).await);
     signal(pid, libc::SIGCONT);

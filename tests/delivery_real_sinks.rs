@@ -161,27 +161,6 @@ fn wanted(name: &str, acked: &BTreeMap<String, (u32, u64)>) -> BTreeSet<String> 
         .collect()
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn cluster_rss_kib(cluster: &Cluster) -> Vec<u64> {
-    cluster
-        .nodes
-        .iter()
-        .map(|n| n.child.as_ref().map_or(0, |c| rss_kib(c.id())))
-        .collect()
-}
-
 /// Rows of the PostgreSQL destination, in the order they were inserted.
 async fn pg_rows(pg: &postgres::PgServer) -> Option<Vec<(String, u32, u64, String)>> {
     let admin = pg.admin_try().await?;
@@ -300,7 +279,7 @@ async fn events_reach_syslog_postgres_s3_and_webhook_filtered_masked_in_order() 
 
     // PostgreSQL goes down; the second half is appended.
     pg.stop();
-    let rss_before = cluster_rss_kib(&cluster);
+    let rss_before = cluster.rss_kib();
     acked.extend(append_range(&client, EVENTS / 2, EVENTS).await);
     assert_eq!(acked.len() as u64, EVENTS);
 
@@ -363,7 +342,7 @@ async fn events_reach_syslog_postgres_s3_and_webhook_filtered_masked_in_order() 
     );
     // Memory stays flat while the backlog builds: delivery reads from
     // redb in batches and never holds the backlog.
-    let rss_after = cluster_rss_kib(&cluster);
+    let rss_after = cluster.rss_kib();
     eprintln!("pg backlog {pg_lag} events; node RSS KiB before {rss_before:?} after {rss_after:?}");
     for (before, after) in rss_before.iter().zip(&rss_after) {
         assert!(

@@ -292,6 +292,18 @@ impl Cluster {
         node.child = Some(child);
     }
 
+    /// The process id of node `i`, which must be running.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.nodes[i].child.as_ref().expect("node running").id()
+    }
+
+    /// Resident memory of every node (KiB), all of which must be running.
+    pub fn rss_kib(&self) -> Vec<u64> {
+        (0..self.nodes.len())
+            .map(|i| rss_kib(self.pid(i)))
+            .collect()
+    }
+
     /// kill -9 node `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
@@ -432,6 +444,19 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// Resident memory of a process (KiB); 0 if it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Sends `sig` to `pid`.
