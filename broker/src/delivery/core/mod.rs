@@ -29,7 +29,8 @@
 //!    refused is narrowed to single events to find the bad one). The
 //!    first retry of an item comes after a few jittered milliseconds;
 //!    backoff grows only while the same item keeps failing, and what was
-//!    delivered before it is recorded at once. A circuit breaker
+//!    delivered before it is never sent again (recorded with the record
+//!    cadence below). A circuit breaker
 //!    ([`super::breaker`]) counts every request of a send (not the send
 //!    as one), stops sending to a dead endpoint for a while and then
 //!    probes it with one event at a time.
@@ -43,9 +44,11 @@
 //! The cursor is recorded at most every [`RECORD_INTERVAL`] while events
 //! stream: each record is a Raft entry and a durable commit on every
 //! node. What was delivered but not yet recorded is kept here (delivery
-//! continues after it) and recorded when the interval has passed, at once
-//! when a send fails, when the stream has been caught up for the rest of
-//! the interval, and before the node stops cleanly ([`Core::begin_flush`]).
+//! continues after it) and recorded when the interval has passed (after a
+//! success or a failure alike, so a head of line that keeps failing has
+//! the progress before it recorded within its first backoffs), when the
+//! stream has been caught up for the rest of the interval, and before the
+//! node stops cleanly ([`Core::begin_flush`]).
 //! The cursor never runs ahead of the sink (G2, at-least-once).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -872,7 +875,7 @@ impl Core {
             SendOutcome::Delivered => self.advance(replicated, last + 1, batch.len() as u64, now),
             SendOutcome::Failed(f) if f.is_retryable() => {
                 let head = &batch[0];
-                self.retry_or_park(head, f, latency_ms);
+                self.retry_or_park(head, f, latency_ms, now);
             }
             SendOutcome::Failed(f) => {
                 if batch.len() > 1 {
@@ -892,17 +895,23 @@ impl Core {
                 self.then(Change::ParkedAndAdvanced(f.message));
                 self.done(Resume::Now);
             }
-            SendOutcome::PerItem(results) => self.per_item(&batch, results, last, latency_ms, now),
+            SendOutcome::PerItem(results) => {
+                self.per_item(&batch, results, replicated, last, latency_ms, now)
+            }
         }
     }
 
     /// Live stream: one result per item. Delivered items and refused ones
     /// (parked) move the stream on up to the first retryable failure,
-    /// which becomes the head of line.
+    /// which becomes the head of line. The delivered prefix is never sent
+    /// again; it is recorded with the record cadence like any delivery
+    /// (a Raft round per transient failure would halve the throughput
+    /// through a sink failing 5 % of requests), a parked one at once.
     fn per_item(
         &mut self,
         batch: &[Delivery],
         results: Vec<Result<(), SinkFailure>>,
+        replicated: u64,
         last: u64,
         latency_ms: u64,
         now: Now,
@@ -942,13 +951,11 @@ impl Core {
                 ..StatusChange::default()
             }));
         } else if next_offset > batch[0].offset {
-            self.emit(Effect::Propose(DeliveryCommand::Advance {
-                dest: self.dest.name.clone(),
-                next_offset,
-            }));
+            self.unrecorded = Some((replicated, next_offset));
         }
         match blocked {
             None => {
+                self.record_due(now);
                 self.then(Change::Succeeded(delivered));
                 self.done(Resume::Now);
             }
@@ -956,7 +963,7 @@ impl Core {
                 if i > 0 || delivered > 0 {
                     self.then(Change::ResetHead);
                 }
-                self.retry_or_park(&batch[i], f, latency_ms);
+                self.retry_or_park(&batch[i], f, latency_ms, now);
             }
         }
     }
@@ -985,11 +992,14 @@ impl Core {
         }
     }
 
-    /// A retryable failure of the head-of-line item: the stream stalls
-    /// here, so what went through before is recorded now; then back off,
-    /// or park the head once the policy gives up ([`Change::Failure`]).
-    fn retry_or_park(&mut self, head: &Delivery, failure: SinkFailure, latency_ms: u64) {
-        self.record_ops();
+    /// A retryable failure of the head-of-line item: what went through
+    /// before is recorded if the record interval has passed (so a head
+    /// that keeps failing, backing off for longer each time, has the
+    /// stream's progress recorded by its second or third attempt, while a
+    /// one-off failure costs no Raft round); then back off, or park the
+    /// head once the policy gives up ([`Change::Failure`]).
+    fn retry_or_park(&mut self, head: &Delivery, failure: SinkFailure, latency_ms: u64, now: Now) {
+        self.record_due(now);
         self.then(Change::Failure {
             offset: head.offset,
             event_id: head.event_id.clone(),
@@ -1003,11 +1013,17 @@ impl Core {
     /// unless the cursor was recorded less than [`RECORD_INTERVAL`] ago.
     fn advance(&mut self, replicated: u64, next_offset: u64, delivered: u64, now: Now) {
         self.unrecorded = Some((replicated, next_offset));
+        self.record_due(now);
+        self.then(Change::Succeeded(delivered));
+        self.done(Resume::Now);
+    }
+
+    /// Records what is unrecorded if the cursor was last recorded at least
+    /// [`RECORD_INTERVAL`] ago.
+    fn record_due(&mut self, now: Now) {
         if now.at.saturating_duration_since(self.last_record) >= RECORD_INTERVAL {
             self.record_ops();
         }
-        self.then(Change::Succeeded(delivered));
-        self.done(Resume::Now);
     }
 
     /// Asks the breaker whether `batch` may go: while it is open the step
