@@ -4,9 +4,13 @@
 //! The first retry of an item is cheap: a transient failure (one 503 from
 //! a busy load balancer) is retried after a few jittered milliseconds
 //! ([`RetryPolicy::first_retry_ms`]), not after the destination's full
-//! backoff unit. The exponential schedule starts only from the second
-//! failure of the same item, so a flaky endpoint costs little and a dead
-//! one is still backed off (issue 33).
+//! backoff unit. While the same item keeps failing the bound doubles
+//! (by the multiplier) from there, 5, 10, 20, 40, 80 ms with the
+//! defaults, and then goes on from [`RetryPolicy::initial_ms`]: 100,
+//! 200, ... ms. So an item that fails twice at a 5 % error rate (one in
+//! twenty of the failures) costs a few milliseconds more, not 50 on
+//! average, and a dead endpoint is still backed off, after its breaker
+//! has opened on the tenth failure in a row (issue 33).
 
 use std::time::Duration;
 
@@ -20,7 +24,8 @@ pub struct RetryPolicy {
     /// one-off transient failure costs milliseconds.
     #[serde(default = "default_first_retry_ms")]
     pub first_retry_ms: u64,
-    /// Delay bound after the second failure of the same item.
+    /// Delay bound once the quick retries (from `first_retry_ms`,
+    /// growing by `multiplier`) have reached it; it grows from here.
     #[serde(default = "default_initial_ms")]
     pub initial_ms: u64,
     /// Growth per attempt.
@@ -80,17 +85,36 @@ impl RetryPolicy {
     }
 
     /// Upper bound of the delay after the `attempt`-th failure (1-based):
-    /// `first_retry` after the first, then `initial *
-    /// multiplier^(attempt-2)`, capped at `max`.
+    /// `first_retry * multiplier^(attempt-1)` while that is below
+    /// `initial` (the quick retries), then `initial *
+    /// multiplier^(attempt-1-quick)`, capped at `max`.
     pub fn bound(&self, attempt: u32) -> Duration {
-        if attempt <= 1 {
-            return Duration::from_millis(self.first_retry_ms.min(self.max_ms));
+        let attempt = attempt.max(1);
+        let quick = self.quick_retries();
+        let ms = if attempt <= quick {
+            self.first_retry_ms as f64 * self.multiplier.powi((attempt - 1) as i32)
+        } else {
+            let exp = (attempt - 1 - quick).min(64) as i32;
+            // A first retry configured above `initial` is not undercut.
+            (self.initial_ms as f64 * self.multiplier.powi(exp)).max(self.first_retry_ms as f64)
+        };
+        Duration::from_millis(ms.min(self.max_ms as f64) as u64)
+    }
+
+    /// How many retries are quick: those whose bound, growing from
+    /// `first_retry` by `multiplier`, stays below `initial` (at least the
+    /// first; at most 16, and just the first when the bound cannot grow).
+    fn quick_retries(&self) -> u32 {
+        if self.first_retry_ms == 0 || self.multiplier <= 1.0 {
+            return 1;
         }
-        let exp = self
-            .multiplier
-            .powi(attempt.saturating_sub(2).min(64) as i32);
-        let ms = (self.initial_ms as f64 * exp).min(self.max_ms as f64);
-        Duration::from_millis(ms as u64)
+        let mut n = 1;
+        let mut next = self.first_retry_ms as f64 * self.multiplier;
+        while n < 16 && next < self.initial_ms as f64 {
+            n += 1;
+            next *= self.multiplier;
+        }
+        n
     }
 
     /// The delay after the `attempt`-th failure with full jitter: uniform
@@ -133,8 +157,12 @@ mod tests {
         fn the_first_retry_is_cheap_and_backoff_grows_after(unit in 0.0f64..1.0) {
             let p = RetryPolicy::default();
             prop_assert!(p.delay(1, unit, None) <= Duration::from_millis(p.first_retry_ms));
-            prop_assert_eq!(p.bound(2), Duration::from_millis(p.initial_ms));
-            prop_assert_eq!(p.bound(3), Duration::from_millis(2 * p.initial_ms));
+        }
+
+        #[test]
+        fn bounds_never_shrink(attempt in 1u32..100, first in 0u64..500, initial in 1u64..1000, mult in 1.0f64..4.0) {
+            let p = RetryPolicy { first_retry_ms: first, initial_ms: initial, multiplier: mult, max_ms: 1_000_000, ..RetryPolicy::default() };
+            prop_assert!(p.bound(attempt) <= p.bound(attempt + 1));
         }
 
         #[test]
@@ -143,6 +171,20 @@ mod tests {
             let d = p.delay(1, 0.0, Some(Duration::from_millis(hint_ms)));
             prop_assert_eq!(d, Duration::from_millis(hint_ms.min(p.max_ms)));
         }
+    }
+
+    #[test]
+    fn quick_retries_grow_to_the_backoff_unit() {
+        let p = RetryPolicy::default();
+        let bounds: Vec<u128> = (1..=8).map(|a| p.bound(a).as_millis()).collect();
+        assert_eq!(bounds, [5, 10, 20, 40, 80, 100, 200, 400]);
+        let flat = RetryPolicy {
+            multiplier: 1.0,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(flat.bound(1).as_millis(), 5);
+        assert_eq!(flat.bound(2).as_millis(), 100);
+        assert_eq!(flat.bound(9).as_millis(), 100);
     }
 
     #[test]

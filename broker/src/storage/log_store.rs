@@ -199,24 +199,78 @@ impl RaftLogReader<TypeConfig> for LogStore {
     /// from 144, and the follower's debug assertion fired). Nothing is
     /// returned then; openraft sends a heartbeat in its place, and the task
     /// is dropped with its session.
+    ///
+    /// At most [`MAX_APPEND_ENTRIES_BYTES`] (at least one entry), read a
+    /// growing chunk at a time: openraft asks for up to
+    /// `max_payload_entries` (300) entries, which with 4 MiB entries of
+    /// 64 KiB events was over a gigabyte decoded for one lagging follower,
+    /// and an AppendEntries that cannot cross within its timeout (the
+    /// heartbeat interval in openraft 0.9) is sent again and again.
     async fn limited_get_log_entries(
         &mut self,
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry>, StorageError> {
-        let mut entries = self.try_get_log_entries(start..end).await?;
-        let run = contiguous_from(start, &entries);
-        if run < entries.len() {
-            warn!(
-                partition = self.partition,
-                start,
-                end,
-                first = entries.first().map(|e| e.log_id.index),
-                "raft log: entries from {start} are gone (purged); replication sends {run} of them"
-            );
-            entries.truncate(run);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = start;
+        let mut chunk = 1u64;
+        while next < end {
+            let hi = next.saturating_add(chunk).min(end);
+            let got = self.try_get_log_entries(next..hi).await?;
+            let run = contiguous_from(next, &got);
+            if run < got.len() {
+                warn!(
+                    partition = self.partition,
+                    start,
+                    end,
+                    first = got.first().map(|e| e.log_id.index),
+                    "raft log: entries from {next} are gone (purged); replication sends {} of them",
+                    entries.len() + run
+                );
+            }
+            let complete = run as u64 == hi - next;
+            for e in got.into_iter().take(run) {
+                let size = entry_bytes(&e);
+                if !entries.is_empty() && bytes.saturating_add(size) > MAX_APPEND_ENTRIES_BYTES {
+                    return Ok(entries);
+                }
+                bytes = bytes.saturating_add(size);
+                entries.push(e);
+            }
+            if !complete || bytes >= MAX_APPEND_ENTRIES_BYTES {
+                break;
+            }
+            next = hi;
+            // Grow towards what the rest of the budget holds at the size
+            // seen so far, so small entries take a few reads, large ones
+            // are not read only to be dropped.
+            let average = (bytes / entries.len().max(1)).max(1);
+            let fits = ((MAX_APPEND_ENTRIES_BYTES - bytes) / average).max(1) as u64;
+            chunk = chunk.saturating_mul(2).min(fits);
         }
         Ok(entries)
+    }
+}
+
+/// Most bytes (by [`entry_bytes`]) one AppendEntries carries, beyond its
+/// first entry: one full append batch (`limits.max_batch_bytes`, 4 MiB by
+/// default) crosses loopback or a LAN and is written well within the
+/// 150 ms RPC timeout; more only makes a resend costlier.
+pub const MAX_APPEND_ENTRIES_BYTES: usize = 4 * 1024 * 1024;
+
+/// About how many bytes `entry` takes encoded: its events' canonical
+/// bytes plus a small allowance per event and per entry.
+pub fn entry_bytes(entry: &Entry) -> usize {
+    const ENTRY_OVERHEAD: usize = 64;
+    const EVENT_OVERHEAD: usize = 16;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(crate::storage::types::Command::Append {
+            events, ..
+        }) => events.iter().fold(ENTRY_OVERHEAD, |n, e| {
+            n.saturating_add(auditflow_protocol::canonical::encoded_len(e) + EVENT_OVERHEAD)
+        }),
+        _ => ENTRY_OVERHEAD,
     }
 }
 

@@ -448,6 +448,51 @@ async fn replication_reads_only_an_unbroken_run_from_the_start() {
     );
 }
 
+#[tokio::test]
+async fn replication_reads_are_capped_in_bytes() {
+    use crate::storage::log_store::{entry_bytes, MAX_APPEND_ENTRIES_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let mut log = store.log_store(0);
+    // Twelve entries of about 1 MiB: replication asks for all of them.
+    for i in 1..=12u64 {
+        let first = (i as usize) * 1000;
+        log.blocking_append([sized_entry(i, first..first + 1000)])
+            .await
+            .unwrap();
+    }
+    let one = entry_bytes(&sized_entry(1, 0..1000));
+    assert!(
+        one > 1_000_000 && one < MAX_APPEND_ENTRIES_BYTES / 3,
+        "{one}"
+    );
+    let sent = log.limited_get_log_entries(1, 13).await.unwrap();
+    let bytes: usize = sent.iter().map(entry_bytes).sum();
+    assert_eq!(sent.len(), MAX_APPEND_ENTRIES_BYTES / one);
+    assert!(bytes <= MAX_APPEND_ENTRIES_BYTES);
+    let indexes: Vec<u64> = sent.iter().map(|e| e.log_id.index).collect();
+    assert_eq!(indexes, (1..=sent.len() as u64).collect::<Vec<_>>());
+    // An entry larger than the cap still goes, alone.
+    log.blocking_append([sized_entry(13, 100_000..105_000)])
+        .await
+        .unwrap();
+    let big = log.limited_get_log_entries(13, 14).await.unwrap();
+    assert_eq!(big.len(), 1);
+    assert!(entry_bytes(&big[0]) > MAX_APPEND_ENTRIES_BYTES);
+}
+
+#[tokio::test]
+async fn replication_reads_small_entries_whole() {
+    // Read in growing chunks, all of openraft's range.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.redb")).unwrap();
+    let mut log = store.log_store(0);
+    append_entries(&mut log, 1..=300).await;
+    let sent = log.limited_get_log_entries(1, 301).await.unwrap();
+    let indexes: Vec<u64> = sent.iter().map(|e| e.log_id.index).collect();
+    assert_eq!(indexes, (1..=300).collect::<Vec<_>>());
+}
+
 /// An entry appending events `numbers` of about 1 KiB each.
 fn sized_entry(index: u64, numbers: std::ops::Range<usize>) -> Entry {
     let events: Vec<_> = numbers

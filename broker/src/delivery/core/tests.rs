@@ -419,20 +419,46 @@ fn cases() -> Vec<Case> {
             show_status: false,
             expect: &[
                 "send 0,1,2",
-                // Bounds 5, 100, 200 ms (jitter 0.5) for the same item.
+                // Bounds 5, 10, 20 ms (jitter 0.5) for the same item.
                 "wait 2ms",
                 "send 0,1,2",
-                "wait 50ms",
+                "wait 5ms",
                 "send 0,1,2",
-                "wait 100ms",
+                "wait 10ms",
                 "send 0,1,2",
-                // The interval has passed: the prefix is recorded.
-                "record 1",
                 // A new head of line: cheap again.
                 "wait 2ms",
                 "send 1,2",
                 "now",
-                "idle 97ms",
+                "idle 80ms",
+                "record 3",
+                "now",
+            ],
+            cursor: 3,
+            dlq: &[],
+            replay: None,
+        },
+        Case {
+            name: "a head that keeps failing: the prefix is recorded once the interval passed",
+            config: "retry = { first_retry_ms = 240 }",
+            events: 3,
+            setup: no_state,
+            outcomes: vec![
+                SendOutcome::PerItem(vec![Ok(()), Err(retryable("busy")), Err(retryable("busy"))]),
+                SendOutcome::Failed(retryable("busy")),
+            ],
+            steps: 3,
+            early: &[],
+            show_status: false,
+            expect: &[
+                "send 0,1,2",
+                "wait 120ms",
+                "send 1,2",
+                // 120 ms since the last record: the prefix is recorded
+                // before the next backoff.
+                "record 1",
+                "wait 120ms",
+                "send 1,2",
                 "record 3",
                 "now",
             ],
