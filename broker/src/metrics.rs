@@ -96,6 +96,10 @@ pub const LEADER_HANDOVERS_TOTAL: &str = "auditflow_leader_handovers_total";
 /// Connections to a peer this node dropped and dialled again because RPCs
 /// on them kept timing out (`net::peer`), by `peer` id.
 pub const PEER_REDIALS_TOTAL: &str = "auditflow_peer_redials_total";
+/// Runs of RPCs to a peer that kept timing out while its connection still
+/// received datagrams: a slow (overloaded) peer, kept rather than redialled
+/// (`net::peer`), by `peer` id.
+pub const PEER_SLOW_TIMEOUT_RUNS_TOTAL: &str = "auditflow_peer_slow_timeout_runs_total";
 
 /// How often [`run_sampler`] samples Raft and delivery state: well under
 /// a typical 10–15 s scrape interval, and cheap (a metrics borrow and a
@@ -238,6 +242,11 @@ pub fn describe() {
         RAFT_LOG_DAMAGED_PARTITIONS,
         Unit::Count,
         "Partitions whose Raft log is damaged and not yet repaired from their leader: they neither vote nor serve reads."
+    );
+    describe_counter!(
+        PEER_SLOW_TIMEOUT_RUNS_TOTAL,
+        Unit::Count,
+        "Runs of RPCs to a peer that timed out several times in a row while the connection still received data (a slow peer, not redialled), by peer id."
     );
     describe_counter!(
         PEER_REDIALS_TOTAL,

@@ -13,7 +13,7 @@ use auditflow_framing::{read_frame, write_frame};
 use auditflow_protocol::frame;
 use futures::future::BoxFuture;
 
-use crate::metrics::PEER_REDIALS_TOTAL;
+use crate::metrics::{PEER_REDIALS_TOTAL, PEER_SLOW_TIMEOUT_RUNS_TOTAL};
 use crate::partition::transport::{
     PeerEnvelope, PeerResponse, RaftTransport, TransportFailure, MAX_PEER_FRAME_BYTES,
     PEER_PROTOCOL_VERSION,
@@ -32,7 +32,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// but not if it came back with another key (a rotated certificate): the
 /// old connection then looks alive until its 5 s idle timeout, longer than
 /// a restarted follower waits before it campaigns. A live but slow peer
-/// costs one handshake.
+/// costs nothing: a connection that received datagrams since the first of
+/// those timeouts (the peer's QUIC stack acknowledges what it is sent even
+/// while its node is too busy to answer in time, as under overload) is
+/// kept. Dropping it would fail every group's RPCs in flight on it and
+/// pile resends onto the busy peer.
 const TIMEOUTS_BEFORE_REDIAL: u32 = 3;
 
 /// State of the connection to one peer.
@@ -48,7 +52,14 @@ struct PeerSlot {
 struct Peer {
     slot: tokio::sync::Mutex<PeerSlot>,
     timeouts: std::sync::atomic::AtomicU32,
+    /// Datagrams the connection had received at the first timeout of the
+    /// current run ([`UNKNOWN_RX`] if it could not be read then).
+    rx_at_first_timeout: std::sync::atomic::AtomicU64,
 }
+
+/// [`Peer::rx_at_first_timeout`] when the count could not be read: the
+/// connection is judged by its timeouts alone.
+const UNKNOWN_RX: u64 = u64::MAX;
 
 /// [`RaftTransport`] over QUIC: one lazily (re)established connection per
 /// peer, shared by all groups.
@@ -200,7 +211,17 @@ impl QuicPeers {
         };
         match result {
             Err(TransportFailure::Timeout(_)) => {
-                if peer.timeouts.fetch_add(1, Relaxed) + 1 < TIMEOUTS_BEFORE_REDIAL {
+                let received = |slot: &PeerSlot| {
+                    slot.conn
+                        .as_ref()
+                        .map_or(UNKNOWN_RX, |c| c.stats().udp_rx.datagrams)
+                };
+                let before = peer.timeouts.fetch_add(1, Relaxed);
+                if before == 0 {
+                    let rx = peer.slot.try_lock().map_or(UNKNOWN_RX, |s| received(&s));
+                    peer.rx_at_first_timeout.store(rx, Relaxed);
+                }
+                if before + 1 < TIMEOUTS_BEFORE_REDIAL {
                     return;
                 }
                 // A slot held by another task is being dialled (for up to
@@ -209,6 +230,14 @@ impl QuicPeers {
                     return;
                 };
                 peer.timeouts.store(0, Relaxed);
+                let first = peer.rx_at_first_timeout.load(Relaxed);
+                let now = received(&slot);
+                if first != UNKNOWN_RX && now != UNKNOWN_RX && now > first {
+                    // Alive, only slow: keep the connection.
+                    metrics::counter!(PEER_SLOW_TIMEOUT_RUNS_TOTAL, "peer" => target.to_string())
+                        .increment(1);
+                    return;
+                }
                 // RPCs still in flight keep their handle; the next one
                 // dials a new connection.
                 if slot.conn.take().is_some() {
