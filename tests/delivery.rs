@@ -93,21 +93,7 @@ async fn append_all(
     from: u64,
     to: u64,
 ) -> BTreeMap<String, (u32, u64)> {
-    let mut acked = BTreeMap::new();
-    let mut n = from;
-    while n < to {
-        let end = (n + 250).min(to);
-        let events: Vec<_> = (n..end)
-            .map(|i| event(&format!("ev-{i:06}"), &format!("tenant-{}", i % 4), i))
-            .collect();
-        let results = client.append_batch(events).await.expect("append");
-        for (i, r) in (n..end).zip(results) {
-            let ack = r.expect("stored");
-            acked.insert(format!("ev-{i:06}"), (ack.partition, ack.offset));
-        }
-        n = end;
-    }
-    acked
+    append_batches(client, from, to, delivery_event, Appends::AllStored).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

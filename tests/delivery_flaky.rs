@@ -59,39 +59,13 @@ fn webhook(name: &str, url: &str, extra: serde_json::Value) -> DestinationConfig
     serde_json::from_value(v).expect("destination config")
 }
 
-/// Appends events `from..to`, retrying a batch the cluster could not take
-/// (ids are deduplicated, so a retried batch is stored once); returns the
-/// acknowledged ones with their (partition, offset).
+/// Appends events `from..to`, retrying a batch the cluster could not take.
 async fn append_range(
     client: &auditflow_client::Client,
     from: u64,
     to: u64,
 ) -> BTreeMap<String, (u32, u64)> {
-    let mut acked = BTreeMap::new();
-    let mut n = from;
-    while n < to {
-        let end = (n + 250).min(to);
-        let events: Vec<_> = (n..end)
-            .map(|i| event(&format!("ev-{i:06}"), &format!("tenant-{}", i % 4), i))
-            .collect();
-        let results = wait_until(
-            "a batch of appends to be taken",
-            Duration::from_secs(60),
-            || {
-                let client = client.clone();
-                let events = events.clone();
-                async move { client.append_batch(events).await.ok() }
-            },
-        )
-        .await;
-        for (i, r) in (n..end).zip(results) {
-            if let Ok(ack) = r {
-                acked.insert(format!("ev-{i:06}"), (ack.partition, ack.offset));
-            }
-        }
-        n = end;
-    }
-    acked
+    append_batches(client, from, to, delivery_event, Appends::Retried).await
 }
 
 /// The destination's status rows, one per partition, once every partition

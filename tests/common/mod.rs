@@ -588,6 +588,67 @@ pub async fn append_numbered(client: &Client, n: usize) -> (String, auditflow_pr
     }
 }
 
+/// How [`append_batches`] treats a batch the cluster does not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appends {
+    /// Every event must be stored on the first try (a healthy cluster).
+    AllStored,
+    /// A batch that fails as a whole is sent again until taken (within a
+    /// minute; ids are deduplicated, so it is stored once), and events
+    /// refused one by one are left out: for clusters under faults.
+    Retried,
+}
+
+/// Appends events `from..to` made by `make`, in batches of 250, and
+/// returns the acknowledged ones by id with their (partition, offset).
+pub async fn append_batches(
+    client: &Client,
+    from: u64,
+    to: u64,
+    make: impl Fn(u64) -> Event,
+    mode: Appends,
+) -> std::collections::BTreeMap<String, (u32, u64)> {
+    let mut acked = std::collections::BTreeMap::new();
+    let mut n = from;
+    while n < to {
+        let end = (n + 250).min(to);
+        let events: Vec<Event> = (n..end).map(&make).collect();
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        let results = match mode {
+            Appends::AllStored => client.append_batch(events).await.expect("append"),
+            Appends::Retried => {
+                wait_until(
+                    "a batch of appends to be taken",
+                    Duration::from_secs(60),
+                    || {
+                        let client = client.clone();
+                        let events = events.clone();
+                        async move { client.append_batch(events).await.ok() }
+                    },
+                )
+                .await
+            }
+        };
+        for (id, r) in ids.into_iter().zip(results) {
+            match (r, mode) {
+                (Ok(ack), _) => {
+                    acked.insert(id, (ack.partition, ack.offset));
+                }
+                (Err(e), Appends::AllStored) => panic!("{id} not stored: {e:?}"),
+                (Err(_), Appends::Retried) => {}
+            }
+        }
+        n = end;
+    }
+    acked
+}
+
+/// The `n`-th event of the delivery tests' workload: id `ev-{n:06}`, one
+/// of four tenants.
+pub fn delivery_event(n: u64) -> Event {
+    event(&format!("ev-{n:06}"), &format!("tenant-{}", n % 4), n)
+}
+
 /// The Prometheus text a node's admin server serves at `/metrics`.
 pub async fn scrape_metrics(admin_addr: SocketAddr) -> String {
     reqwest::get(format!("http://{admin_addr}/metrics"))
