@@ -449,13 +449,37 @@ mod tests {
             demoted_at: log(4, 20),
         };
         // A snapshot from before the demotion still names us a voter.
-        assert!(!rejoined(state, 2, Some(log(3, 15)), &set(&[1, 2, 3]), false));
+        assert!(!rejoined(
+            state,
+            2,
+            Some(log(3, 15)),
+            &set(&[1, 2, 3]),
+            false
+        ));
         assert!(!rejoined(state, 2, Some(log(4, 20)), &set(&[1, 3]), false));
         assert!(!rejoined(state, 2, Some(log(4, 25)), &set(&[1, 3]), false));
-        assert!(rejoined(state, 2, Some(log(4, 25)), &set(&[1, 2, 3]), false));
-        assert!(rejoined(state, 2, Some(log(5, 21)), &set(&[1, 2, 3]), false));
+        assert!(rejoined(
+            state,
+            2,
+            Some(log(4, 25)),
+            &set(&[1, 2, 3]),
+            false
+        ));
+        assert!(rejoined(
+            state,
+            2,
+            Some(log(5, 21)),
+            &set(&[1, 2, 3]),
+            false
+        ));
         // The joint step of the promotion still needs the old voters.
-        assert!(!rejoined(state, 2, Some(log(4, 25)), &set(&[1, 2, 3]), true));
+        assert!(!rejoined(
+            state,
+            2,
+            Some(log(4, 25)),
+            &set(&[1, 2, 3]),
+            true
+        ));
         assert!(!rejoined(
             RejoinState::Pending,
             2,

@@ -554,7 +554,9 @@ fn forget_unfinished_creation(
         backend.read(0, &mut magic).map_err(io)?;
     }
     if unfinished_creation(len, &magic, log_dir, events_dir).map_err(io)? {
-        tracing::warn!("{what}: its creation never finished (no magic number, no log): creating it again");
+        tracing::warn!(
+            "{what}: its creation never finished (no magic number, no log): creating it again"
+        );
         backend.set_len(0).map_err(io)?;
         backend.sync_data().map_err(io)?;
     }
@@ -570,7 +572,11 @@ fn forget_unfinished_file(
 ) -> Result<(), StoreError> {
     use std::io::Read;
     let io = |e: std::io::Error| StoreError::io(what.to_string(), e);
-    let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
@@ -581,7 +587,9 @@ fn forget_unfinished_file(
         file.read_exact(&mut magic).map_err(io)?;
     }
     if unfinished_creation(len, &magic, log_dir, events_dir).map_err(io)? {
-        tracing::warn!("{what}: its creation never finished (no magic number, no log): creating it again");
+        tracing::warn!(
+            "{what}: its creation never finished (no magic number, no log): creating it again"
+        );
         file.set_len(0).map_err(io)?;
         file.sync_all().map_err(io)?;
     }
