@@ -13,11 +13,18 @@
 //! 3. Delivery must bring every cursor to its head within a bound derived
 //!    from the backlog ([`bound`]), and no breaker that has closed since
 //!    the endpoints came back may open again: an endpoint answering nine
-//!    requests in ten is not down.
+//!    requests in ten is not down. Unless a failure of the run's own
+//!    faults (an outage before the heal) is still among the last
+//!    `window_requests` requests to that endpoint and partition: the
+//!    breaker's window holds requests, not seconds, so an actor that sent
+//!    little since still counts it, and may rightly open on it together
+//!    with a few flaky failures (seeds 2390, 2815, 4771 and 6112 of the
+//!    10,000-seed sweep at f4eaa28). Such a breaker is judged again once
+//!    it has closed.
 //!
 //! The planted `BreakerPerBatch` (the breaker before issue 33) fails both.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +90,18 @@ fn backlog(world: &World) -> u64 {
 pub(crate) async fn progress(world: &Arc<World>) {
     let rate = world.opts.faults.sinks.progress_flaky;
     let dests = world.sinks.destinations();
+    // Each destination's breaker window (requests).
+    let windows: BTreeMap<String, u64> = world
+        .configs
+        .values()
+        .next()
+        .map(|c| {
+            c.destinations
+                .iter()
+                .map(|d| (d.name.clone(), u64::from(d.breaker.window_requests)))
+                .collect()
+        })
+        .unwrap_or_default();
     world.trace(format!(
         "progress: endpoints slow for a burst of {BURST_EVENTS} events, then flaky at {rate}"
     ));
@@ -114,6 +133,22 @@ pub(crate) async fn progress(world: &Arc<World>) {
                 match live.breaker {
                     BreakerState::Closed => {
                         closed.insert(key);
+                    }
+                    BreakerState::Open
+                        if closed.contains(&key)
+                            && world.sinks.fault_within(
+                                &key.1,
+                                key.2,
+                                windows.get(&key.1).copied().unwrap_or(u64::MAX),
+                            ) =>
+                    {
+                        world.trace(format!(
+                            "progress: node {id} opened the breaker of {} p{} with a failure \
+                             of the run's faults among its last requests; judged again once \
+                             it closes",
+                            key.1, key.2
+                        ));
+                        closed.remove(&key);
                     }
                     BreakerState::Open if closed.contains(&key) && !reported => {
                         reported = true;

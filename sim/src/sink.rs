@@ -84,6 +84,25 @@ struct State {
     /// Per request: a transient failure (the progress phase's flaky
     /// endpoints; 0 otherwise).
     per_request: f64,
+    /// Per (destination, partition) that ever failed a request for one of
+    /// the run's own faults (an outage, a transient error, a bulk send cut
+    /// short): the requests answered since the last such failure, counted
+    /// as the breaker counts them. The progress checker asks it whether
+    /// such a failure can still be among a breaker's last requests.
+    since_fault: BTreeMap<(Arc<str>, u32), u64>,
+}
+
+impl State {
+    /// Counts the `requests` of a send to (`dest`, `partition`); if
+    /// `fault`, the last of them failed for one of the run's own faults.
+    fn count(&mut self, dest: &Arc<str>, partition: u32, requests: u64, fault: bool) {
+        let key = (Arc::clone(dest), partition);
+        if fault {
+            self.since_fault.insert(key, 0);
+        } else if let Some(since) = self.since_fault.get_mut(&key) {
+            *since = since.saturating_add(requests);
+        }
+    }
 }
 
 struct Shared {
@@ -154,6 +173,7 @@ impl SimSinks {
                     arrivals: Vec::new(),
                     sends: 0,
                     per_request: 0.0,
+                    since_fault: BTreeMap::new(),
                 }),
             }),
         }
@@ -227,6 +247,17 @@ impl SimSinks {
     /// the endpoints otherwise up: the progress phase's flaky endpoints.
     pub(crate) fn set_per_request_failures(&self, rate: f64) {
         lock(&self.shared.state).per_request = rate;
+    }
+
+    /// Whether one of the run's own faults (not the progress phase's
+    /// flaky requests) failed one of the last `window` requests to `dest`
+    /// for `partition`: a breaker counting its last `window` requests may
+    /// then still hold that failure, and rightly open on it.
+    pub(crate) fn fault_within(&self, dest: &str, partition: u32, window: u64) -> bool {
+        lock(&self.shared.state)
+            .since_fault
+            .get(&(Arc::from(dest), partition))
+            .is_some_and(|since| *since < window)
     }
 
     /// Every endpoint up, fast and without transient faults from now on
@@ -311,6 +342,7 @@ impl SimSink {
         };
         let rates = s.rates.clone();
         if down {
+            s.count(&self.dest, self.partition, 0, true);
             drop(s);
             sinks.trace(format!("{what}: endpoint down"));
             return SendOutcome::Failed(unavailable("endpoint down"));
@@ -320,6 +352,7 @@ impl SimSink {
                 .rng
                 .gen_bool(rates.retry_after)
                 .then(|| Duration::from_millis(s.rng.gen_range(50..500)));
+            s.count(&self.dest, self.partition, 0, true);
             drop(s);
             sinks.trace(format!("{what}: transient error"));
             let mut f = unavailable("transient error");
@@ -330,6 +363,7 @@ impl SimSink {
         if refusal == Refusal::WholeBatch && s.per_request > 0.0 {
             let rate = s.per_request;
             if s.rng.gen_bool(rate) {
+                s.count(&self.dest, self.partition, 1, false);
                 drop(s);
                 sinks.trace(format!("{what}: flaky request failed"));
                 return SendOutcome::Failed(unavailable("flaky request failed"));
@@ -337,22 +371,28 @@ impl SimSink {
         }
         let outcome = match refusal {
             Refusal::WholeBatch if refused.iter().any(|r| *r) => {
+                // A refusal is an answer: the endpoint is up.
+                s.count(&self.dest, self.partition, 1, false);
                 drop(s);
                 sinks.trace(format!("{what}: batch refused"));
                 let mut f = SinkFailure::permanent("the endpoint refuses an event of the batch");
                 f.status = Some(400);
                 return SendOutcome::Failed(f);
             }
-            Refusal::WholeBatch => SendOutcome::Delivered,
+            Refusal::WholeBatch => {
+                s.count(&self.dest, self.partition, batch.len() as u64, false);
+                SendOutcome::Delivered
+            }
             Refusal::PerItem => {
                 // An ordered bulk endpoint: a retryable item failure stops
                 // the items after it (they are reported retryable and not
                 // stored), so arrival order stays offset order.
-                let mut cut = if s.rng.gen_bool(rates.partial) {
+                let partial = if s.rng.gen_bool(rates.partial) {
                     Some(s.rng.gen_range(0..batch.len()))
                 } else {
                     None
                 };
+                let mut cut = partial;
                 // One request per item: the first that fails stops the
                 // rest, as a single-mode sender stops at a failure.
                 if s.per_request > 0.0 {
@@ -362,6 +402,15 @@ impl SimSink {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
+                }
+                // Answered up to the cut, which failed: a fault of the
+                // run's if the bulk send was cut short there.
+                match cut {
+                    Some(c) => {
+                        let fault = partial == Some(c);
+                        s.count(&self.dest, self.partition, c as u64 + 1, fault);
+                    }
+                    None => s.count(&self.dest, self.partition, batch.len() as u64, false),
                 }
                 let results: Vec<Result<(), SinkFailure>> = refused
                     .iter()

@@ -96,17 +96,15 @@ impl Store {
     /// in another ([`Store::events_dir_of`]). A file that is not a valid
     /// redb database of this layout, a damaged log segment or an event
     /// file shorter than the database says is refused with an error
-    /// naming it; nothing is written to it.
+    /// naming it; nothing is written to it. The one exception is a
+    /// database whose creation never finished, which is created again
+    /// ([`forget_unfinished_creation`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         Self::open_with_segments(path, raft_log::SEGMENT_BYTES)
     }
 
     /// [`Store::open`] with Raft log segments of `segment_bytes`.
     pub fn open_with_segments(path: &Path, segment_bytes: u64) -> Result<Store, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| StoreError::from_redb(format!("database {}", path.display()), e))?;
         let log_path = Self::log_dir_of(path);
         let log_dir = FsLogDir::create(&log_path, segment_bytes).map_err(|e| {
             StoreError::io(
@@ -124,6 +122,12 @@ impl Store {
                 e,
             )
         })?;
+        let what = format!("database {}", path.display());
+        forget_unfinished_file(path, &log_dir, &events_dir, &what)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| StoreError::from_redb(what, e))?;
         Self::init(
             db,
             Box::new(log_dir),
@@ -154,6 +158,7 @@ impl Store {
         name: &str,
         mode: WriterMode,
     ) -> Result<Store, StoreError> {
+        forget_unfinished_creation(&backend, &log_dir, &events_dir, &format!("database {name}"))?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create_with_backend(backend)
@@ -516,3 +521,92 @@ impl PartitionReader {
 
 #[cfg(test)]
 mod tests;
+
+/// Length of redb's magic number, the first bytes of its file.
+const REDB_MAGIC_BYTES: usize = 9;
+
+/// Empties a database file whose creation never finished, so that redb
+/// creates it again instead of refusing it for ever.
+///
+/// redb creates a database in two flushed steps: the header without its
+/// magic number, then with it ("only after the data structure is
+/// initialized and written to disk, to ensure that it's crash safe"). A
+/// process that fails between the two (an fsync error, a crash) leaves a
+/// file whose magic bytes are zero, which redb then refuses as "Not a
+/// redb database: magic number mismatch" at every later start (seed 6115
+/// of the 10,000-seed sweep: a node that lost its disk failed the first
+/// sync of its new database and never came up again). Such a file never
+/// held a committed transaction, and a store writes its Raft log and
+/// event files only after the database opened, so: all-zero magic bytes
+/// with no log segment and no event file is an unfinished creation, and
+/// emptied. Anything else that is not a database (another file, a
+/// damaged magic number, zeroes beside a log) is still refused.
+fn forget_unfinished_creation(
+    backend: &impl redb::StorageBackend,
+    log_dir: &impl LogDir,
+    events_dir: &impl LogDir,
+    what: &str,
+) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::io(what.to_string(), e);
+    let len = backend.len().map_err(io)?;
+    let mut magic = [0u8; REDB_MAGIC_BYTES];
+    if len >= REDB_MAGIC_BYTES as u64 {
+        backend.read(0, &mut magic).map_err(io)?;
+    }
+    if unfinished_creation(len, &magic, log_dir, events_dir).map_err(io)? {
+        tracing::warn!(
+            "{what}: its creation never finished (no magic number, no log): creating it again"
+        );
+        backend.set_len(0).map_err(io)?;
+        backend.sync_data().map_err(io)?;
+    }
+    Ok(())
+}
+
+/// [`forget_unfinished_creation`] for a database file at `path`.
+fn forget_unfinished_file(
+    path: &Path,
+    log_dir: &impl LogDir,
+    events_dir: &impl LogDir,
+    what: &str,
+) -> Result<(), StoreError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| StoreError::io(what.to_string(), e);
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    let len = file.metadata().map_err(io)?.len();
+    let mut magic = [0u8; REDB_MAGIC_BYTES];
+    if len >= REDB_MAGIC_BYTES as u64 {
+        file.read_exact(&mut magic).map_err(io)?;
+    }
+    if unfinished_creation(len, &magic, log_dir, events_dir).map_err(io)? {
+        tracing::warn!(
+            "{what}: its creation never finished (no magic number, no log): creating it again"
+        );
+        file.set_len(0).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Whether a database file of `len` bytes starting with `magic` is an
+/// unfinished creation: not empty, magic bytes all zero (or too short to
+/// hold them), and no log segment or event file beside it.
+fn unfinished_creation(
+    len: u64,
+    magic: &[u8; REDB_MAGIC_BYTES],
+    log_dir: &impl LogDir,
+    events_dir: &impl LogDir,
+) -> std::io::Result<bool> {
+    if len == 0 || magic.iter().any(|b| *b != 0) {
+        return Ok(false);
+    }
+    Ok(log_dir.list()?.is_empty() && events_dir.list()?.is_empty())
+}

@@ -1293,3 +1293,36 @@ async fn a_failed_log_write_halts(mode: WriterMode) {
     );
     assert!(cause.to_string().contains("raft log"), "{mode:?}: {cause}");
 }
+
+/// Seed 6115: a node's first sync of a new database failed between
+/// redb's two creation steps, leaving a header without its magic number,
+/// and every later start refused the file ("Not a redb database"), so
+/// the node never came back. Such a file (magic bytes zero, no log
+/// beside it) is created again; a foreign file, or zeroes beside a Raft
+/// log, is still refused.
+#[test]
+fn an_unfinished_creation_is_created_again_and_nothing_else() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("node.redb");
+    std::fs::write(&path, vec![0u8; 4096]).expect("write");
+    let store = Store::open(&path).expect("an unfinished creation opens as a new database");
+    drop(store);
+    Store::open(&path).expect("and opens again");
+
+    let foreign = dir.path().join("foreign.redb");
+    std::fs::write(&foreign, b"not a database at all").expect("write");
+    assert!(Store::open(&foreign).is_err(), "a foreign file is refused");
+
+    let beside_log = dir.path().join("logged.redb");
+    std::fs::create_dir_all(Store::log_dir_of(&beside_log)).expect("mkdir");
+    std::fs::write(
+        Store::log_dir_of(&beside_log).join(format!("{:020}.seg", 1)),
+        b"x",
+    )
+    .expect("write");
+    std::fs::write(&beside_log, vec![0u8; 4096]).expect("write");
+    assert!(
+        Store::open(&beside_log).is_err(),
+        "zeroes beside a Raft log are refused"
+    );
+}
